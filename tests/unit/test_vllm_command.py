@@ -1,0 +1,35 @@
+"""The vLLM command line and environment are built from a launch description, per device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from infra.vllm_server import VllmLaunch, build_vllm_command, build_vllm_env
+
+
+def test_cpu_launch_serves_fp32_eager_with_runtime_lora() -> None:
+    launch = VllmLaunch(model=Path("/m"), served_model_name="base", max_lora_rank=16)
+    argv = build_vllm_command(Path("/venv/bin/python"), launch, host="127.0.0.1", port=8123)
+    assert argv[:3] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    joined = " ".join(argv)
+    assert "--model /m" in joined and "--port 8123" in joined
+    assert "--dtype float32" in joined and "--enforce-eager" in joined
+    assert "--enable-lora --max-lora-rank 16" in joined
+    env = build_vllm_env(launch)
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+
+
+def test_gpu_launch_lets_vllm_pick_16_bit() -> None:
+    launch = VllmLaunch(model=Path("/m"), device="gpu", enable_lora=False)
+    argv = build_vllm_command(Path("python"), launch, host="0.0.0.0", port=8000)
+    assert "--dtype auto" in " ".join(argv)
+    assert "--enable-lora" not in argv and "--enforce-eager" not in argv
+    assert "VLLM_CPU_KVCACHE_SPACE" not in build_vllm_env(launch)
+
+
+def test_unsupported_lora_rank_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_lora_rank=12"):
+        VllmLaunch(model=Path("/m"), max_lora_rank=12)
