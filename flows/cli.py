@@ -5,6 +5,8 @@
     tuneship artifacts get KEY           # download and verify into the cache, print the path
     tuneship artifacts list [PREFIX]
     tuneship services up                 # a loopback S3 endpoint + MLflow server, until Ctrl-C
+    tuneship base build [--recipe sql-small]   # build (or reuse) the offline base model
+    tuneship demo-data --out DIR         # the demo task: retail.db, train.jsonl, test.jsonl
 
 Bad settings and store errors end the command with one ``tuneship: error: ...`` line and exit code 2.
 """
@@ -33,6 +35,8 @@ artifacts_app = typer.Typer(help="Inspect and move artifacts in the artifact sto
 services_app = typer.Typer(help="Local services on loopback (S3 endpoint, MLflow server).", no_args_is_help=True)
 app.add_typer(artifacts_app, name="artifacts")
 app.add_typer(services_app, name="services")
+base_app = typer.Typer(help="The offline base model tuneship builds for itself.", no_args_is_help=True)
+app.add_typer(base_app, name="base")
 
 console = Console()
 
@@ -99,6 +103,37 @@ def services_up(
                 time.sleep(1)
         except KeyboardInterrupt:
             pass
+
+
+@base_app.command("build")
+def base_build(
+    recipe: Annotated[str, typer.Option(help="Recipe name (see infra/base_model.py RECIPES).")] = "sql-small",
+) -> None:
+    """Build the offline base model, or reuse it from the artifact store / per-user cache."""
+    from infra.base_model import RECIPES, ensure_base_model
+
+    if recipe not in RECIPES:
+        raise SettingsError(f"--recipe {recipe!r}: unknown; choose one of {sorted(RECIPES)}")
+    settings = load_settings()
+    started = time.perf_counter()
+    base = ensure_base_model(
+        RECIPES[recipe], store=open_store(settings), cache_dir=settings.cache_dir, log=console.print
+    )
+    how = "built" if base.built else "reused from cache"
+    console.print(f"{recipe}: {how} in {time.perf_counter() - started:.1f} s")
+    console.print(f"  artifact: {base.ref.uri}  sha256 {base.ref.sha256[:12]}")
+    console.print(f"  local:    {base.path}")
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path(".tuneship/demo-task"),
+) -> None:
+    """Write the demo text-to-SQL task: retail.db, schema.sql, train.jsonl, test.jsonl."""
+    from infra.demo_task import build_demo_task
+
+    counts = build_demo_task(out)
+    console.print(f"demo task in {out}: {counts['train']} train / {counts['test']} test questions, retail.db")
 
 
 def main() -> None:

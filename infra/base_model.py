@@ -7,7 +7,7 @@ This module holds the pieces every recipe shares: train a tokenizer with ``token
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -96,3 +96,187 @@ def save_model(model: Any, tokenizer: Any, out_dir: Path) -> Path:
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipes: a named, hashable description of how a base model is built. Same recipe, same model.
+
+CORPUS_VERSION = "sql-corpus/1"
+
+
+@dataclass(frozen=True)
+class BaseRecipe:
+    """How to build and pre-train an offline base model. Its digest names the cached artifact."""
+
+    name: str
+    arch: LlamaArch
+    steps: int
+    seq_len: int = 128
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    tokenizer_docs: int = 20_000
+    heldout_rows: int = 64
+    seed: int = 0
+    corpus: str = CORPUS_VERSION
+
+    def digest(self) -> str:
+        import hashlib
+        import json
+
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+    @property
+    def key(self) -> str:
+        return f"base-models/{self.name}-{self.digest()[:16]}"
+
+
+RECIPES: dict[str, BaseRecipe] = {
+    # The default base: ≈3.6M parameters, pre-trained for ≈6-7 minutes on 2 CPU cores.
+    "sql-small": BaseRecipe(
+        name="sql-small",
+        arch=LlamaArch(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=688, vocab_size=2048),
+        steps=1100,
+    ),
+    # A small, fast recipe for the quick test tier: same code, fewer steps and parameters.
+    "sql-tiny": BaseRecipe(
+        name="sql-tiny",
+        arch=LlamaArch(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=344, vocab_size=1024),
+        steps=150,
+        tokenizer_docs=5_000,
+    ),
+}
+
+
+def _token_rows(tokenizer: Any, docs: Iterator[str], seq_len: int) -> Iterator[list[int]]:
+    """Pack documents (BOS + tokens, EOS already in the text) into rows of ``seq_len + 1`` token ids."""
+    buf: list[int] = []
+    while True:
+        batch = [next(docs) for _ in range(256)]
+        for ids in tokenizer(batch, add_special_tokens=True)["input_ids"]:
+            buf.extend(ids)
+        while len(buf) >= seq_len + 1:
+            yield buf[: seq_len + 1]
+            buf = buf[seq_len + 1 :]
+
+
+def _lr_at(step: int, recipe: BaseRecipe) -> float:
+    import math
+
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+    return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def pretrain(recipe: BaseRecipe, out_dir: Path, *, log: Any = print) -> dict[str, float]:
+    """Train the tokenizer, pre-train the model on the generic corpus, save both to ``out_dir``.
+
+    Deterministic for a recipe on a given machine (seeded corpus, init and data order). Writes
+    ``pretrain_metrics.json`` beside the weights: held-out loss before and after, steps, tokens/s.
+    """
+    import itertools
+    import json
+    import os
+    import time
+
+    import torch
+
+    from infra.sql_corpus import corpus
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    started = time.perf_counter()
+    tok_docs = itertools.islice(corpus(recipe.seed + 1, eos=""), recipe.tokenizer_docs)
+    tokenizer = train_tokenizer(tok_docs, recipe.arch.vocab_size)
+    eos = tokenizer.eos_token
+    model = init_model(recipe.arch, tokenizer, seed=recipe.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{recipe.name}: {n_params / 1e6:.2f}M parameters, tokenizer {len(tokenizer)} tokens")
+
+    heldout_rows = list(
+        itertools.islice(_token_rows(tokenizer, corpus(recipe.seed + 2, eos), recipe.seq_len), recipe.heldout_rows)
+    )
+    heldout = torch.tensor(heldout_rows)
+
+    def heldout_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            losses = [model(input_ids=chunk, labels=chunk).loss.item() for chunk in heldout.split(16)]
+        model.train()
+        return sum(losses) / len(losses)
+
+    init_loss = heldout_loss()
+    rows = _token_rows(tokenizer, corpus(recipe.seed, eos), recipe.seq_len)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay)
+    model.train()
+    train_started = time.perf_counter()
+    loss_value = float("nan")
+    for step in range(recipe.steps):
+        batch = torch.tensor(list(itertools.islice(rows, recipe.batch_size)))
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, recipe)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        if step % 100 == 0 or step == recipe.steps - 1:
+            log(f"step {step + 1}/{recipe.steps} loss {loss_value:.3f} ({time.perf_counter() - started:.0f} s)")
+    train_seconds = time.perf_counter() - train_started
+    tokens = recipe.steps * recipe.batch_size * recipe.seq_len
+    metrics = {
+        "parameters": n_params,
+        "heldout_loss_init": init_loss,
+        "heldout_loss_final": heldout_loss(),
+        "train_loss_final": loss_value,
+        "steps": recipe.steps,
+        "tokens": tokens,
+        "tokens_per_s": tokens / train_seconds,
+        "seconds": time.perf_counter() - started,
+    }
+    save_model(model, tokenizer, out_dir)
+    (out_dir / "tuneship_recipe.json").write_text(json.dumps({**asdict(recipe), "digest": recipe.digest()}, indent=1))
+    (out_dir / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=1))
+    log(f"held-out loss {init_loss:.3f} → {metrics['heldout_loss_final']:.3f} in {metrics['seconds']:.0f} s")
+    return metrics
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A built base model: its ref in the artifact store and a verified local directory."""
+
+    recipe: BaseRecipe
+    ref: Any  # infra.artifacts.ArtifactRef
+    path: Path
+    built: bool  # False when it came from a cache
+
+
+def ensure_base_model(recipe: BaseRecipe, *, store: Any, cache_dir: Path, log: Any = print) -> BaseModel:
+    """Return the base model for ``recipe``, building it only if neither the store nor the cache has it.
+
+    Looked up by the recipe's digest: first in the artifact store, then in the per-user cache (outside
+    the checkout, so fresh clones on the same machine reuse it), and built last. A build lands in the
+    cache by an atomic rename and is then uploaded to the store.
+    """
+    import shutil
+    import tempfile
+
+    local = cache_dir.expanduser() / recipe.key
+    if store.exists(recipe.key):
+        ref = store.ref(recipe.key)
+        path = local if local.is_dir() else store.get_dir(ref)
+        return BaseModel(recipe, ref, path, built=False)
+    built = False
+    if not local.is_dir():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=local.parent, prefix=".build-"))
+        try:
+            pretrain(recipe, staging, log=log)
+            staging.rename(local)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        built = True
+    ref = store.put_dir(local, recipe.key)
+    return BaseModel(recipe, ref, local, built=built)

