@@ -1,5 +1,6 @@
 """tuneship's command line.
 
+    tuneship demo                        # the pipeline on embedded defaults (`make demo`)
     tuneship doctor                      # check settings, artifact store and environments
     tuneship artifacts put DIR KEY       # upload a directory (manifest written last)
     tuneship artifacts get KEY           # download and verify into the cache, print the path
@@ -134,6 +135,14 @@ def demo_data(
 
     counts = build_demo_task(out)
     console.print(f"demo task in {out}: {counts['train']} train / {counts['test']} test questions, retail.db")
+
+
+@app.command()
+def demo() -> None:
+    """Run the pipeline on embedded defaults (what `make demo` runs)."""
+    from flows.demo import run_demo
+
+    run_demo(load_settings(), say=console.print)
 
 
 def main() -> None:

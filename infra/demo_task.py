@@ -309,7 +309,8 @@ def q_quantity_sold(c: Ctx) -> tuple[str, str]:
         [f"How many units of {title} were sold in total?", f"What is the total quantity ordered of {title}?"]
     )
     return q, (
-        "SELECT SUM(order_items.quantity) FROM order_items JOIN products ON order_items.product_id = products.product_id "
+        "SELECT SUM(order_items.quantity) FROM order_items "
+        "JOIN products ON order_items.product_id = products.product_id "
         f"WHERE products.title = '{title}';"
     )
 
@@ -342,7 +343,8 @@ def q_distinct(c: Ctx) -> tuple[str, str]:
 TEMPLATES: list[Callable[[Ctx], tuple[str, str]]] = [
     q_customers_in_city, q_customer_names_segment_year, q_customers_joined_in, q_products_cheaper, q_top_priced,
     q_cheapest_in_category, q_price_stat, q_orders_status_year, q_orders_month, q_group_counts, q_stores_in_region,
-    q_salary, q_staff_at_store, q_orders_by_customer_city, q_orders_per_store, q_quantity_sold, q_distinct, q_staff_count, q_segment_orders_year,
+    q_salary, q_staff_at_store, q_orders_by_customer_city, q_orders_per_store, q_quantity_sold, q_distinct,
+    q_staff_count, q_segment_orders_year,
 ]  # fmt: skip
 
 

@@ -37,7 +37,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -117,7 +117,7 @@ class ManagedProcess:
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
                 self.proc.poll()  # reap the leader; orphaned workers are reaped by init
-                if not _group_alive(pgid):
+                if not group_alive(pgid):
                     return
                 time.sleep(0.1)
 

@@ -305,7 +305,8 @@ def t_and(rng: random.Random, t: Table, _: Table) -> tuple[str, str] | None:
     nq, ns = value(rng, n)
     op, w = rng.choice([(">", "above"), ("<", "below"), (">=", "at least"), ("<=", "at most")])
     q = _pick(rng, [
-        f"List the {words(out.name)} of {words(t.name)} whose {words(c.name)} is {vq} and whose {words(n.name)} is {w} {nq}.",
+        f"List the {words(out.name)} of {words(t.name)} whose {words(c.name)} is {vq} "
+        f"and whose {words(n.name)} is {w} {nq}.",
         f"Which {words(t.name)} have {words(c.name)} {vq} and {words(n.name)} {w} {nq}? Show their {words(out.name)}.",
     ])  # fmt: skip
     return q, f"SELECT {out.name} FROM {t.name} WHERE {c.name} = {vs} AND {n.name} {op} {ns};"
@@ -318,7 +319,8 @@ def t_join_filter(rng: random.Random, child: Table, parent: Table) -> tuple[str,
     vq, vs = value(rng, p)
     q = _pick(rng, [
         f"List the {words(c.name)} of {words(child.name)} whose {words(parent.singular)} has {words(p.name)} {vq}.",
-        f"Show the {words(c.name)} of every {words(child.singular)} linked to a {words(parent.singular)} with {words(p.name)} {vq}.",
+        f"Show the {words(c.name)} of every {words(child.singular)} linked to a {words(parent.singular)} "
+        f"with {words(p.name)} {vq}.",
     ])  # fmt: skip
     sql = (
         f"SELECT {child.name}.{c.name} FROM {child.name} JOIN {parent.name} "
@@ -335,7 +337,10 @@ def t_join_group(rng: random.Random, child: Table, parent: Table) -> tuple[str, 
         n = rng.choice(child.num_cols())
         fn, names = rng.choice(AGGS)
         w = rng.choice(names)
-        q = f"For each {words(parent.singular)} {words(p.name)}, what is the {w} {words(n.name)} of its {words(child.name)}?"
+        q = (
+            f"For each {words(parent.singular)} {words(p.name)}, "
+            f"what is the {w} {words(n.name)} of its {words(child.name)}?"
+        )
         sel = f"{fn}({child.name}.{n.name})"
     else:
         q = _pick(

@@ -12,7 +12,9 @@ def instruction_prompt(instruction: str) -> str:
     return PROMPT_TEMPLATE.format(instruction=instruction)
 
 
-def greedy_generate(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, batch_size: int = 32) -> list[str]:
+def greedy_generate(
+    model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, batch_size: int = 32
+) -> list[str]:
     """Greedy completions of ``prompts`` (left-padded batches); stops at EOS, returns the decoded new text."""
     import torch
 

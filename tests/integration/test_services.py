@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from infra.services import ManagedProcess, ServiceError, free_port, start_mlflow
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+from infra.services import ManagedProcess, ServiceError, free_port, group_alive, start_mlflow
 
 
 def test_mlflow_server_is_healthy_and_stops_with_its_workers(s3_server, tmp_path: Path) -> None:
