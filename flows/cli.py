@@ -8,6 +8,8 @@
     tuneship services up                 # a loopback S3 endpoint + MLflow server, until Ctrl-C
     tuneship base build [--recipe sql-small]   # build (or reuse) the offline base model
     tuneship demo-data --out DIR         # the demo task: retail.db, train.jsonl, test.jsonl
+    tuneship preprocess CONFIG [--set key=value ...]   # the preprocess stage alone
+    tuneship train CONFIG [--set key=value ...] [--run-id ID]   # preprocess + fine-tune (resumable)
 
 Bad settings and store errors end the command with one ``tuneship: error: ...`` line and exit code 2.
 """
@@ -23,8 +25,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from infra.artifacts import ArtifactError, open_store
-from infra.services import ServiceError
+from infra.artifacts import open_store
+from infra.errors import UserError
 from infra.settings import SettingsError, load_settings
 
 app = typer.Typer(
@@ -137,6 +139,53 @@ def demo_data(
     console.print(f"demo task in {out}: {counts['train']} train / {counts['test']} test questions, retail.db")
 
 
+Overrides = Annotated[list[str] | None, typer.Option("--set", help="Dotted override, e.g. finetune.train.epochs=1.")]
+ConfigPath = Annotated[Path, typer.Argument(help="Run config YAML, e.g. deployments/configs/tiny-cpu.yaml.")]
+
+
+@app.command("preprocess")
+def preprocess_cmd(config: ConfigPath, overrides: Overrides = None) -> None:
+    """Validate, tokenise and split the run's data; print the dataset ref (rejects are kept in it)."""
+    from infra.base_model import resolve_base_model
+    from tasks.config import load_run_config
+    from tasks.preprocess import preprocess
+
+    cfg = load_run_config(config, overrides)
+    settings = load_settings()
+    store = open_store(settings)
+    base = resolve_base_model(cfg.base_model, store=store, cache_dir=settings.cache_dir, log=console.print)
+    ref = preprocess(cfg, base=base, store=store, workdir=settings.home / "work")
+    console.print_json(ref.model_dump_json())
+
+
+@app.command("train")
+def train_cmd(
+    config: ConfigPath,
+    overrides: Overrides = None,
+    run_id: Annotated[
+        str | None, typer.Option(help="Resume/reuse this run (default: a hash of config + data).")
+    ] = None,
+) -> None:
+    """Preprocess and fine-tune; a re-run with the same run id resumes from the newest checkpoint."""
+    from infra.base_model import resolve_base_model
+    from infra.tracking import MlflowTracker
+    from tasks.config import load_run_config
+    from tasks.finetune import finetune
+    from tasks.preprocess import preprocess
+
+    cfg = load_run_config(config, overrides)
+    settings = load_settings()
+    store = open_store(settings)
+    base = resolve_base_model(cfg.base_model, store=store, cache_dir=settings.cache_dir, log=console.print)
+    data = preprocess(cfg, base=base, store=store, workdir=settings.home / "work")
+    console.print(f"dataset {data.artifact.key}: {data.stats.splits}, {data.stats.rejected} rejected")
+    tracker = MlflowTracker(settings.mlflow_tracking_uri)
+    adapter = finetune(
+        cfg, data, base=base, store=store, tracker=tracker, workdir=settings.home / "work", run_id=run_id
+    )
+    console.print_json(adapter.model_dump_json())
+
+
 @app.command()
 def demo() -> None:
     """Run the pipeline on embedded defaults (what `make demo` runs)."""
@@ -149,7 +198,7 @@ def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
     try:
         app()
-    except (SettingsError, ArtifactError, ServiceError) as exc:
+    except UserError as exc:
         print(f"tuneship: error: {exc}", file=sys.stderr)
         sys.exit(2)
 

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
 
+from infra.errors import UserError
 from infra.settings import Settings, SettingsError
 
 MANIFEST_NAME = "_manifest.json"
@@ -34,7 +35,7 @@ MANIFEST_FORMAT = "tuneship-manifest/1"
 _CHUNK = 1 << 20
 
 
-class ArtifactError(Exception):
+class ArtifactError(UserError):
     """Base class for artifact-store errors."""
 
 

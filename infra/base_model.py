@@ -280,3 +280,35 @@ def ensure_base_model(recipe: BaseRecipe, *, store: Any, cache_dir: Path, log: A
         built = True
     ref = store.put_dir(local, recipe.key)
     return BaseModel(recipe, ref, local, built=built)
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolving a run config's `base_model` to something transformers can load.
+
+OFFLINE_PREFIX = "tuneship/"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A base model ready for ``from_pretrained``: a local directory or a hub id, with a revision."""
+
+    id: str  # what the run config said, e.g. "tuneship/sql-small" or "meta-llama/Meta-Llama-3-8B"
+    path: str  # what from_pretrained gets
+    revision: str  # sha256 of the offline build, or the hub revision
+
+
+def resolve_base_model(name: str, *, store: Any, cache_dir: Path, log: Any = print) -> ResolvedModel:
+    """Map ``tuneship/<recipe>`` to a built offline model, a directory to itself, anything else to a hub id."""
+    if name.startswith(OFFLINE_PREFIX):
+        recipe = name.removeprefix(OFFLINE_PREFIX)
+        if recipe not in RECIPES:
+            raise ValueError(f"base_model {name!r}: no such offline recipe; choose one of {sorted(RECIPES)}")
+        built = ensure_base_model(RECIPES[recipe], store=store, cache_dir=cache_dir, log=log)
+        return ResolvedModel(name, str(built.path), built.ref.sha256)
+    if Path(name).is_dir():
+        import hashlib
+
+        config = Path(name) / "config.json"
+        revision = hashlib.sha256(config.read_bytes()).hexdigest() if config.exists() else "local"
+        return ResolvedModel(name, str(Path(name).resolve()), revision)
+    return ResolvedModel(name, name, "main")

@@ -22,11 +22,13 @@ from pathlib import Path
 
 import httpx
 
+from infra.errors import UserError
+
 # Credentials the loopback S3 endpoint accepts; any non-empty strings do.
 LOCAL_S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "tuneship-local", "AWS_SECRET_ACCESS_KEY": "tuneship-local-secret"}
 
 
-class ServiceError(RuntimeError):
+class ServiceError(UserError, RuntimeError):
     """A service did not start, did not become healthy, or died."""
 
 

@@ -15,10 +15,12 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from infra.errors import UserError
+
 ENV_PREFIX = "TUNESHIP_"
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError, ValueError):
     """A setting is missing, malformed or points at something that cannot be used."""
 
 

@@ -1,0 +1,157 @@
+"""Run configs: *what* a run does (model, data, LoRA/QLoRA, training), as YAML validated by pydantic.
+
+Where things are (buckets, URIs, credentials) is environment settings (``infra/settings.py``), not here.
+Every shipped preset in ``deployments/configs/`` is validated by a test. Overrides use dotted keys:
+
+    cfg = load_run_config("deployments/configs/tiny-cpu.yaml", ["finetune.train.learning_rate=1e-3"])
+
+Validation errors name the file and the dotted key, e.g.
+``deployments/configs/x.yaml: finetune.lora.r: Input should be greater than 0``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from infra.errors import UserError
+from infra.vllm_server import VLLM_LORA_RANKS
+
+
+class ConfigError(UserError, ValueError):
+    """A run config is missing, malformed or invalid; the message names the file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(_Strict):
+    """Where the training data comes from and how its rows map to prompt and response."""
+
+    source: str = Field(description="A JSONL/CSV/Parquet file, a saved HF dataset directory, or artifact://KEY[/PATH].")
+    test_file: str | None = Field(default=None, description="An explicit test set; else the test split is hashed off.")
+    format: Literal["auto", "jsonl", "csv", "parquet", "hf"] = "auto"
+    instruction_field: str = "instruction"
+    input_field: str | None = Field(default="input", description="Optional context field, appended when present.")
+    response_field: str = "response"
+    messages_field: str = Field(default="messages", description="Chat rows: a list of {role, content}.")
+    template: Literal["alpaca", "chat"] = Field(
+        default="alpaca", description="alpaca: '### Instruction:/### Response:' + EOS; chat: the tokenizer's template."
+    )
+
+
+class PreprocessConfig(_Strict):
+    max_seq_len: int = Field(default=256, gt=8, description="Rows longer than this (in tokens) are rejected.")
+    eval_fraction: float = Field(default=0.05, ge=0, lt=1)
+    test_fraction: float = Field(default=0.1, ge=0, lt=1, description="Ignored when data.test_file is given.")
+    max_reject_rate: float = Field(default=0.1, ge=0, le=1, description="Fail the stage above this share of rejects.")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> PreprocessConfig:
+        if self.eval_fraction + self.test_fraction >= 0.9:
+            raise ValueError("eval_fraction + test_fraction must leave at least 10 % for training")
+        return self
+
+
+class LoraSettings(_Strict):
+    r: int = Field(default=16, gt=0)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1)
+
+    @model_validator(mode="after")
+    def _servable(self) -> LoraSettings:
+        if self.r not in VLLM_LORA_RANKS:
+            raise ValueError(f"r={self.r}: vLLM serves LoRA ranks {VLLM_LORA_RANKS}; pick one of them")
+        return self
+
+
+class TrainSettings(_Strict):
+    epochs: float = Field(default=3, gt=0)
+    max_steps: int = Field(default=-1, description="If > 0, stop after this many optimizer steps (overrides epochs).")
+    micro_batch_size: int = Field(default=4, gt=0)
+    gradient_accumulation_steps: int = Field(default=4, gt=0)
+    learning_rate: float = Field(default=2e-4, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    logging_steps: int = Field(default=10, gt=0)
+    save_strategy: Literal["epoch", "steps"] = "epoch"
+    save_steps: int = Field(default=100, gt=0, description="Used when save_strategy is 'steps'.")
+    eval_steps: int | None = Field(default=None, description="Evaluate every N steps; default: at each save.")
+    batching: Literal["group_by_length", "padded"] = Field(
+        default="group_by_length", description="group_by_length: similar lengths per batch, dynamic padding."
+    )
+    seed: int = 42
+    max_oom_retries: int = Field(default=2, ge=0, description="CUDA OOM: halve the micro-batch, double accumulation.")
+
+
+class FinetuneConfig(_Strict):
+    quantization: Literal["none", "nf4", "int8"] = Field(
+        default="none", description="QLoRA: nf4 (double quant) or int8."
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    gradient_checkpointing: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    memory_limit_gib: float | None = Field(
+        default=None, gt=0, description="Override the device memory for the estimate."
+    )
+
+
+class RunConfig(_Strict):
+    """One training run: the base model, the data, and what each stage does."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="Run/model name (lowercase, digits, . _ -).")
+    base_model: str = Field(description="tuneship/<recipe> (offline base), a local HF directory, or a hub id.")
+    data: DataConfig
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: '{part}' is not a section")
+    node[leaf] = value
+
+
+def _format_errors(exc: ValidationError, where: str) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        parts.append(f"{key}: {err['msg'].removeprefix('Value error, ')}")
+    return f"{where}: " + "; ".join(parts)
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None, **base: Any) -> RunConfig:
+    """Read a YAML run config (or start from ``base``), apply ``key.path=value`` overrides, validate."""
+    tree: dict[str, Any] = dict(base)
+    where = "run config"
+    if path is not None:
+        where = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such run config") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        tree.update(loaded)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, where)) from None

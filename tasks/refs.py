@@ -1,0 +1,54 @@
+"""The small frozen refs that travel between stages: a URI and a sha256 plus what the next stage needs.
+
+Bytes stay in the artifact store; refs are cheap to pass through Prefect, log to MLflow and compare.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from infra.artifacts import ArtifactRef
+
+
+class _Ref(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class DatasetStats(_Ref):
+    rows_in: int
+    kept: int
+    rejected: int
+    reject_reasons: dict[str, int] = Field(default_factory=dict)
+    splits: dict[str, int] = Field(default_factory=dict)
+    token_length: dict[str, float] = Field(default_factory=dict, description="p50, p90, p99, max, mean (tokens/row)")
+
+
+class DatasetRef(_Ref):
+    """A tokenised dataset (train/eval/test) in the artifact store, with its rejects and statistics."""
+
+    artifact: ArtifactRef
+    fingerprint: str = Field(description="sha256 over every tokenised row of every split")
+    base_model: str = Field(description="whose tokenizer made the token ids")
+    template: str
+    max_seq_len: int
+    stats: DatasetStats
+
+
+class AdapterRef(_Ref):
+    """A LoRA adapter (PEFT ``save_pretrained`` + tokenizer) in the artifact store."""
+
+    artifact: ArtifactRef
+    base_model: str
+    base_model_revision: str
+    rank: int
+    alpha: int
+    target_modules: list[str]
+    quantization: str
+    dataset_fingerprint: str
+    run_id: str
+    mlflow_run_id: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+    @property
+    def sha256(self) -> str:
+        return self.artifact.sha256
