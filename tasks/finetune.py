@@ -211,8 +211,14 @@ def _latest_checkpoint(store: ArtifactStore, run_id: str) -> tuple[int, Path] | 
     return step, store.get_dir(ref)
 
 
-def _callbacks(store: ArtifactStore, run_id: str, tracker: MlflowTracker) -> list[Any]:
+def _callbacks(store: ArtifactStore, run_id: str, tracker: MlflowTracker, start: dict[str, float]) -> list[Any]:
     from transformers import TrainerCallback
+
+    class RecordStart(TrainerCallback):
+        """Where this process's training began: past 0 when Trainer resumed from a checkpoint."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            start.update(step=float(state.global_step), epoch=float(state.epoch or 0))
 
     class UploadCheckpoints(TrainerCallback):
         """Every checkpoint Trainer writes goes to the artifact store (manifest last: complete or invisible)."""
@@ -229,7 +235,7 @@ def _callbacks(store: ArtifactStore, run_id: str, tracker: MlflowTracker) -> lis
             if numbers:
                 tracker.log_metrics(numbers, step=state.global_step)
 
-    return [UploadCheckpoints(), LogToMlflow()]
+    return [RecordStart(), UploadCheckpoints(), LogToMlflow()]
 
 
 def _loss_curve(history: list[dict[str, Any]], path: Path) -> Path:
@@ -324,6 +330,7 @@ def finetune(
 
         train = ft.train
         resumed_from = 0
+        start: dict[str, float] = {}
         attempts = 0
         started = time.perf_counter()
         while True:
@@ -342,7 +349,7 @@ def finetune(
                 eval_dataset=eval_set,
                 data_collator=collator,
                 processing_class=tokenizer,
-                callbacks=_callbacks(store, run_id, tracker),
+                callbacks=_callbacks(store, run_id, tracker, start),
             )
             if latest and not resumed_from:
                 resumed_from = latest[0]
@@ -366,13 +373,14 @@ def finetune(
         seconds = time.perf_counter() - started
 
         history = trainer.state.log_history
-        epochs_done = float(trainer.state.epoch or 0)
+        epochs_here = float(trainer.state.epoch or 0) - start.get("epoch", 0.0)
         metrics = {
             "train_loss": float(result.training_loss),
             "global_step": float(trainer.state.global_step),
             "resumed_from_step": float(resumed_from),
+            "start_step": start.get("step", 0.0),
             "train_seconds": seconds,
-            "tokens_per_s": tokens_per_epoch * epochs_done / seconds if seconds else 0.0,
+            "tokens_per_s": tokens_per_epoch * epochs_here / seconds if seconds else 0.0,
             "peak_memory_gib": _peak_memory_gib(device),
             "micro_batch_size_effective": float(train.micro_batch_size),
         }

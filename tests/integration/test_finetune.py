@@ -1,0 +1,187 @@
+"""Fine-tune on the offline base and the demo data, against the real S3 endpoint and MLflow server:
+LoRA and QLoRA adapters change, the base does not, held-out loss drops, vLLM serves the adapter, and a
+killed run resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from infra.artifacts import ArtifactStore, S3Backend, make_s3_client
+from infra.base_model import ResolvedModel
+from infra.tracking import MlflowTracker
+from tasks.config import load_run_config
+from tasks.finetune import FinetuneError, finetune
+from tasks.generation import instruction_prompt
+from tasks.preprocess import load_splits, preprocess
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+TINY_CPU = REPO / "deployments" / "configs" / "tiny-cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def s3_store(s3_server, tmp_path_factory: pytest.TempPathFactory) -> ArtifactStore:
+    os.environ.update(s3_server.client_env())
+    bucket = f"ft-{uuid.uuid4().hex[:8]}"
+    s3_server.create_bucket(bucket)
+    return ArtifactStore(
+        S3Backend(bucket, "tuneship", make_s3_client(s3_server.endpoint_url)), tmp_path_factory.mktemp("c")
+    )
+
+
+@pytest.fixture(scope="module")
+def base(base_model) -> ResolvedModel:
+    return ResolvedModel("tuneship/sql-small", str(base_model.path), base_model.ref.sha256)
+
+
+def config(demo_task: Path, *overrides: str):
+    return load_run_config(
+        TINY_CPU,
+        [f"data.source={demo_task / 'train.jsonl'}", f"data.test_file={demo_task / 'test.jsonl'}", *overrides],
+    )
+
+
+def eval_loss(model, dataset) -> float:
+    """Token-weighted loss on the response tokens of ``dataset``."""
+    import torch
+
+    total = count = 0.0
+    model.eval()
+    with torch.no_grad():
+        for row in dataset:
+            ids, labels = torch.tensor([row["input_ids"]]), torch.tensor([row["labels"]])
+            n = int((labels[:, 1:] != -100).sum())
+            total += model(input_ids=ids, labels=labels).loss.item() * n
+            count += n
+    return total / count
+
+
+@pytest.fixture(scope="module")
+def dataset(demo_task: Path, base: ResolvedModel, s3_store: ArtifactStore, tmp_path_factory: pytest.TempPathFactory):
+    return preprocess(config(demo_task), base=base, store=s3_store, workdir=tmp_path_factory.mktemp("work"))
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_adapter_trains_and_base_stays(
+    quantization, demo_task, base, s3_store, dataset, mlflow_server, tmp_path
+) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = config(demo_task, f"finetune.quantization={quantization}", "finetune.train.max_steps=60")
+    tracker = MlflowTracker(mlflow_server.tracking_uri, experiment=f"test-{uuid.uuid4().hex[:6]}", system_metrics=False)
+    adapter = finetune(cfg, dataset, base=base, store=s3_store, tracker=tracker, workdir=tmp_path)
+    assert adapter.quantization == quantization and adapter.rank == 16
+    assert adapter.artifact.uri.startswith("s3://") and adapter.metrics["global_step"] == 60
+
+    original = AutoModelForCausalLM.from_pretrained(base.path)
+    reference = {k: v.clone() for k, v in original.state_dict().items()}
+    tuned = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base.path), s3_store.get_dir(adapter.artifact)
+    )
+    for name, param in tuned.named_parameters():
+        if "lora_B" in name:
+            assert torch.count_nonzero(param) > 0, f"{name} did not move from its zero init"
+        elif "lora_" not in name:
+            key = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            assert torch.equal(param, reference[key]), f"base weight {key} changed"
+
+    held_out = load_splits(dataset, s3_store)["eval"]
+    before, after = eval_loss(original, held_out), eval_loss(tuned, held_out)
+    print(f"{quantization}: held-out response loss {before:.3f} → {after:.3f}")
+    assert after < 0.7 * before
+
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server.tracking_uri)
+    run = mlflow.get_run(adapter.mlflow_run_id)
+    assert run.data.params["finetune.quantization"] == quantization
+    assert {"loss", "train_loss", "tokens_per_s", "peak_memory_gib", "eval_loss"} <= set(run.data.metrics)
+    assert "loss_curve.png" in [f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id)]
+
+
+def test_vllm_serves_the_adapter_and_it_changes_the_output(
+    demo_task, base, s3_store, dataset, mlflow_server, vllm_server, tmp_path
+) -> None:
+    cfg = config(demo_task, "finetune.train.max_steps=80")
+    tracker = MlflowTracker(mlflow_server.tracking_uri, system_metrics=False)
+    adapter = finetune(cfg, dataset, base=base, store=s3_store, tracker=tracker, workdir=tmp_path)
+    path = s3_store.get_dir(adapter.artifact)
+    load = httpx.post(
+        f"{vllm_server.base_url}/v1/load_lora_adapter", json={"lora_name": "retail", "lora_path": str(path)}, timeout=60
+    )
+    assert load.status_code == 200, load.text
+    questions = [json.loads(line)["instruction"] for line in (demo_task / "test.jsonl").read_text().splitlines()[:8]]
+
+    def complete(model: str) -> list[str]:
+        body = {
+            "model": model,
+            "prompt": [instruction_prompt(q) for q in questions],
+            "max_tokens": 64,
+            "temperature": 0,
+        }
+        choices = httpx.post(f"{vllm_server.base_url}/v1/completions", json=body, timeout=120).json()["choices"]
+        return [c["text"] for c in sorted(choices, key=lambda c: c["index"])]
+
+    base_out, tuned_out = complete("base"), complete("retail")
+    assert sum(a != b for a, b in zip(base_out, tuned_out, strict=True)) >= len(questions) // 2
+    assert any(t.startswith("SELECT") and ("customers" in t or "orders" in t or "products" in t) for t in tuned_out)
+
+
+def test_memory_estimate_stops_a_run_that_cannot_fit(demo_task, base, s3_store, dataset, tmp_path) -> None:
+    cfg = config(demo_task, "finetune.memory_limit_gib=0.01")
+    with pytest.raises(FinetuneError, match=r"will not fit: .* Lower finetune.train.micro_batch_size"):
+        finetune(cfg, dataset, base=base, store=s3_store, tracker=MlflowTracker("unused"), workdir=tmp_path)
+
+
+def test_killed_run_resumes_from_its_checkpoint(
+    demo_task, s3_server, s3_store, mlflow_server, base_model, tmp_path
+) -> None:
+    from infra.settings import load_settings
+
+    env = {
+        **os.environ,
+        **s3_server.client_env(),
+        "TUNESHIP_HOME": str(tmp_path / "home"),
+        "TUNESHIP_ARTIFACT_ROOT": f"s3://{s3_store.backend.bucket}/resume",
+        "TUNESHIP_CACHE_DIR": str(load_settings().cache_dir),
+        "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    args = [
+        sys.executable, "-m", "flows.cli", "train", str(TINY_CPU), "--run-id", "resume-test",
+        "--set", f"data.source={demo_task / 'train.jsonl'}", "--set", f"data.test_file={demo_task / 'test.jsonl'}",
+        "--set", "finetune.train.save_strategy=steps", "--set", "finetune.train.save_steps=15",
+        "--set", "finetune.train.max_steps=45",
+    ]  # fmt: skip
+    first = subprocess.Popen(
+        args, env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    store = ArtifactStore(S3Backend(s3_store.backend.bucket, "resume", s3_store.backend.client), tmp_path / "cache")
+    deadline = time.monotonic() + 600
+    while not store.list("runs/resume-test/checkpoints/"):
+        assert first.poll() is None, "the first run ended before writing a checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    killed_at = max(int(r.key.rsplit("-", 1)[1]) for r in store.list("runs/resume-test/checkpoints/"))
+    assert killed_at < 45 and not store.exists("adapters/resume-test")
+
+    second = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    saved = json.loads((store.get_dir("adapters/resume-test") / "tuneship_adapter.json").read_text())
+    # Trainer itself reports where the second process began: at the newest checkpoint, not at 0.
+    assert saved["metrics"]["start_step"] == saved["metrics"]["resumed_from_step"] == killed_at > 0
+    assert saved["metrics"]["global_step"] == 45
