@@ -18,7 +18,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup test test-quick demo lint clean-venvs
+.PHONY: setup test test-quick demo bench lint clean-venvs
 
 setup: $(VENV)/.installed $(VLLM_VENV)/.installed
 
@@ -45,6 +45,10 @@ test-quick: $(VENV)/.installed
 
 demo: setup
 	$(VENV)/bin/tuneship demo
+
+# Performance benchmarks (not tests): bench-results/*.json and bench-results/summary.md.
+bench: setup
+	$(VENV)/bin/python tests/benchmarks/run.py $(BENCH)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check flows tasks infra serving tests

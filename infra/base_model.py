@@ -22,7 +22,7 @@ class LlamaArch:
     hidden_size: int = 256
     num_layers: int = 4
     num_heads: int = 4
-    intermediate_size: int = 688
+    intermediate_size: int = 704
     vocab_size: int = 2048
     max_position_embeddings: int = 512
     tie_word_embeddings: bool = True
@@ -36,6 +36,11 @@ class LlamaArch:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
         if self.head_dim < 64:
             raise ValueError(f"head_dim {self.head_dim} < 64: vLLM's CPU attention needs head_dim 64 or more")
+        for name in ("hidden_size", "intermediate_size"):
+            if getattr(self, name) % 32:
+                raise ValueError(
+                    f"{name} {getattr(self, name)} is not a multiple of 32: bitsandbytes' CPU 4-bit kernels need it"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,13 +141,13 @@ RECIPES: dict[str, BaseRecipe] = {
     # The default base: 3.7M parameters, pre-trained for ≈8 minutes on 2 CPU cores.
     "sql-small": BaseRecipe(
         name="sql-small",
-        arch=LlamaArch(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=688, vocab_size=2048),
+        arch=LlamaArch(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=704, vocab_size=2048),
         steps=850,
     ),
     # A small, fast recipe for the quick test tier: same code, fewer steps and parameters.
     "sql-tiny": BaseRecipe(
         name="sql-tiny",
-        arch=LlamaArch(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=344, vocab_size=1024),
+        arch=LlamaArch(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=352, vocab_size=1024),
         steps=150,
         tokenizer_docs=5_000,
     ),
