@@ -1,9 +1,9 @@
 """``make demo`` / ``tuneship demo``: the pipeline on embedded defaults, as far as it is built.
 
-Today it builds (or reuses) the offline base model and the demo task, puts both in the artifact store,
-serves the base model on a vLLM server (launched locally unless ``TUNESHIP_VLLM_URL`` names one),
-streams an answer to a demo test question, and scores it by executing it against the demo database —
-showing the gap the fine-tune has to close.
+Builds (or reuses) the offline base model and the demo task, preprocesses and fine-tunes a LoRA adapter with
+the ``tiny-cpu`` preset (MLflow-tracked, checkpoints in the artifact store), serves base + adapter on one vLLM
+server (launched locally unless ``TUNESHIP_VLLM_URL`` names one), streams both models' answers to a test
+question, and scores both on test questions by executing their SQL against the demo database.
 """
 
 from __future__ import annotations
@@ -16,12 +16,19 @@ from pathlib import Path
 import httpx
 
 from infra.artifacts import open_store
-from infra.base_model import RECIPES, ensure_base_model
+from infra.base_model import resolve_base_model
 from infra.demo_task import build_demo_task
 from infra.settings import Settings
-from infra.vllm_server import VllmLaunch, start_vllm
+from infra.tracking import MlflowTracker
+from infra.vllm_server import VllmLaunch, complete, load_lora_adapter, start_vllm
+from tasks.config import load_run_config
+from tasks.finetune import finetune
 from tasks.generation import instruction_prompt
+from tasks.preprocess import preprocess
 from tasks.sql_exec import connect_readonly, execute_sql, is_ordered, results_match
+
+PRESET = Path(__file__).resolve().parents[1] / "deployments" / "configs" / "tiny-cpu.yaml"
+SCORED_QUESTIONS = 100
 
 
 @contextlib.contextmanager
@@ -45,27 +52,52 @@ def stream_completion(base_url: str, model: str, prompt: str, *, max_tokens: int
 
 
 def run_demo(settings: Settings, *, say: Callable[[str], None] = print) -> dict[str, object]:
-    """Run the demo end to end and return what it saw."""
+    """Run the demo end to end and return what it measured."""
     store = open_store(settings)
-    base = ensure_base_model(RECIPES["sql-small"], store=store, cache_dir=settings.cache_dir, log=say)
-    say(f"base model: {base.ref.uri} ({'built' if base.built else 'reused'})")
+    base = resolve_base_model("tuneship/sql-small", store=store, cache_dir=settings.cache_dir, log=say)
+    say(f"base model: {base.id} ({base.path})")
     task_dir = settings.home / "demo-task"
     counts = build_demo_task(task_dir)
-    task_ref = store.put_dir(task_dir, "datasets/demo-retail", overwrite=True)
-    say(f"demo task: {counts['train']} train / {counts['test']} test questions → {task_ref.uri}")
+    say(f"demo task: {counts['train']} train / {counts['test']} test questions in {task_dir}")
 
-    example = json.loads((task_dir / "test.jsonl").read_text().splitlines()[0])
-    with _vllm(settings, base.path, "base") as url:
-        say(f"vLLM: {url}")
-        say(f"question: {example['instruction']}")
-        pieces = []
-        for piece in stream_completion(url, "base", instruction_prompt(example["instruction"])):
-            pieces.append(piece)
-        answer = "".join(pieces)
+    cfg = load_run_config(
+        PRESET, [f"data.source={task_dir / 'train.jsonl'}", f"data.test_file={task_dir / 'test.jsonl'}"]
+    )
+    data = preprocess(cfg, base=base, store=store, workdir=settings.home / "work")
+    say(f"preprocess: {data.stats.splits}, {data.stats.rejected} rejected → {data.artifact.uri}")
+    tracker = MlflowTracker(settings.mlflow_tracking_uri)
+    adapter = finetune(cfg, data, base=base, store=store, tracker=tracker, workdir=settings.home / "work")
+    metrics = adapter.metrics
+    say(
+        f"fine-tune: {metrics['global_step']:.0f} steps, train loss {metrics['train_loss']:.3f}, "
+        f"eval loss {metrics.get('eval_loss', float('nan')):.3f}, {metrics['tokens_per_s']:.0f} tokens/s "
+        f"→ {adapter.artifact.uri} (MLflow run {adapter.mlflow_run_id})"
+    )
+
+    rows = [json.loads(line) for line in (task_dir / "test.jsonl").read_text().splitlines()][:SCORED_QUESTIONS]
     conn = connect_readonly(task_dir / "retail.db")
-    gold, pred = execute_sql(conn, example["response"]), execute_sql(conn, answer)
-    correct = pred.ok and results_match(gold.rows, pred.rows, ordered=is_ordered(example["response"]))
-    say(f"base model answered ({len(pieces)} streamed pieces): {answer}")
-    say(f"gold SQL: {example['response']}")
-    say(f"executed: {'correct' if correct else 'wrong'} ({pred.error or f'{len(pred.rows)} rows'})")
-    return {"answer": answer, "correct": correct, "pieces": len(pieces), "base": base.ref.uri}
+
+    def correct(sql: str, gold: str) -> bool:
+        pred, expected = execute_sql(conn, sql), execute_sql(conn, gold)
+        return pred.ok and results_match(expected.rows, pred.rows, ordered=is_ordered(gold))
+
+    with _vllm(settings, Path(base.path), "base") as url:
+        load_lora_adapter(url, "retail-sql", store.get_dir(adapter.artifact))
+        say(f"vLLM: {url} serving 'base' and the adapter as 'retail-sql'")
+        question = rows[0]
+        say(f"question: {question['instruction']}")
+        for model in ("base", "retail-sql"):
+            answer = "".join(stream_completion(url, model, instruction_prompt(question["instruction"])))
+            say(
+                f"  {model:>10} (streamed): {answer}  → {'correct' if correct(answer, question['response']) else 'wrong'}"
+            )
+        prompts = [instruction_prompt(r["instruction"]) for r in rows]
+        scores = {}
+        for model in ("base", "retail-sql"):
+            outputs = complete(url, model, prompts)
+            scores[model] = sum(correct(o, r["response"]) for o, r in zip(outputs, rows, strict=True)) / len(rows)
+    say(
+        f"execution accuracy on {len(rows)} test questions: base {scores['base']:.0%}, "
+        f"fine-tuned {scores['retail-sql']:.0%}"
+    )
+    return {"scores": scores, "adapter": adapter.artifact.uri, "dataset": data.artifact.uri}

@@ -107,3 +107,32 @@ def start_vllm(
     )
     server.start(timeout)
     return server
+
+
+# --------------------------------------------------------------------------------------------------
+# Talking to a running server (its OpenAI-compatible API and the runtime LoRA endpoints).
+
+
+def load_lora_adapter(base_url: str, name: str, path: Path, *, timeout: float = 120) -> None:
+    """Load an adapter directory into a running vLLM server under ``name`` (runtime LoRA updating)."""
+    import httpx
+
+    response = httpx.post(
+        f"{base_url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, timeout=timeout
+    )
+    if response.status_code != 200:
+        raise ServiceError(f"vLLM at {base_url} refused adapter {name!r} from {path}: {response.text.strip()}")
+
+
+def complete(
+    base_url: str, model: str, prompts: list[str], *, max_tokens: int = 128, timeout: float = 600
+) -> list[str]:
+    """Greedy completions of ``prompts`` in one batched request, in input order."""
+    import httpx
+
+    body = {"model": model, "prompt": prompts, "max_tokens": max_tokens, "temperature": 0}
+    response = httpx.post(f"{base_url}/v1/completions", json=body, timeout=timeout)
+    if response.status_code != 200:
+        raise ServiceError(f"vLLM at {base_url} failed a completion for {model!r}: {response.text.strip()}")
+    choices = sorted(response.json()["choices"], key=lambda c: c["index"])
+    return [c["text"] for c in choices]
