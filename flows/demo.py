@@ -88,9 +88,8 @@ def run_demo(settings: Settings, *, say: Callable[[str], None] = print) -> dict[
         say(f"question: {question['instruction']}")
         for model in ("base", "retail-sql"):
             answer = "".join(stream_completion(url, model, instruction_prompt(question["instruction"])))
-            say(
-                f"  {model:>10} (streamed): {answer}  → {'correct' if correct(answer, question['response']) else 'wrong'}"
-            )
+            verdict = "correct" if correct(answer, question["response"]) else "wrong"
+            say(f"  {model:>10} (streamed): {answer}  → {verdict}")
         prompts = [instruction_prompt(r["instruction"]) for r in rows]
         scores = {}
         for model in ("base", "retail-sql"):
