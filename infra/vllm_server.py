@@ -120,8 +120,19 @@ def load_lora_adapter(base_url: str, name: str, path: Path, *, timeout: float = 
     response = httpx.post(
         f"{base_url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, timeout=timeout
     )
+    if response.status_code == 400 and "already been loaded" in response.text:
+        return  # same name, same content: adapters are named by their sha256
     if response.status_code != 200:
         raise ServiceError(f"vLLM at {base_url} refused adapter {name!r} from {path}: {response.text.strip()}")
+
+
+def unload_lora_adapter(base_url: str, name: str, *, timeout: float = 60) -> None:
+    """Unload an adapter from a running vLLM server (a no-op if it is not loaded)."""
+    import httpx
+
+    response = httpx.post(f"{base_url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=timeout)
+    if response.status_code not in (200, 404) and "not found" not in response.text.lower():
+        raise ServiceError(f"vLLM at {base_url} could not unload adapter {name!r}: {response.text.strip()}")
 
 
 def complete(

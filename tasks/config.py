@@ -103,6 +103,38 @@ class FinetuneConfig(_Strict):
     )
 
 
+class EvalConfig(_Strict):
+    """How the evaluate stage scores a model on the test split."""
+
+    scorer: str = Field(
+        default="sql_execution",
+        description="sql_execution, exact_match, regex, or 'package.module:name': (prediction, reference) -> bool.",
+    )
+    database: str | None = Field(default=None, description="SQLite file the sql_execution scorer runs queries on.")
+    regex: str | None = Field(default=None, description="For scorer 'regex': the prediction must match it (fullmatch).")
+    max_new_tokens: int = Field(default=128, gt=0)
+    max_examples: int | None = Field(default=None, gt=0, description="Score only the first N test examples.")
+    sql_timeout_s: float = Field(default=2.0, gt=0, description="Time limit for each generated query.")
+    bootstrap_samples: int = Field(default=2000, ge=100)
+    parity_sample: int = Field(default=64, ge=1, description="Test prompts compared between PEFT and vLLM.")
+    perplexity_on: Literal["response", "all"] = Field(default="response", description="Which tokens perplexity scores.")
+    perplexity_stride: int | None = Field(
+        default=None, gt=0, description="Sliding-window stride; default: half the window."
+    )
+
+    @model_validator(mode="after")
+    def _scorer_inputs(self) -> EvalConfig:
+        if self.scorer == "sql_execution" and not self.database:
+            raise ValueError("scorer 'sql_execution' needs evaluate.database (a SQLite file)")
+        if self.scorer == "regex" and not self.regex:
+            raise ValueError("scorer 'regex' needs evaluate.regex")
+        if self.scorer not in ("sql_execution", "exact_match", "regex") and ":" not in self.scorer:
+            raise ValueError(
+                f"scorer {self.scorer!r}: use sql_execution, exact_match, regex or 'package.module:function'"
+            )
+        return self
+
+
 class RunConfig(_Strict):
     """One training run: the base model, the data, and what each stage does."""
 
@@ -111,6 +143,7 @@ class RunConfig(_Strict):
     data: DataConfig
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluate: EvalConfig = Field(default_factory=lambda: EvalConfig(scorer="exact_match"))
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

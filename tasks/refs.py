@@ -52,3 +52,26 @@ class AdapterRef(_Ref):
     @property
     def sha256(self) -> str:
         return self.artifact.sha256
+
+
+class Comparison(_Ref):
+    """Paired comparison of the candidate against another model on the same examples."""
+
+    against: str
+    accuracy_diff: float
+    ci_low: float
+    ci_high: float
+    regressions: list[int] = Field(default_factory=list, description="indices right before, wrong now")
+    fixes: list[int] = Field(default_factory=list, description="indices wrong before, right now")
+
+
+class EvalReport(_Ref):
+    """The evaluation of a candidate adapter against the base (and the champion, when there is one)."""
+
+    artifact: ArtifactRef
+    candidate_sha256: str
+    champion_sha256: str | None = None
+    base_model: str
+    n_examples: int
+    metrics: dict[str, float]
+    comparisons: dict[str, Comparison]

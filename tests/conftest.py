@@ -92,3 +92,57 @@ def vllm_server(services_dir: Path, base_model) -> Iterator[object]:
     launch = VllmLaunch(model=base_model.path, served_model_name="base", max_lora_rank=16)
     with start_vllm(launch, python=REPO / ".venv-vllm" / "bin" / "python", workdir=services_dir) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory: pytest.TempPathFactory):
+    """A local artifact store shared by the session's pipeline fixtures."""
+    from infra.artifacts import ArtifactStore, LocalBackend
+
+    root = tmp_path_factory.mktemp("demo-store")
+    return ArtifactStore(LocalBackend(root / "store"), root / "cache")
+
+
+def _demo_config(demo_task: Path, *overrides: str):
+    from tasks.config import load_run_config
+
+    return load_run_config(
+        REPO / "deployments" / "configs" / "tiny-cpu.yaml",
+        [
+            f"data.source={demo_task / 'train.jsonl'}",
+            f"data.test_file={demo_task / 'test.jsonl'}",
+            f"evaluate.database={demo_task / 'retail.db'}",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_config(demo_task: Path):
+    """Build the tiny-cpu preset pointed at the session's demo task: ``demo_config("key=value", ...)``."""
+    return lambda *overrides: _demo_config(demo_task, *overrides)
+
+
+@pytest.fixture(scope="session")
+def demo_base(base_model):
+    from infra.base_model import ResolvedModel
+
+    return ResolvedModel("tuneship/sql-small", str(base_model.path), base_model.ref.sha256)
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(demo_task: Path, demo_base, demo_store, tmp_path_factory: pytest.TempPathFactory):
+    from tasks.preprocess import preprocess
+
+    return preprocess(_demo_config(demo_task), base=demo_base, store=demo_store, workdir=tmp_path_factory.mktemp("w"))
+
+
+@pytest.fixture(scope="session")
+def demo_adapter(demo_task: Path, demo_base, demo_store, demo_dataset, mlflow_server, tmp_path_factory):
+    """The demo's adapter, trained with the full tiny-cpu preset (≈2.5 min on 2 cores)."""
+    from infra.tracking import MlflowTracker
+    from tasks.finetune import finetune
+
+    tracker = MlflowTracker(mlflow_server.tracking_uri, system_metrics=False)
+    return finetune(_demo_config(demo_task), demo_dataset, base=demo_base, store=demo_store, tracker=tracker,
+                    workdir=tmp_path_factory.mktemp("w"))  # fmt: skip

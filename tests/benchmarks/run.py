@@ -125,6 +125,42 @@ def qlora_memory(workdir: Path) -> dict[str, Any]:
 
 
 @bench
+def eval_generation(workdir: Path) -> dict[str, Any]:
+    """Eval generation wall time: 200 test prompts in one batch through vLLM vs sequential transformers generate."""
+    import json as _json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from infra.vllm_server import VllmLaunch, complete, start_vllm
+    from tasks.generation import greedy_generate, instruction_prompt
+
+    base, _ = _base(workdir)
+    _demo_config(workdir)  # writes the demo task
+    rows = [_json.loads(line) for line in (workdir / "demo-task" / "test.jsonl").read_text().splitlines()][:200]
+    prompts = [instruction_prompt(r["instruction"]) for r in rows]
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(base.path), AutoTokenizer.from_pretrained(base.path)
+    started = time.perf_counter()
+    sequential = greedy_generate(model, tokenizer, prompts, max_new_tokens=96, batch_size=1)
+    sequential_s = time.perf_counter() - started
+    settings = load_settings()
+    with start_vllm(VllmLaunch(model=Path(base.path)), python=settings.vllm_python, workdir=workdir) as server:
+        complete(server.base_url, "base", prompts[:8], max_tokens=96)  # warm-up
+        started = time.perf_counter()
+        batched = complete(server.base_url, "base", prompts, max_tokens=96)
+        vllm_s = time.perf_counter() - started
+    same = sum(a == b for a, b in zip(sequential, batched, strict=True))
+    return {
+        "prompts": len(prompts),
+        "sequential_transformers_s": sequential_s,
+        "vllm_batch_s": vllm_s,
+        "identical_outputs": same,
+        "ratio": sequential_s / vllm_s,
+        "goal": ">= 10",
+        "met": sequential_s / vllm_s >= 10,
+    }
+
+
+@bench
 def gpu_training_mfu(workdir: Path) -> dict[str, Any]:
     """On a GPU: a bf16 training step of a randomly initialised ~1B Llama: tokens/s and model FLOPs utilisation."""
     import torch

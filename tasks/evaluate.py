@@ -1,0 +1,326 @@
+"""Evaluate stage: perplexity, task accuracy through vLLM, paired bootstrap comparisons, train/serve parity.
+
+    report = evaluate(cfg, adapter, data, base=resolved, store=store, tracker=tracker,
+                      server_url="http://127.0.0.1:8000", served_base="base", workdir=work, champion=None)
+
+The test prompts go to the vLLM server (the engine that will serve the adapter) in batches at temperature
+0, with the adapter loaded at runtime; the base and, when there is one, the current champion answer the
+same prompts. Each answer is scored (SQL by sandboxed execution, or exact match, regex, or a scorer named
+by import path). The accuracy difference gets a paired bootstrap 95 % confidence interval and a list of
+regressions and fixes. Perplexity is the token-weighted sliding-window NLL of transformers' "Perplexity of
+fixed-length models". Parity compares greedy outputs of PEFT/transformers and vLLM on a sample of prompts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from infra.artifacts import ArtifactStore
+from infra.base_model import ResolvedModel
+from infra.errors import UserError
+from infra.tracking import MlflowTracker
+from infra.vllm_server import complete, load_lora_adapter, unload_lora_adapter
+from tasks.config import EvalConfig, RunConfig
+from tasks.generation import greedy_generate
+from tasks.preprocess import load_splits
+from tasks.refs import AdapterRef, Comparison, DatasetRef, EvalReport
+from tasks.sql_exec import connect_readonly, execute_sql, is_ordered, results_match
+
+
+class EvaluateError(UserError, ValueError):
+    """The evaluation cannot run as configured."""
+
+
+# ------------------------------------------------------------------------------------------ scoring
+
+
+@dataclass(frozen=True)
+class Score:
+    correct: bool
+    error: str | None = None
+
+
+Scorer = Callable[[str, str], Score]  # (prediction, reference) -> Score
+
+
+def normalize_sql(sql: str) -> str:
+    """Whitespace collapsed, trailing semicolons dropped: for exact match after normalisation."""
+    return re.sub(r"\s+", " ", sql).strip().rstrip(";").strip()
+
+
+def sql_execution_scorer(database: Path, *, timeout_s: float) -> Scorer:
+    """Correct when the prediction's result set equals the reference's (sandboxed, read-only, time-limited)."""
+    if not Path(database).is_file():
+        raise EvaluateError(f"evaluate.database: {database} does not exist")
+    conn = connect_readonly(Path(database))
+    gold_cache: dict[str, Any] = {}
+
+    def score(prediction: str, reference: str) -> Score:
+        if reference not in gold_cache:
+            gold = execute_sql(conn, reference, timeout_s=timeout_s)
+            if not gold.ok:
+                raise EvaluateError(f"the reference query fails on {database}: {reference!r}: {gold.error}")
+            gold_cache[reference] = gold.rows
+        pred = execute_sql(conn, prediction, timeout_s=timeout_s)
+        if not pred.ok:
+            return Score(False, pred.error)
+        return Score(results_match(gold_cache[reference], pred.rows or [], ordered=is_ordered(reference)))
+
+    return score
+
+
+def build_scorer(cfg: EvalConfig) -> Scorer:
+    if cfg.scorer == "sql_execution":
+        return sql_execution_scorer(Path(cfg.database or ""), timeout_s=cfg.sql_timeout_s)
+    if cfg.scorer == "exact_match":
+        return lambda prediction, reference: Score(prediction.strip() == reference.strip())
+    if cfg.scorer == "regex":
+        pattern = re.compile(cfg.regex or "")
+        return lambda prediction, reference: Score(pattern.fullmatch(prediction.strip()) is not None)
+    module_name, _, attr = cfg.scorer.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise EvaluateError(f"evaluate.scorer: cannot import {cfg.scorer!r}: {exc}") from None
+    return lambda prediction, reference: Score(bool(fn(prediction, reference)))
+
+
+# --------------------------------------------------------------------------------------- statistics
+
+
+def paired_bootstrap(
+    candidate: Sequence[bool], other: Sequence[bool], *, samples: int, seed: int = 0
+) -> tuple[float, float, float]:
+    """Accuracy difference (candidate − other) and its 95 % percentile interval over paired resamples."""
+    import numpy as np
+
+    a, b = np.asarray(candidate, dtype=float), np.asarray(other, dtype=float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(samples, len(a)))
+    diffs = a[idx].mean(axis=1) - b[idx].mean(axis=1)
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return float(a.mean() - b.mean()), float(low), float(high)
+
+
+def perplexity(model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]], *, window: int, stride: int,
+               batch_size: int = 16) -> tuple[float, int]:  # fmt: skip
+    """Token-weighted perplexity of ``rows`` (input ids, labels with -100 for unscored tokens).
+
+    Each row longer than ``window`` is covered by windows ``stride`` apart; a window scores only the tokens
+    the previous one did not, with the rest of the window as context. The NLL is summed over every scored
+    token and divided by their number: not the (biased) mean of per-window means. Returns (ppl, tokens).
+    """
+    import torch
+
+    if not 0 < stride <= window:
+        raise EvaluateError(f"perplexity stride {stride} must be in 1..window ({window})")
+    chunks: list[tuple[list[int], list[int]]] = []
+    for input_ids, labels in rows:
+        ids, labs, prev_end = list(input_ids), list(labels), 0
+        for begin in range(0, len(ids), stride):
+            end = min(begin + window, len(ids))
+            new = end - prev_end
+            target = [-100] * (end - begin - new) + labs[end - new : end]
+            chunks.append((ids[begin:end], target))
+            prev_end = end
+            if end == len(ids):
+                break
+    chunks.sort(key=lambda c: len(c[0]))
+    pad = getattr(model.config, "pad_token_id", None) or 0
+    total_nll, total_tokens = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(chunks), batch_size):
+            batch = chunks[start : start + batch_size]
+            width = max(len(ids) for ids, _ in batch)
+            ids = torch.tensor([c[0] + [pad] * (width - len(c[0])) for c in batch])
+            labels = torch.tensor([c[1] + [-100] * (width - len(c[1])) for c in batch])
+            mask = torch.tensor([[1] * len(c[0]) + [0] * (width - len(c[0])) for c in batch])
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            targets = labels[:, 1:]
+            total_nll += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+            ).item()
+            total_tokens += int((targets != -100).sum())
+    if total_tokens == 0:
+        raise EvaluateError("perplexity: no tokens to score")
+    return math.exp(total_nll / total_tokens), total_tokens
+
+
+# ------------------------------------------------------------------------------------------ the stage
+
+
+def _served_name(adapter: AdapterRef) -> str:
+    return f"adapter-{adapter.sha256[:16]}"
+
+
+def _bar_chart(accuracy: dict[str, float], comparisons: dict[str, Comparison], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(accuracy)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    bars = ax.bar(names, [accuracy[n] * 100 for n in names], color=["#999999", "#2a7ab9", "#e0a030"][: len(names)])
+    for bar, name in zip(bars, names, strict=True):
+        ax.annotate(
+            f"{accuracy[name]:.1%}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom"
+        )
+    vs_base = comparisons.get("base")
+    if vs_base:
+        ax.set_title(
+            f"fine-tuned − base: {vs_base.accuracy_diff:+.1%} (95% CI {vs_base.ci_low:+.1%} … {vs_base.ci_high:+.1%})",
+            fontsize=9,
+        )
+    ax.set_ylabel("task accuracy (%)")
+    ax.set_ylim(0, 105)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _summary(metrics: dict[str, float], comparisons: dict[str, Comparison], parity_diffs: list[dict[str, str]]) -> str:
+    lines = ["# Evaluation", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
+    lines += ["", "| candidate vs | accuracy diff | 95 % CI | regressions | fixes |", "|---|---|---|---|---|"]
+    for name, c in comparisons.items():
+        lines.append(
+            f"| {name} | {c.accuracy_diff:+.3f} | [{c.ci_low:+.3f}, {c.ci_high:+.3f}] "
+            f"| {len(c.regressions)} | {len(c.fixes)} |"
+        )
+    if parity_diffs:
+        lines += ["", "## First train/serve differences", ""]
+        lines += [f"- `{d['prompt'][-80:]!r}`: PEFT `{d['peft']!r}` vs vLLM `{d['vllm']!r}`" for d in parity_diffs]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(
+    cfg: RunConfig,
+    adapter: AdapterRef,
+    data: DatasetRef,
+    *,
+    base: ResolvedModel,
+    store: ArtifactStore,
+    tracker: MlflowTracker,
+    server_url: str,
+    served_base: str,
+    workdir: Path,
+    champion: AdapterRef | None = None,
+) -> EvalReport:
+    """Score base, candidate (and champion) on the test split; write the report; return its ref."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ev = cfg.evaluate
+    test = load_splits(data, store)["test"]
+    if len(test) == 0:
+        raise EvaluateError(f"{data.artifact.uri}: the test split is empty")
+    if ev.max_examples:
+        test = test.select(range(min(ev.max_examples, len(test))))
+    prompts, references = list(test["prompt"]), list(test["response"])
+    scorer = build_scorer(ev)
+
+    # 1. Generation through vLLM: the base and every adapter answer the same prompts, greedily.
+    models = {"base": served_base}
+    load_lora_adapter(server_url, _served_name(adapter), store.get_dir(adapter.artifact))
+    models["candidate"] = _served_name(adapter)
+    if champion is not None:
+        load_lora_adapter(server_url, _served_name(champion), store.get_dir(champion.artifact))
+        models["champion"] = _served_name(champion)
+    outputs = {
+        role: complete(server_url, served, prompts, max_tokens=ev.max_new_tokens) for role, served in models.items()
+    }
+    scores = {role: [scorer(o, r) for o, r in zip(outs, references, strict=True)] for role, outs in outputs.items()}
+    correct = {role: [s.correct for s in role_scores] for role, role_scores in scores.items()}
+
+    # 2. Perplexity (base and candidate) and train/serve parity, in-process with transformers + PEFT.
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    torch.manual_seed(0)
+    base_model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
+    window = int(getattr(base_model.config, "max_position_embeddings", 2048))
+    stride = ev.perplexity_stride or max(1, window // 2)
+    rows = [
+        (ids, labels if ev.perplexity_on == "response" else ids)
+        for ids, labels in zip(test["input_ids"], test["labels"], strict=True)
+    ]
+    ppl_base, n_tokens = perplexity(base_model, rows, window=window, stride=stride)
+    tuned = PeftModel.from_pretrained(base_model, str(store.get_dir(adapter.artifact)))
+    ppl_candidate, _ = perplexity(tuned, rows, window=window, stride=stride)
+    sample = list(range(min(ev.parity_sample, len(prompts))))
+    peft_out = greedy_generate(tuned, tokenizer, [prompts[i] for i in sample], max_new_tokens=ev.max_new_tokens)
+    agree = [peft_out[k] == outputs["candidate"][i] for k, i in enumerate(sample)]
+    parity_diffs = [
+        {"prompt": prompts[i], "peft": peft_out[k], "vllm": outputs["candidate"][i]}
+        for k, i in enumerate(sample)
+        if not agree[k]
+    ][:5]
+
+    # 3. Statistics: accuracies, paired bootstrap CIs, regressions and fixes.
+    n = len(prompts)
+    metrics = {f"accuracy_{role}": sum(c) / n for role, c in correct.items()}
+    for role, outs in outputs.items():
+        exact = sum(normalize_sql(o) == normalize_sql(r) for o, r in zip(outs, references, strict=True))
+        metrics[f"exact_match_{role}"] = exact / n
+    metrics |= {
+        f"error_rate_{role}": sum(s.error is not None for s in role_scores) / n for role, role_scores in scores.items()
+    }
+    metrics |= {
+        "perplexity_base": ppl_base, "perplexity_candidate": ppl_candidate, "perplexity_tokens": float(n_tokens),
+        "parity_agreement": sum(agree) / len(agree), "parity_examples": float(len(agree)), "examples": float(n),
+    }  # fmt: skip
+    comparisons = {}
+    for other in [r for r in ("base", "champion") if r in correct]:
+        diff, low, high = paired_bootstrap(correct["candidate"], correct[other], samples=ev.bootstrap_samples)
+        comparisons[other] = Comparison(
+            against=other, accuracy_diff=diff, ci_low=low, ci_high=high,
+            regressions=[i for i in range(n) if correct[other][i] and not correct["candidate"][i]],
+            fixes=[i for i in range(n) if correct["candidate"][i] and not correct[other][i]],
+        )  # fmt: skip
+        metrics |= {f"accuracy_diff_vs_{other}": diff, f"ci_low_vs_{other}": low, f"ci_high_vs_{other}": high}
+
+    # 4. The report: per-example JSONL, markdown summary, bar chart, metrics — in the store and in MLflow.
+    key = f"evals/{adapter.sha256[:16]}-vs-{champion.sha256[:16] if champion else 'none'}-{data.fingerprint[:12]}"
+    out = workdir / key.replace("/", "-")
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "examples.jsonl").open("w") as fh:
+        for i in range(n):
+            row = {"index": i, "prompt": prompts[i], "reference": references[i]}
+            row |= {
+                role: {"output": outputs[role][i], "correct": scores[role][i].correct, "error": scores[role][i].error}
+                for role in outputs
+            }
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    (out / "comparisons.json").write_text(json.dumps({k: v.model_dump() for k, v in comparisons.items()}, indent=1))
+    (out / "summary.md").write_text(_summary(metrics, comparisons, parity_diffs))
+    accuracy = {"base": metrics["accuracy_base"], "fine-tuned": metrics["accuracy_candidate"]}
+    if champion:
+        accuracy["champion"] = metrics["accuracy_champion"]
+    _bar_chart(accuracy, comparisons, out / "accuracy.png")
+    ref = store.put_dir(out, key, overwrite=True)
+    with tracker.run(key.split("/", 1)[1], stage="evaluate", tags={"tuneship.adapter_sha256": adapter.sha256}):
+        tracker.log_params({"evaluate": ev.model_dump(mode="json"), "adapter_uri": adapter.artifact.uri})
+        tracker.log_metrics(metrics)
+        for name in ("summary.md", "accuracy.png", "examples.jsonl", "metrics.json", "comparisons.json"):
+            tracker.log_artifact(out / name, artifact_path="eval")
+    for served in list(models.values())[1:]:
+        unload_lora_adapter(server_url, served)
+    return EvalReport(
+        artifact=ref,
+        candidate_sha256=adapter.sha256,
+        champion_sha256=champion.sha256 if champion else None,
+        base_model=base.id,
+        n_examples=n,
+        metrics=metrics,
+        comparisons=comparisons,
+    )
