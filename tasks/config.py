@@ -135,6 +135,20 @@ class EvalConfig(_Strict):
         return self
 
 
+class PromotionRules(_Strict):
+    """What a challenger must show before it becomes the champion."""
+
+    ci_margin: float = Field(default=0.0, description="The accuracy-difference CI lower bound must exceed this.")
+    max_perplexity_increase: float = Field(default=0.05, ge=0, description="Relative to the champion's perplexity.")
+    min_parity: float = Field(default=0.99, ge=0, le=1, description="PEFT/vLLM greedy agreement.")
+    max_error_rate: float = Field(default=0.25, ge=0, le=1, description="Share of outputs that failed to score.")
+
+
+class RegisterConfig(_Strict):
+    model_name: str | None = Field(default=None, description="Registered model name; default: the run name.")
+    rules: PromotionRules = Field(default_factory=PromotionRules)
+
+
 class RunConfig(_Strict):
     """One training run: the base model, the data, and what each stage does."""
 
@@ -144,6 +158,11 @@ class RunConfig(_Strict):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvalConfig = Field(default_factory=lambda: EvalConfig(scorer="exact_match"))
+    register: RegisterConfig = Field(default_factory=RegisterConfig)
+
+    @property
+    def model_name(self) -> str:
+        return self.register.model_name or self.name
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -75,3 +75,30 @@ class EvalReport(_Ref):
     n_examples: int
     metrics: dict[str, float]
     comparisons: dict[str, Comparison]
+
+
+class ModelVersionRef(_Ref):
+    """A registered model version: load it with ``mlflow.pyfunc.load_model(uri)``."""
+
+    name: str
+    version: str
+    uri: str = Field(description="models:/<name>/<version>")
+    run_id: str
+    adapter_sha256: str
+    aliases: list[str] = Field(default_factory=list)
+
+
+class RuleResult(_Ref):
+    passed: bool
+    value: str
+
+
+class PromotionDecision(_Ref):
+    name: str
+    version: str
+    promoted: bool
+    previous_champion: str | None
+    rules: dict[str, RuleResult]
+
+    def reasons(self) -> str:
+        return "; ".join(f"{k}: {'pass' if r.passed else 'FAIL'} ({r.value})" for k, r in self.rules.items())

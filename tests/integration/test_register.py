@@ -1,0 +1,180 @@
+"""Register, promote and roll back against a real MLflow server whose artifacts live on the loopback S3
+endpoint: the gate cannot promote a worse model, rollback walks back, and ``models:/<name>@champion`` loads
+the adapter that was evaluated."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from infra.tracking import MlflowTracker
+from tasks.evaluate import evaluate
+from tasks.finetune import finetune
+from tasks.refs import Comparison
+from tasks.register import RegistryError, list_versions, promote, register, rollback
+
+pytestmark = pytest.mark.slow
+SECRET_KEY = "tuneship-local-secret"  # the S3 secret these services use; must never be logged
+API_KEY = f"sk-test-{uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="module")
+def env(demo_config, demo_base, demo_store, demo_dataset, demo_adapter, vllm_server, mlflow_server, tmp_path_factory):
+    os.environ["TUNESHIP_API_KEYS"] = API_KEY  # present in the environment while registering
+    name = f"retail-sql-{uuid.uuid4().hex[:6]}"
+    cfg = demo_config(f"register.model_name={name}", "evaluate.max_examples=150", "evaluate.parity_sample=16")
+    tracker = MlflowTracker(mlflow_server.tracking_uri, system_metrics=False)
+    work = tmp_path_factory.mktemp("reg")
+    weak = finetune(demo_config("finetune.train.max_steps=40"), demo_dataset, base=demo_base, store=demo_store,
+                    tracker=tracker, workdir=work)  # fmt: skip
+
+    def run_eval(adapter, champion=None):
+        return evaluate(cfg, adapter, demo_dataset, base=demo_base, store=demo_store, tracker=tracker,
+                        server_url=vllm_server.base_url, served_base="base", workdir=work, champion=champion)  # fmt: skip
+
+    yield {"cfg": cfg, "name": name, "uri": mlflow_server.tracking_uri, "weak": weak, "strong": demo_adapter,
+           "eval": run_eval, "store": demo_store, "data": demo_dataset}  # fmt: skip
+    os.environ.pop("TUNESHIP_API_KEYS", None)
+
+
+@pytest.fixture(scope="module")
+def history(env):
+    """v1 = weak (first champion), v2 = strong (beats v1), v3 = weak again (worse than v2)."""
+    cfg, uri, store, data = env["cfg"], env["uri"], env["store"], env["data"]
+    weak_report = env["eval"](env["weak"])
+    v1 = register(cfg, env["weak"], weak_report, data, store=store, tracking_uri=uri, flow_run_id="flow-1")
+    d1 = promote(cfg, v1, weak_report, tracking_uri=uri)
+    strong_report = env["eval"](env["strong"], champion=env["weak"])
+    v2 = register(cfg, env["strong"], strong_report, data, store=store, tracking_uri=uri)
+    d2 = promote(cfg, v2, strong_report, tracking_uri=uri)
+    worse_report = env["eval"](env["weak"], champion=env["strong"])
+    v3 = register(cfg, env["weak"], worse_report, data, store=store, tracking_uri=uri)
+    d3 = promote(cfg, v3, worse_report, tracking_uri=uri)
+    return {"v": [v1, v2, v3], "d": [d1, d2, d3], "reports": [weak_report, strong_report, worse_report]}
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_gate_promotes_better_and_refuses_worse(env, history) -> None:
+    (v1, v2, v3), (d1, d2, d3) = history["v"], history["d"]
+    print(
+        "\n"
+        + "\n".join(f"v{d.version}: {'promoted' if d.promoted else 'refused'} — {d.reasons()}" for d in (d1, d2, d3))
+    )
+    assert d1.promoted and d1.previous_champion is None
+    assert d2.promoted and d2.previous_champion == v1.version
+    assert not d3.promoted and not d3.rules["beats_champion"].passed
+    c = client(env["uri"])
+    assert c.get_model_version_by_alias(env["name"], "champion").version == v2.version
+    assert c.get_model_version_by_alias(env["name"], "challenger").version == v3.version
+    tags = c.get_model_version(env["name"], v3.version).tags
+    assert tags["tuneship.gate.decision"] == "refused"
+    assert tags["tuneship.gate.beats_champion"].startswith("fail: diff -")
+    lineage = c.get_model_version(env["name"], v1.version).tags
+    assert lineage["tuneship.adapter_sha256"] == env["weak"].sha256
+    assert lineage["tuneship.flow_run_id"] == "flow-1" and len(lineage["tuneship.git_sha"]) == 40
+    assert lineage["tuneship.dataset_fingerprint"] == env["data"].fingerprint
+    assert {"tuneship.base_model", "tuneship.base_revision", "tuneship.config_hash"} <= set(lineage)
+
+
+def test_ci_crossing_zero_is_refused(env, history) -> None:
+    v2_report = history["reports"][1]
+    tie = Comparison(against="champion", accuracy_diff=0.01, ci_low=-0.02, ci_high=0.04)
+    report = v2_report.model_copy(update={"comparisons": {**v2_report.comparisons, "champion": tie},
+                                          "champion_sha256": env["strong"].sha256})  # fmt: skip
+    v4 = register(env["cfg"], env["strong"], report, env["data"], store=env["store"], tracking_uri=env["uri"])
+    decision = promote(env["cfg"], v4, report, tracking_uri=env["uri"])
+    assert not decision.promoted
+    tags = client(env["uri"]).get_model_version(env["name"], v4.version).tags
+    assert tags["tuneship.gate.beats_champion"].startswith("fail: diff +0.0100, CI [-0.0200, +0.0400]")
+    assert client(env["uri"]).get_model_version_by_alias(env["name"], "champion").version == history["v"][1].version
+
+
+def test_registered_model_reproduces_the_evaluation_outputs(env, history) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(env["uri"])
+    mlflow.set_registry_uri(env["uri"])
+    rows = [json.loads(line) for line in (env["store"].get_dir(history["reports"][1].artifact) / "examples.jsonl")
+            .read_text().splitlines()[:12]]  # fmt: skip
+    model = mlflow.pyfunc.load_model(f"models:/{env['name']}@champion")
+    assert model.predict([r["prompt"] for r in rows]) == [r["candidate"]["output"] for r in rows]
+
+
+def test_rollback_walks_back_and_the_alias_loads_the_older_adapter(env, history) -> None:
+    import mlflow
+
+    v1, v2, _ = history["v"]
+    assert rollback(env["name"], tracking_uri=env["uri"]) == v1.version
+    c = client(env["uri"])
+    champion = c.get_model_version_by_alias(env["name"], "champion")
+    assert champion.version == v1.version and champion.tags["tuneship.adapter_sha256"] == env["weak"].sha256
+    rows = [json.loads(line) for line in (env["store"].get_dir(history["reports"][0].artifact) / "examples.jsonl")
+            .read_text().splitlines()[:8]]  # fmt: skip
+    mlflow.set_tracking_uri(env["uri"])
+    mlflow.set_registry_uri(env["uri"])
+    model = mlflow.pyfunc.load_model(f"models:/{env['name']}@champion")
+    assert model.predict([r["prompt"] for r in rows]) == [r["candidate"]["output"] for r in rows]
+    with pytest.raises(RegistryError, match="no earlier champion"):
+        rollback(env["name"], tracking_uri=env["uri"])
+    table = {row["version"]: row for row in list_versions(env["name"], tracking_uri=env["uri"])}
+    assert table[v1.version]["aliases"] == ["champion"] and table[v2.version]["gate"] == "promoted"
+
+
+def test_concurrent_registrations_get_distinct_versions(env, history) -> None:
+    report = history["reports"][1]
+    results, errors = [], []
+
+    def go() -> None:
+        try:
+            results.append(
+                register(env["cfg"], env["strong"], report, env["data"], store=env["store"], tracking_uri=env["uri"])
+            )
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert len({r.version for r in results}) == 2
+    c = client(env["uri"])
+    for alias in ("champion", "challenger"):
+        mv = c.get_model_version_by_alias(env["name"], alias)
+        assert mv.status == "READY" and mv.tags["tuneship.adapter_sha256"]
+
+
+def test_no_secret_is_logged(env, history, tmp_path: Path) -> None:
+    import mlflow
+
+    c = client(env["uri"])
+    seen = []
+    for mv in c.search_model_versions(f"name = '{env['name']}'"):
+        run = c.get_run(mv.run_id)
+        seen += [json.dumps(run.data.params), json.dumps(run.data.tags), json.dumps(mv.tags)]
+        local = mlflow.artifacts.download_artifacts(
+            run_id=mv.run_id, dst_path=str(tmp_path / mv.run_id), tracking_uri=env["uri"]
+        )
+        seen += [
+            p.read_text(errors="replace")
+            for p in Path(local).rglob("*")
+            if p.is_file() and p.stat().st_size < 5_000_000
+        ]
+    blob = "\n".join(seen)
+    assert len(blob) > 10_000 and "tuneship.adapter_sha256" in blob  # the scan really read the logged data
+    assert (
+        SECRET_KEY not in blob
+        and API_KEY not in blob
+        and os.environ.get("AWS_SECRET_ACCESS_KEY", SECRET_KEY) not in blob
+    )
