@@ -10,6 +10,8 @@
     tuneship demo-data --out DIR         # the demo task: retail.db, train.jsonl, test.jsonl
     tuneship preprocess CONFIG [--set key=value ...]   # the preprocess stage alone
     tuneship train CONFIG [--set key=value ...] [--run-id ID]   # preprocess + fine-tune (resumable)
+    tuneship models list NAME | models show NAME VERSION   # the registry: aliases, metrics, lineage
+    tuneship rollback NAME               # move @champion back to the previous champion
 
 Bad settings and store errors end the command with one ``tuneship: error: ...`` line and exit code 2.
 """
@@ -38,6 +40,8 @@ artifacts_app = typer.Typer(help="Inspect and move artifacts in the artifact sto
 services_app = typer.Typer(help="Local services on loopback (S3 endpoint, MLflow server).", no_args_is_help=True)
 app.add_typer(artifacts_app, name="artifacts")
 app.add_typer(services_app, name="services")
+models_app = typer.Typer(help="Registered models: versions, aliases, metrics, lineage.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 base_app = typer.Typer(help="The offline base model tuneship builds for itself.", no_args_is_help=True)
 app.add_typer(base_app, name="base")
 
@@ -179,11 +183,54 @@ def train_cmd(
     base = resolve_base_model(cfg.base_model, store=store, cache_dir=settings.cache_dir, log=console.print)
     data = preprocess(cfg, base=base, store=store, workdir=settings.home / "work")
     console.print(f"dataset {data.artifact.key}: {data.stats.splits}, {data.stats.rejected} rejected")
-    tracker = MlflowTracker(settings.mlflow_tracking_uri)
+    tracker = MlflowTracker.from_settings(settings)
     adapter = finetune(
         cfg, data, base=base, store=store, tracker=tracker, workdir=settings.home / "work", run_id=run_id
     )
     console.print_json(adapter.model_dump_json())
+
+
+@models_app.command("list")
+def models_list(name: Annotated[str, typer.Argument(help="Registered model name.")]) -> None:
+    """Versions of a registered model with their aliases, key metrics, gate decision and lineage."""
+    from tasks.register import list_versions
+
+    table = Table("version", "aliases", "accuracy", "perplexity", "gate", "adapter", "dataset", "base model", "git")
+    for row in list_versions(name, tracking_uri=load_settings().mlflow_tracking_uri):
+        cells = [row["version"], ", ".join(row["aliases"]), row["accuracy"] or "", row["perplexity"] or "", row["gate"]]
+        table.add_row(*cells, row["adapter_sha256"], row["dataset"], row["base_model"] or "", row["git_sha"])
+    console.print(table)
+
+
+@models_app.command("show")
+def models_show(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Version number.")],
+) -> None:
+    """Every tag of one version: lineage, evaluation metrics and the gate's rule-by-rule decision."""
+    from tasks.register import RegistryError, list_versions
+
+    rows = [r for r in list_versions(name, tracking_uri=load_settings().mlflow_tracking_uri) if r["version"] == version]
+    if not rows:
+        raise RegistryError(f"{name} has no version {version}")
+    table = Table("tag", "value", title=f"{name} v{version} ({', '.join(rows[0]['aliases']) or 'no alias'})")
+    for key, value in sorted(rows[0]["tags"].items()):
+        table.add_row(key, value)
+    console.print(table)
+
+
+@app.command()
+def rollback(name: Annotated[str, typer.Argument(help="Registered model name.")]) -> None:
+    """Move the champion alias back to the previous champion and say what is serving now."""
+    from tasks.register import list_versions
+    from tasks.register import rollback as do_rollback
+
+    uri = load_settings().mlflow_tracking_uri
+    version = do_rollback(name, tracking_uri=uri)
+    row = next(r for r in list_versions(name, tracking_uri=uri) if r["version"] == version)
+    console.print(
+        f"{name}: champion is now version {version} (adapter {row['adapter_sha256']}, accuracy {row['accuracy']})"
+    )
 
 
 @app.command()

@@ -1,9 +1,10 @@
 """``make demo`` / ``tuneship demo``: the pipeline on embedded defaults, as far as it is built.
 
 Builds (or reuses) the offline base model and the demo task, preprocesses and fine-tunes a LoRA adapter with
-the ``tiny-cpu`` preset (MLflow-tracked, checkpoints in the artifact store), serves base + adapter on one vLLM
-server (launched locally unless ``TUNESHIP_VLLM_URL`` names one), streams both models' answers to a test
-question, and scores both on test questions by executing their SQL against the demo database.
+the ``tiny-cpu`` preset (MLflow-tracked, checkpoints in the artifact store), evaluates base vs fine-tuned vs
+the current champion through a vLLM server (launched locally unless ``TUNESHIP_VLLM_URL`` names one),
+registers the adapter in MLflow and runs the promotion gate, then streams both models' answers to a test
+question.
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ from infra.base_model import resolve_base_model
 from infra.demo_task import build_demo_task
 from infra.settings import Settings
 from infra.tracking import MlflowTracker
-from infra.vllm_server import VllmLaunch, complete, load_lora_adapter, start_vllm
+from infra.vllm_server import VllmLaunch, load_lora_adapter, start_vllm
 from tasks.config import load_run_config
+from tasks.evaluate import evaluate
 from tasks.finetune import finetune
 from tasks.generation import instruction_prompt
 from tasks.preprocess import preprocess
+from tasks.register import champion_adapter, promote, register
 from tasks.sql_exec import connect_readonly, execute_sql, is_ordered, results_match
 
 PRESET = Path(__file__).resolve().parents[1] / "deployments" / "configs" / "tiny-cpu.yaml"
-SCORED_QUESTIONS = 100
 
 
 @contextlib.contextmanager
@@ -61,11 +63,16 @@ def run_demo(settings: Settings, *, say: Callable[[str], None] = print) -> dict[
     say(f"demo task: {counts['train']} train / {counts['test']} test questions in {task_dir}")
 
     cfg = load_run_config(
-        PRESET, [f"data.source={task_dir / 'train.jsonl'}", f"data.test_file={task_dir / 'test.jsonl'}"]
+        PRESET,
+        [
+            f"data.source={task_dir / 'train.jsonl'}",
+            f"data.test_file={task_dir / 'test.jsonl'}",
+            f"evaluate.database={task_dir / 'retail.db'}",
+        ],
     )
     data = preprocess(cfg, base=base, store=store, workdir=settings.home / "work")
     say(f"preprocess: {data.stats.splits}, {data.stats.rejected} rejected → {data.artifact.uri}")
-    tracker = MlflowTracker(settings.mlflow_tracking_uri)
+    tracker = MlflowTracker.from_settings(settings)
     adapter = finetune(cfg, data, base=base, store=store, tracker=tracker, workdir=settings.home / "work")
     metrics = adapter.metrics
     say(
@@ -74,29 +81,37 @@ def run_demo(settings: Settings, *, say: Callable[[str], None] = print) -> dict[
         f"→ {adapter.artifact.uri} (MLflow run {adapter.mlflow_run_id})"
     )
 
-    rows = [json.loads(line) for line in (task_dir / "test.jsonl").read_text().splitlines()][:SCORED_QUESTIONS]
-    conn = connect_readonly(task_dir / "retail.db")
-
-    def correct(sql: str, gold: str) -> bool:
-        pred, expected = execute_sql(conn, sql), execute_sql(conn, gold)
-        return pred.ok and results_match(expected.rows, pred.rows, ordered=is_ordered(gold))
-
+    champion = champion_adapter(cfg.model_name, tracking_uri=settings.mlflow_tracking_uri, store=store)
     with _vllm(settings, Path(base.path), "base") as url:
+        say(f"vLLM: {url}")
+        report = evaluate(cfg, adapter, data, base=base, store=store, tracker=tracker, champion=champion,
+                          server_url=url, served_base="base", workdir=settings.home / "work")  # fmt: skip
+        m = report.metrics
+        vs_base = report.comparisons["base"]
+        say(
+            f"evaluate ({report.n_examples} test questions, through vLLM): execution accuracy base "
+            f"{m['accuracy_base']:.1%} → fine-tuned {m['accuracy_candidate']:.1%} (95% CI of the gain "
+            f"[{vs_base.ci_low:+.1%}, {vs_base.ci_high:+.1%}]); perplexity {m['perplexity_base']:.1f} → "
+            f"{m['perplexity_candidate']:.2f}; PEFT/vLLM parity {m['parity_agreement']:.0%}"
+        )
+        if "champion" in report.comparisons:
+            vs = report.comparisons["champion"]
+            say(f"  vs the current champion: {vs.accuracy_diff:+.1%} [{vs.ci_low:+.1%}, {vs.ci_high:+.1%}]")
+        say(f"  report: {report.artifact.uri}")
+        version = register(cfg, adapter, report, data, store=store, tracking_uri=settings.mlflow_tracking_uri)
+        decision = promote(cfg, version, report, tracking_uri=settings.mlflow_tracking_uri)
+        verdict = "promoted to @champion" if decision.promoted else "kept as @challenger"
+        say(f"register: {version.uri} {verdict} — {decision.reasons()}")
+
         load_lora_adapter(url, "retail-sql", store.get_dir(adapter.artifact))
-        say(f"vLLM: {url} serving 'base' and the adapter as 'retail-sql'")
-        question = rows[0]
+        question = json.loads((task_dir / "test.jsonl").read_text().splitlines()[0])
+        conn = connect_readonly(task_dir / "retail.db")
+        gold = execute_sql(conn, question["response"])
         say(f"question: {question['instruction']}")
         for model in ("base", "retail-sql"):
             answer = "".join(stream_completion(url, model, instruction_prompt(question["instruction"])))
-            verdict = "correct" if correct(answer, question["response"]) else "wrong"
-            say(f"  {model:>10} (streamed): {answer}  → {verdict}")
-        prompts = [instruction_prompt(r["instruction"]) for r in rows]
-        scores = {}
-        for model in ("base", "retail-sql"):
-            outputs = complete(url, model, prompts)
-            scores[model] = sum(correct(o, r["response"]) for o, r in zip(outputs, rows, strict=True)) / len(rows)
-    say(
-        f"execution accuracy on {len(rows)} test questions: base {scores['base']:.0%}, "
-        f"fine-tuned {scores['retail-sql']:.0%}"
-    )
-    return {"scores": scores, "adapter": adapter.artifact.uri, "dataset": data.artifact.uri}
+            pred = execute_sql(conn, answer)
+            ok = pred.ok and results_match(gold.rows, pred.rows, ordered=is_ordered(question["response"]))
+            say(f"  {model:>10} (streamed): {answer}  → {'correct' if ok else 'wrong'}")
+    scores = {"base": m["accuracy_base"], "retail-sql": m["accuracy_candidate"]}
+    return {"scores": scores, "adapter": adapter.artifact.uri, "report": report.artifact.uri, "version": version.uri}

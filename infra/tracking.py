@@ -34,10 +34,26 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 class MlflowTracker:
     """Thin wrapper over MLflow's fluent API, pointed at one tracking URI and experiment."""
 
-    def __init__(self, tracking_uri: str, experiment: str = "tuneship", *, system_metrics: bool = True) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str = "tuneship",
+        *,
+        system_metrics: bool = True,
+        artifact_location: str | None = None,
+    ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.system_metrics = system_metrics
+        self.artifact_location = artifact_location
+
+    @classmethod
+    def from_settings(cls, settings: Any, **kwargs: Any) -> MlflowTracker:
+        """A tracker for ``settings``; a local sqlite store keeps its artifacts under ``$TUNESHIP_HOME/mlartifacts``."""
+        location = None
+        if settings.mlflow_tracking_uri.startswith("sqlite:"):
+            location = (Path(settings.home) / "mlartifacts").resolve().as_uri()
+        return cls(settings.mlflow_tracking_uri, artifact_location=location, **kwargs)
 
     def _mlflow(self) -> Any:
         import mlflow
@@ -49,6 +65,8 @@ class MlflowTracker:
     def run(self, run_key: str, *, stage: str, tags: Mapping[str, str] | None = None) -> Iterator[str]:
         """Start, or resume, the MLflow run tagged with ``run_key`` and ``stage``; yield its id."""
         mlflow = self._mlflow()
+        if self.artifact_location and mlflow.get_experiment_by_name(self.experiment) is None:
+            mlflow.create_experiment(self.experiment, artifact_location=self.artifact_location)
         experiment = mlflow.set_experiment(self.experiment)
         found = mlflow.search_runs(
             experiment_ids=[experiment.experiment_id],

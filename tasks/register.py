@@ -147,6 +147,27 @@ def register(
     )
 
 
+def champion_adapter(name: str, *, tracking_uri: str, store: ArtifactStore) -> AdapterRef | None:
+    """The current champion's adapter ref (from its lineage tags and the artifact store), or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        champion = _champion(_client(tracking_uri), name)
+    except MlflowException:
+        return None
+    if champion is None:
+        return None
+    uri = champion.tags.get("tuneship.adapter_uri", "")
+    prefix = store.root_uri.rstrip("/") + "/"
+    if not uri.startswith(prefix):
+        raise RegistryError(
+            f"{name} v{champion.version}: its adapter {uri} is not in this artifact store ({store.root_uri})"
+        )
+    key = uri[len(prefix) :]
+    saved = json.loads((store.get_dir(key) / "tuneship_adapter.json").read_text())
+    return AdapterRef(artifact=store.ref(key), **saved)
+
+
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     from infra.tracking import flatten
 

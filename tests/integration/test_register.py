@@ -30,12 +30,13 @@ def env(demo_config, demo_base, demo_store, demo_dataset, demo_adapter, vllm_ser
     cfg = demo_config(f"register.model_name={name}", "evaluate.max_examples=150", "evaluate.parity_sample=16")
     tracker = MlflowTracker(mlflow_server.tracking_uri, system_metrics=False)
     work = tmp_path_factory.mktemp("reg")
-    weak = finetune(demo_config("finetune.train.max_steps=40"), demo_dataset, base=demo_base, store=demo_store,
+    # A shorter run of the same preset: better than the base, clearly worse than the full run.
+    weak = finetune(demo_config("finetune.train.max_steps=300"), demo_dataset, base=demo_base, store=demo_store,
                     tracker=tracker, workdir=work)  # fmt: skip
 
     def run_eval(adapter, champion=None):
-        return evaluate(cfg, adapter, demo_dataset, base=demo_base, store=demo_store, tracker=tracker,
-                        server_url=vllm_server.base_url, served_base="base", workdir=work, champion=champion)  # fmt: skip
+        return evaluate(cfg, adapter, demo_dataset, base=demo_base, store=demo_store, tracker=tracker, workdir=work,
+                        server_url=vllm_server.base_url, served_base="base", champion=champion)  # fmt: skip
 
     yield {"cfg": cfg, "name": name, "uri": mlflow_server.tracking_uri, "weak": weak, "strong": demo_adapter,
            "eval": run_eval, "store": demo_store, "data": demo_dataset}  # fmt: skip
