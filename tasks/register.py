@@ -115,7 +115,7 @@ def register(
         mlflow.log_params({k: str(v)[:6000] for k, v in _flat(cfg.model_dump(mode="json")).items()})
         mlflow.log_metrics({k: float(v) for k, v in report.metrics.items()})
         mlflow.log_artifacts(str(store.get_dir(report.artifact)), artifact_path="eval")
-        mlflow.pyfunc.log_model(
+        logged = mlflow.pyfunc.log_model(
             name="model",
             python_model=AdapterModel(),
             artifacts={"adapter": str(store.get_dir(adapter.artifact))},
@@ -126,13 +126,8 @@ def register(
             },
             pip_requirements=_requirements(),
         )
-        model_uri = f"runs:/{run.info.run_id}/model"
-    try:
-        _retry(client.create_registered_model, name, description=f"tuneship: LoRA adapters of {adapter.base_model}")
-    except Exception as exc:  # a concurrent registration created it first
-        if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
-            raise
-    version = _retry(client.create_model_version, name, model_uri, run_id=run.info.run_id, tags=lineage)
+    # register_model creates the registered model if needed (tolerating a concurrent creator) and waits for READY.
+    version = _retry(mlflow.register_model, logged.model_uri, name, tags=lineage)
     _wait_ready(client, name, version.version)
     for key, value in report.metrics.items():
         _retry(client.set_model_version_tag, name, version.version, f"tuneship.eval.{key}", f"{value:.6g}")

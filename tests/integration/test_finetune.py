@@ -71,7 +71,7 @@ def dataset(demo_task: Path, base: ResolvedModel, s3_store: ArtifactStore, tmp_p
     return preprocess(config(demo_task), base=base, store=s3_store, workdir=tmp_path_factory.mktemp("work"))
 
 
-@pytest.mark.parametrize("quantization", ["none", "nf4"])
+@pytest.mark.parametrize("quantization", ["none", "nf4", "int8"])
 def test_adapter_trains_and_base_stays(
     quantization, demo_task, base, s3_store, dataset, mlflow_server, tmp_path
 ) -> None:

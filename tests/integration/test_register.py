@@ -27,7 +27,10 @@ API_KEY = f"sk-test-{uuid.uuid4().hex}"
 def env(demo_config, demo_base, demo_store, demo_dataset, demo_adapter, vllm_server, mlflow_server, tmp_path_factory):
     os.environ["TUNESHIP_API_KEYS"] = API_KEY  # present in the environment while registering
     name = f"retail-sql-{uuid.uuid4().hex[:6]}"
-    cfg = demo_config(f"register.model_name={name}", "evaluate.max_examples=150", "evaluate.parity_sample=16")
+    # The short run still writes some broken SQL (≈40 % of its answers fail to execute): allow that here so it
+    # can be a first champion, which the strong run then replaces.
+    cfg = demo_config(f"register.model_name={name}", "evaluate.max_examples=150", "evaluate.parity_sample=16",
+                      "register.rules.max_error_rate=0.5")  # fmt: skip
     tracker = MlflowTracker(mlflow_server.tracking_uri, system_metrics=False)
     work = tmp_path_factory.mktemp("reg")
     # A shorter run of the same preset: better than the base, clearly worse than the full run.
@@ -173,7 +176,8 @@ def test_no_secret_is_logged(env, history, tmp_path: Path) -> None:
             if p.is_file() and p.stat().st_size < 5_000_000
         ]
     blob = "\n".join(seen)
-    assert len(blob) > 10_000 and "tuneship.adapter_sha256" in blob  # the scan really read the logged data
+    # the scan really read the logged data: lineage tags, eval files and the model's own config
+    assert len(blob) > 10_000 and "tuneship.adapter_sha256" in blob and "base_revision" in blob and "accuracy" in blob
     assert (
         SECRET_KEY not in blob
         and API_KEY not in blob
