@@ -158,11 +158,11 @@ class RunConfig(_Strict):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvalConfig = Field(default_factory=lambda: EvalConfig(scorer="exact_match"))
-    register: RegisterConfig = Field(default_factory=RegisterConfig)
+    registry: RegisterConfig = Field(default_factory=RegisterConfig)
 
     @property
     def model_name(self) -> str:
-        return self.register.model_name or self.name
+        return self.registry.model_name or self.name
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

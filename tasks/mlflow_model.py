@@ -38,7 +38,7 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         self.model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base.path), adapter)
         self.max_new_tokens = int(config.get("max_new_tokens", 128))
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - no hints: MLflow would infer a schema
         from tasks.generation import greedy_generate
 
         if hasattr(model_input, "columns"):  # a DataFrame with a "prompt" column

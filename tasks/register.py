@@ -190,7 +190,7 @@ def _history(client: Any, name: str) -> list[str]:
 
 def promote(cfg: RunConfig, version: ModelVersionRef, report: EvalReport, *, tracking_uri: str) -> PromotionDecision:
     """Move ``champion`` to ``version`` if every rule holds; tag the version with the decision either way."""
-    rules_cfg = cfg.register.rules
+    rules_cfg = cfg.registry.rules
     client = _client(tracking_uri)
     champion = _champion(client, version.name)
     m = report.metrics

@@ -29,8 +29,8 @@ def env(demo_config, demo_base, demo_store, demo_dataset, demo_adapter, vllm_ser
     name = f"retail-sql-{uuid.uuid4().hex[:6]}"
     # The short run still writes some broken SQL (≈40 % of its answers fail to execute): allow that here so it
     # can be a first champion, which the strong run then replaces.
-    cfg = demo_config(f"register.model_name={name}", "evaluate.max_examples=150", "evaluate.parity_sample=16",
-                      "register.rules.max_error_rate=0.5")  # fmt: skip
+    cfg = demo_config(f"registry.model_name={name}", "evaluate.max_examples=150", "evaluate.parity_sample=16",
+                      "registry.rules.max_error_rate=0.5")  # fmt: skip
     tracker = MlflowTracker(mlflow_server.tracking_uri, system_metrics=False)
     work = tmp_path_factory.mktemp("reg")
     # A shorter run of the same preset: better than the base, clearly worse than the full run.
