@@ -15,7 +15,7 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+from infra.prompts import alpaca_prompt
 
 # Table nouns (singular, plural). The demo's tables (customers, products, stores, orders, order_items,
 # employees) are deliberately absent.
@@ -424,7 +424,7 @@ def plain_text(rng: random.Random) -> str:
 
 
 def format_example(ex: SqlExample, eos: str) -> str:
-    return PROMPT_TEMPLATE.format(instruction=ex.question) + ex.sql + eos
+    return alpaca_prompt(ex.question) + ex.sql + eos
 
 
 def corpus(seed: int, eos: str, *, plain_share: float = 0.1) -> Iterator[str]:

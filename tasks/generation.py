@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from infra.sql_corpus import PROMPT_TEMPLATE
+from infra.prompts import alpaca_prompt
 
 
 def instruction_prompt(instruction: str) -> str:
     """The seed's prompt template, without the response."""
-    return PROMPT_TEMPLATE.format(instruction=instruction)
+    return alpaca_prompt(instruction)
 
 
 def greedy_generate(

@@ -27,6 +27,7 @@ from typing import Any
 from infra.artifacts import ArtifactStore
 from infra.base_model import ResolvedModel
 from infra.errors import UserError
+from infra.prompts import alpaca_prompt
 from tasks.config import DataConfig, RunConfig
 from tasks.refs import DatasetRef, DatasetStats
 
@@ -52,13 +53,6 @@ class Example:
     response: str
     input_ids: list[int]
     labels: list[int]
-
-
-def alpaca_prompt(instruction: str, context: str | None = None) -> str:
-    """The seed's template, up to and including the response header."""
-    if context:
-        return f"### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n"
-    return f"### Instruction:\n{instruction}\n\n### Response:\n"
 
 
 # ------------------------------------------------------------------------------------------ reading
