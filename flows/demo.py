@@ -3,8 +3,8 @@
 Builds (or reuses) the offline base model and the demo task, preprocesses and fine-tunes a LoRA adapter with
 the ``tiny-cpu`` preset (MLflow-tracked, checkpoints in the artifact store), evaluates base vs fine-tuned vs
 the current champion through a vLLM server (launched locally unless ``TUNESHIP_VLLM_URL`` names one),
-registers the adapter in MLflow and runs the promotion gate, then streams both models' answers to a test
-question.
+registers the adapter in MLflow and runs the promotion gate, then puts the FastAPI gateway in front of vLLM
+and sends a streaming ``/generate`` (base and champion) and a ``/generate/batch`` request through it.
 """
 
 from __future__ import annotations
@@ -19,9 +19,13 @@ import httpx
 from infra.artifacts import open_store
 from infra.base_model import resolve_base_model
 from infra.demo_task import build_demo_task
+from infra.services import free_port
 from infra.settings import Settings
 from infra.tracking import MlflowTracker
 from infra.vllm_server import VllmLaunch, load_lora_adapter, start_vllm
+from serving.app import GatewayConfig, create_app
+from serving.server import serve_in_thread
+from serving.upstream import VllmUpstream
 from tasks.config import load_run_config
 from tasks.evaluate import evaluate
 from tasks.finetune import finetune
@@ -43,14 +47,16 @@ def _vllm(settings: Settings, model: Path, name: str) -> Iterator[str]:
         yield server.base_url
 
 
-def stream_completion(base_url: str, model: str, prompt: str, *, max_tokens: int = 96) -> Iterator[str]:
-    """Text deltas of a streamed, greedy completion from an OpenAI-compatible server."""
+def stream_generate(gateway_url: str, model: str, prompt: str, *, max_tokens: int = 96) -> Iterator[str]:
+    """Text deltas from the gateway's ``POST /generate`` server-sent events."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=120) as response:
+    with httpx.stream("POST", f"{gateway_url}/generate", json=body, timeout=120) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
-                yield json.loads(line.removeprefix("data: "))["choices"][0]["text"]
+                event = json.loads(line.removeprefix("data: "))
+                if "text" in event:
+                    yield event["text"]
 
 
 def run_demo(settings: Settings, *, say: Callable[[str], None] = print) -> dict[str, object]:
@@ -107,11 +113,28 @@ def run_demo(settings: Settings, *, say: Callable[[str], None] = print) -> dict[
         question = json.loads((task_dir / "test.jsonl").read_text().splitlines()[0])
         conn = connect_readonly(task_dir / "retail.db")
         gold = execute_sql(conn, question["response"])
-        say(f"question: {question['instruction']}")
-        for model in ("base", "retail-sql"):
-            answer = "".join(stream_completion(url, model, instruction_prompt(question["instruction"])))
-            pred = execute_sql(conn, answer)
+
+        def verdict(sql: str) -> str:
+            pred = execute_sql(conn, sql)
             ok = pred.ok and results_match(gold.rows, pred.rows, ordered=is_ordered(question["response"]))
-            say(f"  {model:>10} (streamed): {answer}  → {'correct' if ok else 'wrong'}")
+            return "correct" if ok else "wrong"
+
+        gateway = create_app(GatewayConfig(aliases={"champion": "retail-sql", "base": "base"}), VllmUpstream(url))
+        with serve_in_thread(gateway, port=free_port()) as gw:
+            say(f"gateway: {gw} (champion → retail-sql on vLLM)")
+            say(f"question: {question['instruction']}")
+            for model in ("base", "champion"):
+                answer = "".join(stream_generate(gw, model, instruction_prompt(question["instruction"])))
+                say(f"  POST /generate model={model:<8} (SSE): {answer}  → {verdict(answer)}")
+            batch = [json.loads(line) for line in (task_dir / "test.jsonl").read_text().splitlines()[1:4]]
+            body = {
+                "prompts": [instruction_prompt(r["instruction"]) for r in batch],
+                "max_tokens": 96,
+                "temperature": 0,
+            }
+            results = httpx.post(f"{gw}/generate/batch", json=body, timeout=120).json()["results"]
+            say("  POST /generate/batch (champion):")
+            for row, result in zip(batch, results, strict=True):
+                say(f"    {row['instruction']} → {result.get('text', result.get('error'))}")
     scores = {"base": m["accuracy_base"], "retail-sql": m["accuracy_candidate"]}
     return {"scores": scores, "adapter": adapter.artifact.uri, "report": report.artifact.uri, "version": version.uri}

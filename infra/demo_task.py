@@ -109,6 +109,11 @@ MONTHS = ["January", "February", "March", "April", "May", "June", "July", "Augus
           "November", "December"]  # fmt: skip
 
 
+def singular(plural: str) -> str:
+    """The singular of a table synonym ("branches" → "branch", "shops" → "shop")."""
+    return plural[:-2] if plural.endswith("ches") else plural[:-1]
+
+
 @dataclass(frozen=True)
 class Ctx:
     """Values drawn from the database, so that gold queries return real rows."""
@@ -242,8 +247,8 @@ def q_staff_at_store(c: Ctx) -> tuple[str, str]:
         c.rng.choice(STAFF),
         c.rng.choice(STORES),
     )  # noqa: E501
-    q = c.rng.choice([f"Who are the {who} at the {city} {shop[:-1]}? Give their names.",
-                      f"List the names of {who} working in the {city} {shop[:-1]}."])  # fmt: skip
+    q = c.rng.choice([f"Who are the {who} at the {city} {singular(shop)}? Give their names.",
+                      f"List the names of {who} working in the {city} {singular(shop)}."])  # fmt: skip
     return q, (
         "SELECT employees.full_name FROM employees JOIN stores ON employees.store_id = stores.store_id "
         f"WHERE stores.city = '{city}';"
@@ -265,7 +270,7 @@ def q_orders_per_store(c: Ctx) -> tuple[str, str]:
     what, shop = c.rng.choice(ORDERS), c.rng.choice(STORES)
     if c.rng.random() < 0.5:
         q = c.rng.choice(
-            [f"How many {what} did each {shop[:-1]} city take?", f"Count the {what} per {shop[:-1]} city."]
+            [f"How many {what} did each {singular(shop)} city take?", f"Count the {what} per {singular(shop)} city."]
         )
         return q, (
             "SELECT stores.city, COUNT(*) FROM orders JOIN stores ON orders.store_id = stores.store_id "
@@ -274,8 +279,8 @@ def q_orders_per_store(c: Ctx) -> tuple[str, str]:
     city = c.pick("SELECT city FROM stores")
     q = c.rng.choice(
         [
-            f"How many {what} were placed at the {city} {shop[:-1]}?",
-            f"Count the {what} taken by the {city} {shop[:-1]}.",
+            f"How many {what} were placed at the {city} {singular(shop)}?",
+            f"Count the {what} taken by the {city} {singular(shop)}.",
         ]
     )
     return q, (
@@ -286,7 +291,7 @@ def q_orders_per_store(c: Ctx) -> tuple[str, str]:
 def q_staff_count(c: Ctx) -> tuple[str, str]:
     city, role, shop = c.pick("SELECT city FROM stores"), c.rng.choice(ROLES), c.rng.choice(STORES)
     q = c.rng.choice(
-        [f"How many {role}s work at the {city} {shop[:-1]}?", f"Count the {role}s of the {city} {shop[:-1]}."]
+        [f"How many {role}s work at the {city} {singular(shop)}?", f"Count the {role}s of the {city} {singular(shop)}."]
     )
     return q, (
         "SELECT COUNT(*) FROM employees JOIN stores ON employees.store_id = stores.store_id "
@@ -332,8 +337,8 @@ def q_distinct(c: Ctx) -> tuple[str, str]:
                           f"List the distinct statuses of {year} {w}."])  # fmt: skip
         return q, f"SELECT DISTINCT status FROM orders WHERE order_year = {year};"
     city, who, shop = c.pick("SELECT city FROM stores"), c.rng.choice(STAFF), c.rng.choice(STORES)
-    q = c.rng.choice([f"Which roles do the {who} of the {city} {shop[:-1]} have?",
-                      f"List the distinct roles at the {city} {shop[:-1]}."])  # fmt: skip
+    q = c.rng.choice([f"Which roles do the {who} of the {city} {singular(shop)} have?",
+                      f"List the distinct roles at the {city} {singular(shop)}."])  # fmt: skip
     return q, (
         "SELECT DISTINCT employees.role FROM employees JOIN stores ON employees.store_id = stores.store_id "
         f"WHERE stores.city = '{city}';"

@@ -128,14 +128,15 @@ def register(
         )
     # register_model creates the registered model if needed (tolerating a concurrent creator) and waits for READY.
     version = _retry(mlflow.register_model, logged.model_uri, name, tags=lineage)
-    _wait_ready(client, name, version.version)
+    version_id = str(version.version)
+    _wait_ready(client, name, version_id)
     for key, value in report.metrics.items():
-        _retry(client.set_model_version_tag, name, version.version, f"tuneship.eval.{key}", f"{value:.6g}")
-    _retry(client.set_registered_model_alias, name, CHALLENGER, version.version)
+        _retry(client.set_model_version_tag, name, version_id, f"tuneship.eval.{key}", f"{value:.6g}")
+    _retry(client.set_registered_model_alias, name, CHALLENGER, version_id)
     return ModelVersionRef(
         name=name,
-        version=str(version.version),
-        uri=f"models:/{name}/{version.version}",
+        version=version_id,
+        uri=f"models:/{name}/{version_id}",
         run_id=run.info.run_id,
         adapter_sha256=adapter.sha256,
         aliases=[CHALLENGER],
@@ -205,7 +206,7 @@ def promote(cfg: RunConfig, version: ModelVersionRef, report: EvalReport, *, tra
     )
     if champion is None:
         rules["beats_champion"] = RuleResult(passed=True, value="no champion yet")
-    elif champion.version == version.version:
+    elif str(champion.version) == version.version:
         rules["beats_champion"] = RuleResult(passed=False, value=f"version {version.version} is already the champion")
     else:
         vs = report.comparisons.get("champion")
@@ -240,7 +241,7 @@ def promote(cfg: RunConfig, version: ModelVersionRef, report: EvalReport, *, tra
         name=version.name,
         version=version.version,
         promoted=promoted,
-        previous_champion=champion.version if champion else None,
+        previous_champion=str(champion.version) if champion else None,
         rules=rules,
     )
     for key, result in rules.items():
@@ -262,7 +263,7 @@ def rollback(name: str, *, tracking_uri: str) -> str:
     current = _champion(client, name)
     if current is None:
         raise RegistryError(f"{name} has no champion to roll back from")
-    if history and history[-1] == current.version:
+    if history and history[-1] == str(current.version):
         history = history[:-1]
     if not history:
         raise RegistryError(f"{name}: no earlier champion than version {current.version} to roll back to")
@@ -273,7 +274,7 @@ def rollback(name: str, *, tracking_uri: str) -> str:
     _retry(
         client.set_model_version_tag,
         name,
-        current.version,
+        str(current.version),
         "tuneship.rolled_back",
         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
