@@ -109,7 +109,14 @@ def run_demo(settings: Settings, *, say: Callable[[str], None] = print) -> dict[
         verdict = "promoted to @champion" if decision.promoted else "kept as @challenger"
         say(f"register: {version.uri} {verdict} — {decision.reasons()}")
 
-        load_lora_adapter(url, "retail-sql", store.get_dir(adapter.artifact))
+        # The gateway routes by alias: champion is whatever the registry says now (maybe an earlier run),
+        # challenger is this run's adapter.
+        champion_now = champion_adapter(cfg.model_name, tracking_uri=settings.mlflow_tracking_uri, store=store)
+        aliases = {"base": "base"}
+        for alias, ref in (("champion", champion_now), ("challenger", adapter)):
+            if ref is not None:
+                aliases[alias] = f"adapter-{ref.sha256[:16]}"
+                load_lora_adapter(url, aliases[alias], store.get_dir(ref.artifact))
         question = json.loads((task_dir / "test.jsonl").read_text().splitlines()[0])
         conn = connect_readonly(task_dir / "retail.db")
         gold = execute_sql(conn, question["response"])
@@ -119,9 +126,9 @@ def run_demo(settings: Settings, *, say: Callable[[str], None] = print) -> dict[
             ok = pred.ok and results_match(gold.rows, pred.rows, ordered=is_ordered(question["response"]))
             return "correct" if ok else "wrong"
 
-        gateway = create_app(GatewayConfig(aliases={"champion": "retail-sql", "base": "base"}), VllmUpstream(url))
+        gateway = create_app(GatewayConfig(aliases=aliases), VllmUpstream(url))
         with serve_in_thread(gateway, port=free_port()) as gw:
-            say(f"gateway: {gw} (champion → retail-sql on vLLM)")
+            say(f"gateway: {gw} (aliases: {aliases})")
             say(f"question: {question['instruction']}")
             for model in ("base", "champion"):
                 answer = "".join(stream_generate(gw, model, instruction_prompt(question["instruction"])))
@@ -136,5 +143,5 @@ def run_demo(settings: Settings, *, say: Callable[[str], None] = print) -> dict[
             say("  POST /generate/batch (champion):")
             for row, result in zip(batch, results, strict=True):
                 say(f"    {row['instruction']} → {result.get('text', result.get('error'))}")
-    scores = {"base": m["accuracy_base"], "retail-sql": m["accuracy_candidate"]}
+    scores = {"base": m["accuracy_base"], "candidate": m["accuracy_candidate"]}
     return {"scores": scores, "adapter": adapter.artifact.uri, "report": report.artifact.uri, "version": version.uri}
