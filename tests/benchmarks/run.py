@@ -162,36 +162,10 @@ def eval_generation(workdir: Path) -> dict[str, Any]:
 
 @bench
 def gpu_training_mfu(workdir: Path) -> dict[str, Any]:
-    """On a GPU: a bf16 training step of a randomly initialised ~1B Llama: tokens/s and model FLOPs utilisation."""
-    import torch
+    """On a GPU: bf16 training steps of a randomly initialised ~1B Llama: tokens/s and MFU (tests/benchmarks/gpu_mfu.py)."""
+    from tests.benchmarks.gpu_mfu import measure
 
-    if not torch.cuda.is_available():
-        return {"skipped": "no CUDA device on this machine", "goal": ">= 0.40 MFU on H100/H200", "met": None}
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                         num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)  # fmt: skip
-    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
-    model.config.use_cache = False
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    batch, seq = 8, 2048
-    ids = torch.randint(0, config.vocab_size, (batch, seq), device="cuda")
-    for step in range(13):
-        if step == 3:
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    tokens_per_s = 10 * batch * seq / (time.perf_counter() - started)
-    n_params = sum(p.numel() for p in model.parameters())
-    flops_per_token = 6 * n_params + 12 * config.num_hidden_layers * config.hidden_size * seq
-    peak = 989e12  # H100/H200 SXM dense bf16
-    mfu = tokens_per_s * flops_per_token / peak
-    return {"params": n_params, "tokens_per_s": tokens_per_s, "mfu": mfu, "device": torch.cuda.get_device_name(),
-            "goal": ">= 0.40", "met": mfu >= 0.40}  # fmt: skip
+    return measure()
 
 
 def summary(results: dict[str, dict[str, Any]]) -> str:
