@@ -24,6 +24,7 @@ Only torch, transformers and (for the LoRA variant) peft are imported, so this r
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from typing import Any
@@ -82,7 +83,7 @@ def run_variant(torch: Any, shape: dict[str, Any], variant: str, batch: int, seq
     step_model = torch.compile(model) if variant.endswith("compiled") else model
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
 
-    def step() -> float:
+    def step() -> Any:
         loss = step_model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
@@ -109,10 +110,6 @@ def run_variant(torch: Any, shape: dict[str, Any], variant: str, batch: int, seq
               "final_loss": float(loss.detach())}  # fmt: skip
     if device == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 1024**3
-    del step_model, model, optimizer
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     return result
 
 
@@ -136,6 +133,10 @@ def measure(*, tiny: bool = False, variants: tuple[str, ...] = ("full_eager", "f
         except Exception as exc:  # one variant failing (e.g. the compiler) must not hide the others
             result["variants"][variant] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         print(variant, json.dumps(result["variants"][variant]), flush=True)
+        gc.collect()  # the variant's model and optimizer went out of scope: free them before the next
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
     full = [v["mfu"] for name, v in result["variants"].items() if name.startswith("full") and "mfu" in v]
     result["mfu"] = max(full) if full else None
     result["met"] = bool(full) and max(full) >= GOAL and device == "cuda"

@@ -162,7 +162,7 @@ def eval_generation(workdir: Path) -> dict[str, Any]:
 
 @bench
 def gpu_training_mfu(workdir: Path) -> dict[str, Any]:
-    """On a GPU: bf16 training steps of a randomly initialised ~1B Llama: tokens/s and MFU (tests/benchmarks/gpu_mfu.py)."""
+    """On a GPU: bf16 training steps of a random ~1B Llama, tokens/s and MFU (see tests/benchmarks/gpu_mfu.py)."""
     from tests.benchmarks.gpu_mfu import measure
 
     return measure()
