@@ -12,12 +12,15 @@
     tuneship train CONFIG [--set key=value ...] [--run-id ID]   # preprocess + fine-tune (resumable)
     tuneship models list NAME | models show NAME VERSION   # the registry: aliases, metrics, lineage
     tuneship rollback NAME               # move @champion back to the previous champion
+    tuneship deploy NAME [VERSION]       # hot-swap a version into the running vLLM + gateway (or render manifests)
+    tuneship serve [NAME]                # gateway (+ local vLLM) serving the champion, until Ctrl-C
 
 Bad settings and store errors end the command with one ``tuneship: error: ...`` line and exit code 2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -231,6 +234,70 @@ def rollback(name: Annotated[str, typer.Argument(help="Registered model name.")]
     console.print(
         f"{name}: champion is now version {version} (adapter {row['adapter_sha256']}, accuracy {row['accuracy']})"
     )
+
+
+@app.command("deploy")
+def deploy_cmd(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Version number or alias.")] = "champion",
+    target: Annotated[str, typer.Option(help="existing (TUNESHIP_VLLM_URL + TUNESHIP_GATEWAY_URL) or manifests.")] = (
+        "existing"
+    ),
+    alias: Annotated[str, typer.Option(help="Gateway alias to switch.")] = "champion",
+    out: Annotated[Path, typer.Option(help="Where --target manifests writes its files.")] = Path("deploy"),
+) -> None:
+    """Ship a registered version: zero-downtime hot swap into a running server, or deployment manifests."""
+    from tasks.config import DeployConfig
+    from tasks.deploy import DeployError, deploy, render_manifests
+
+    settings = load_settings()
+    store = open_store(settings)
+    uri = settings.mlflow_tracking_uri
+    if target == "manifests":
+        dep = render_manifests(name, version, DeployConfig(target="manifests", manifests_dir=str(out)), store=store,
+                               tracking_uri=uri)  # fmt: skip
+        console.print(f"{name} v{dep.version}: wrote " + ", ".join(dep.manifests))
+        return
+    if target != "existing":
+        raise DeployError(f"--target {target!r}: use 'existing' or 'manifests' (`tuneship serve` starts a local one)")
+    if settings.vllm_url == "local":
+        raise DeployError("TUNESHIP_VLLM_URL is 'local': set it to the running vLLM server's URL")
+    keys = settings.admin_keys or settings.api_keys
+    dep = deploy(name, version, DeployConfig(alias=alias), store=store, tracking_uri=uri, vllm_url=settings.vllm_url,
+                 gateway_url=settings.gateway_url, admin_key=keys[0].get_secret_value() if keys else None)  # fmt: skip
+    console.print_json(dep.model_dump_json())
+
+
+@app.command()
+def serve(
+    name: Annotated[str, typer.Argument(help="Registered model whose champion (and challenger) to serve.")] = (
+        "retail-sql"
+    ),
+    deploy_aliases: Annotated[
+        bool, typer.Option("--deploy/--no-deploy", help="--no-deploy: only the gateway, aliases from settings.")
+    ] = True,
+) -> None:
+    """Serve the champion: a local vLLM (when TUNESHIP_VLLM_URL=local), the gateway, the adapters hot-loaded."""
+    import threading
+
+    from flows.serve import gateway_config, serving_stack
+
+    settings = load_settings()
+    if not deploy_aliases:
+        import uvicorn
+
+        from serving.app import create_app
+        from serving.upstream import VllmUpstream
+
+        if settings.vllm_url == "local":
+            raise SettingsError("TUNESHIP_VLLM_URL: --no-deploy serves an existing vLLM server; give its URL")
+        app_ = create_app(gateway_config(settings), VllmUpstream(settings.vllm_url))
+        uvicorn.run(app_, host=settings.gateway_host, port=settings.gateway_port, log_level="info")
+        return
+    with serving_stack(settings, name, say=console.print) as stack:
+        console.print(f"gateway: {stack.gateway_url}  (Ctrl-C stops it)")
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
 
 
 @app.command()

@@ -72,6 +72,21 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Comma-separated gateway API keys. Empty: the gateway is open.",
     )
+    admin_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated keys for the gateway's /admin routes (alias switches). Empty: the API keys.",
+    )
+    gateway_url: str | None = Field(
+        default=None,
+        description="URL of a running tuneship gateway whose aliases a deploy switches; empty: no gateway.",
+    )
+    gateway_aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description='JSON alias map the gateway starts with, e.g. {"champion": "retail-sql-v3"}.',
+    )
+    canary_share: float = Field(default=0.0, ge=0, le=1, description="Share of champion traffic sent to challenger.")
+    gateway_host: str = Field(default="127.0.0.1", description="Where `tuneship serve` listens.")
+    gateway_port: int = Field(default=8080, ge=1, le=65535, description="Where `tuneship serve` listens.")
 
     @field_validator("artifact_root")
     @classmethod
@@ -99,17 +114,17 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not an http(s) URL")
         return value.rstrip("/")
 
-    @field_validator("vllm_url")
+    @field_validator("vllm_url", "gateway_url")
     @classmethod
-    def _check_vllm_url(cls, value: str) -> str:
-        if value == "local":
+    def _check_vllm_url(cls, value: str | None) -> str | None:
+        if value in ("local", None):
             return value
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"{value!r} is neither 'local' nor an http(s) URL")
         return value.rstrip("/")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

@@ -23,6 +23,7 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.metrics import GatewayMetrics
+from serving.routes import RouteConflict, RouteTable
 from serving.upstream import Upstream, UpstreamError
 
 
@@ -32,7 +33,9 @@ class GatewayConfig(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty: open.")
+    admin_keys: list[str] = Field(default_factory=list, description="Keys for /admin; empty: api_keys.")
     aliases: dict[str, str] = Field(default_factory=dict, description="alias (champion, challenger) → served model")
+    canary_share: float = Field(default=0.0, ge=0, le=1, description="share of champion traffic sent to challenger")
     max_prompt_chars: int = 8000
     max_tokens_cap: int = 512
     max_batch: int = 64
@@ -60,6 +63,17 @@ class BatchRequest(BaseModel):
     temperature: float = Field(default=0.7, ge=0, le=2)
     top_p: float = Field(default=0.9, gt=0, le=1)
     model: str = "champion"
+
+
+class RouteSwitch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    target: str = Field(min_length=1, description="a model the upstream serves (base or a loaded adapter)")
+    expect: str | None = Field(default=None, description="switch only if the alias still points here")
+
+
+class CanaryShare(BaseModel):
+    share: float = Field(ge=0, le=1)
 
 
 class Overloaded(Exception):
@@ -102,6 +116,7 @@ def create_app(config: GatewayConfig, upstream: Upstream) -> FastAPI:
     """Build the gateway around ``upstream``; every piece of state lives on this app, none in modules."""
     metrics = GatewayMetrics()
     limiter = Limiter(config.max_in_flight, config.max_queue, metrics)
+    routes = RouteTable(config.aliases, canary_share=config.canary_share)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -111,22 +126,31 @@ def create_app(config: GatewayConfig, upstream: Upstream) -> FastAPI:
     app = FastAPI(title="tuneship gateway", lifespan=lifespan)
     app.state.config = config
     app.state.metrics = metrics
+    app.state.routes = routes
+    metrics.track_routes(routes)
 
-    def authorize(request: Request) -> None:
-        if not config.api_keys:
+    def check_key(request: Request, keys: list[str]) -> None:
+        if not keys:
             return
         header = request.headers.get("authorization", "")
         token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
         # Compare against every key, in constant time, so timing tells nothing about which prefix matched.
-        if not any([hmac.compare_digest(token.encode(), key.encode()) for key in config.api_keys]):  # noqa: C419
+        if not any([hmac.compare_digest(token.encode(), key.encode()) for key in keys]):  # noqa: C419
             metrics.errors.labels(status="401").inc()
             raise HTTPException(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
-    auth = [Depends(authorize)]
+    def authorize(request: Request) -> None:
+        check_key(request, config.api_keys)
+
+    def authorize_admin(request: Request) -> None:
+        check_key(request, config.admin_keys or config.api_keys)
+
+    auth, admin = [Depends(authorize)], [Depends(authorize_admin)]
 
     async def served(name: str) -> str:
-        if name in config.aliases:
-            return config.aliases[name]
+        target = routes.resolve(name)
+        if target is not None:
+            return target
         try:
             known = {m["id"] for m in await upstream.models()}
         except UpstreamError as exc:
@@ -135,7 +159,7 @@ def create_app(config: GatewayConfig, upstream: Upstream) -> FastAPI:
         if name in known:
             return name
         metrics.errors.labels(status="422").inc()
-        raise HTTPException(422, f"unknown model {name!r}: use one of {sorted(set(config.aliases) | known)}")
+        raise HTTPException(422, f"unknown model {name!r}: use one of {sorted(set(routes.aliases) | known)}")
 
     def check_limits(prompt: str, max_tokens: int) -> None:
         if len(prompt) > config.max_prompt_chars:
@@ -164,7 +188,7 @@ def create_app(config: GatewayConfig, upstream: Upstream) -> FastAPI:
             models = {m["id"] for m in await upstream.models()}
         except UpstreamError as exc:
             return JSONResponse({"ready": False, "detail": str(exc)}, 503)
-        missing = {a: m for a, m in config.aliases.items() if m not in models}
+        missing = {a: m for a, m in routes.aliases.items() if m not in models}
         if not models or missing:
             return JSONResponse({"ready": False, "detail": f"not loaded upstream: {missing or 'no model'}"}, 503)
         return JSONResponse({"ready": True, "models": sorted(models)})
@@ -182,7 +206,7 @@ def create_app(config: GatewayConfig, upstream: Upstream) -> FastAPI:
         started = time.perf_counter()
         if not req.stream:
             try:
-                async with limiter.slot():
+                async with limiter.slot(), routes.track(body["model"]):
                     result = await upstream.complete("/v1/completions", body)
             except Overloaded:
                 return overloaded()
@@ -199,7 +223,7 @@ def create_app(config: GatewayConfig, upstream: Upstream) -> FastAPI:
         first: float | None = None
         finish, usage, tokens = None, {}, 0
         try:
-            async with limiter.slot():
+            async with limiter.slot(), routes.track(body["model"]):
                 async for chunk in upstream.stream("/v1/completions", body):
                     if chunk.get("usage"):
                         usage = chunk["usage"]
@@ -237,7 +261,7 @@ def create_app(config: GatewayConfig, upstream: Upstream) -> FastAPI:
                     "top_p": req.top_p}  # fmt: skip
             async with gate:
                 try:
-                    async with limiter.slot():
+                    async with limiter.slot(), routes.track(model):
                         result = await upstream.complete("/v1/completions", body)
                 except Overloaded:
                     return {"error": "overloaded: retry later"}
@@ -260,7 +284,7 @@ def create_app(config: GatewayConfig, upstream: Upstream) -> FastAPI:
         started = time.perf_counter()
         if not body.get("stream"):
             try:
-                async with limiter.slot():
+                async with limiter.slot(), routes.track(body["model"]):
                     result = await upstream.complete(path, body)
             except Overloaded:
                 return overloaded()
@@ -276,7 +300,7 @@ def create_app(config: GatewayConfig, upstream: Upstream) -> FastAPI:
         async def relay() -> AsyncIterator[bytes]:
             first, tokens = None, 0
             try:
-                async with limiter.slot():
+                async with limiter.slot(), routes.track(body["model"]):
                     async for chunk in upstream.stream(path, {k: v for k, v in body.items() if k != "stream_options"}):
                         if chunk.get("choices"):
                             first = first or time.perf_counter()
@@ -306,8 +330,33 @@ def create_app(config: GatewayConfig, upstream: Upstream) -> FastAPI:
             return upstream_down(exc)
         data = [
             {"id": alias, "object": "model", "owned_by": "tuneship", "root": target}
-            for alias, target in config.aliases.items()
+            for alias, target in routes.aliases.items()
         ]
         return JSONResponse({"object": "list", "data": data + upstream_models})
+
+    # ---- admin: what a deploy uses to switch an alias atomically and to wait for the old target to drain.
+
+    @app.get("/admin/routes", dependencies=admin)
+    async def get_routes() -> dict[str, Any]:
+        return routes.snapshot()
+
+    @app.put("/admin/routes/{alias}", dependencies=admin)
+    async def switch_route(alias: str, req: RouteSwitch) -> JSONResponse:
+        try:
+            known = {m["id"] for m in await upstream.models()}
+        except UpstreamError as exc:
+            return upstream_down(exc)
+        if req.target not in known:
+            raise HTTPException(422, f"{req.target!r} is not served upstream; it serves {sorted(known)}")
+        try:
+            previous = routes.switch(alias, req.target, expect=req.expect)
+        except RouteConflict as exc:
+            raise HTTPException(409, str(exc)) from None
+        return JSONResponse({"alias": alias, "target": req.target, "previous": previous})
+
+    @app.put("/admin/canary", dependencies=admin)
+    async def set_canary(req: CanaryShare) -> dict[str, Any]:
+        routes.set_canary(req.share)
+        return routes.snapshot()
 
     return app

@@ -1,18 +1,76 @@
-"""Prometheus metrics of one gateway app (its own registry: no module-level singletons)."""
+"""Prometheus metrics of one gateway app (its own registry: no module-level singletons).
+
+GPU utilisation and memory come from NVML (``nvidia-ml-py``) when a GPU and its driver are present; on a
+machine without one those series are simply absent.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from serving.routes import RouteTable
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class GpuCollector(Collector):
+    """``tuneship_gpu_utilization_ratio`` and ``tuneship_gpu_memory_{used,total}_bytes`` per GPU, via NVML."""
+
+    def __init__(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml: Any = pynvml
+            self.count = pynvml.nvmlDeviceGetCount()
+        except Exception:  # no driver, no GPU: no GPU series
+            self.nvml, self.count = None, 0
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if not self.count:
+            return
+        util = GaugeMetricFamily("tuneship_gpu_utilization_ratio", "GPU busy share (NVML).", labels=["gpu"])
+        used = GaugeMetricFamily("tuneship_gpu_memory_used_bytes", "GPU memory in use (NVML).", labels=["gpu"])
+        total = GaugeMetricFamily("tuneship_gpu_memory_total_bytes", "GPU memory (NVML).", labels=["gpu"])
+        for index in range(self.count):
+            handle = self.nvml.nvmlDeviceGetHandleByIndex(index)
+            rates, memory = self.nvml.nvmlDeviceGetUtilizationRates(handle), self.nvml.nvmlDeviceGetMemoryInfo(handle)
+            util.add_metric([str(index)], rates.gpu / 100)
+            used.add_metric([str(index)], memory.used)
+            total.add_metric([str(index)], memory.total)
+        yield from (util, used, total)
+
+
+class RouteCollector(Collector):
+    """``tuneship_route_info{alias,target}`` = 1 for the live alias map, and the canary share."""
+
+    def __init__(self, routes: RouteTable) -> None:
+        self.routes = routes
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        info = GaugeMetricFamily("tuneship_route_info", "Which served model each alias points at.",
+                                 labels=["alias", "target"])  # fmt: skip
+        for alias, target in self.routes.aliases.items():
+            info.add_metric([alias, target], 1)
+        yield info
+        yield GaugeMetricFamily("tuneship_canary_share", "Share of champion traffic sent to the challenger.",
+                                value=self.routes.canary_share)  # fmt: skip
+        yield GaugeMetricFamily("tuneship_route_switches", "Alias switches since start.", value=self.routes.switches)
 
 
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process memory and CPU
+        self.registry.register(GpuCollector())
         self.latency = Histogram("tuneship_request_latency_seconds", "End-to-end request latency.", ["model"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)  # fmt: skip
         self.ttft = Histogram("tuneship_time_to_first_token_seconds", "Time to the first streamed token.", ["model"],
@@ -25,6 +83,9 @@ class GatewayMetrics:
         self.queue_depth = Gauge("tuneship_queue_depth", "Requests waiting for a slot.", registry=self.registry)
         self.errors = Counter("tuneship_request_errors", "Refused or failed requests by status.", ["status"],
                               registry=self.registry)  # fmt: skip
+
+    def track_routes(self, routes: RouteTable) -> None:
+        self.registry.register(RouteCollector(routes))
 
     def observe(self, model: str, seconds: float, ttft: float | None, tokens: int) -> None:
         self.latency.labels(model=model).observe(seconds)

@@ -149,6 +149,23 @@ class RegisterConfig(_Strict):
     rules: PromotionRules = Field(default_factory=PromotionRules)
 
 
+class DeployConfig(_Strict):
+    """How the deploy stage ships a registered version (see tasks/deploy.py)."""
+
+    target: Literal["local", "existing", "manifests"] = Field(
+        default="existing",
+        description="local: start a vLLM server from the vLLM venv; existing: hot-load into TUNESHIP_VLLM_URL; "
+        "manifests: render compose / Kubernetes / Modal files (nothing is started).",
+    )
+    alias: str = Field(default="champion", description="The gateway alias switched to the new version.")
+    smoke_examples: int = Field(default=4, ge=0, description="Eval prompts whose greedy output must match the eval's.")
+    drain_timeout_s: float = Field(default=60, gt=0, description="Wait this long for the old adapter to go idle.")
+    manifests_dir: str = Field(default="deploy", description="Where target 'manifests' writes its files.")
+    vllm_image: str = "vllm/vllm-openai:v0.33.0"
+    gateway_image: str = "ghcr.io/tuneship/gateway:latest"
+    gpus: int = Field(default=1, ge=0, description="GPUs requested for the vLLM container (manifests).")
+
+
 class RunConfig(_Strict):
     """One training run: the base model, the data, and what each stage does."""
 
@@ -159,6 +176,7 @@ class RunConfig(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvalConfig = Field(default_factory=lambda: EvalConfig(scorer="exact_match"))
     registry: RegisterConfig = Field(default_factory=RegisterConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
 
     @property
     def model_name(self) -> str:

@@ -277,6 +277,7 @@ def evaluate(
     metrics |= {
         "perplexity_base": ppl_base, "perplexity_candidate": ppl_candidate, "perplexity_tokens": float(n_tokens),
         "parity_agreement": sum(agree) / len(agree), "parity_examples": float(len(agree)), "examples": float(n),
+        "max_new_tokens": float(ev.max_new_tokens),
     }  # fmt: skip
     comparisons = {}
     for other in [r for r in ("base", "champion") if r in correct]:

@@ -102,3 +102,20 @@ class PromotionDecision(_Ref):
 
     def reasons(self) -> str:
         return "; ".join(f"{k}: {'pass' if r.passed else 'FAIL'} ({r.value})" for k, r in self.rules.items())
+
+
+class Deployment(_Ref):
+    """A model version shipped to a vLLM server (and switched in the gateway), or rendered as manifests."""
+
+    model_name: str
+    version: str
+    target: str = Field(description="local, existing or manifests")
+    adapter_name: str = Field(description="the name vLLM serves the adapter under")
+    vllm_url: str | None = None
+    gateway_url: str | None = None
+    alias: str | None = None
+    previous: str | None = Field(default=None, description="what the alias served before")
+    deployed_at: str
+    swap_s: float | None = Field(default=None, description="load + smoke test + switch + drain, seconds")
+    smoke_checked: int = 0
+    manifests: list[str] = Field(default_factory=list)

@@ -151,17 +151,41 @@ def champion_adapter(name: str, *, tracking_uri: str, store: ArtifactStore) -> A
         champion = _champion(_client(tracking_uri), name)
     except MlflowException:
         return None
-    if champion is None:
-        return None
-    uri = champion.tags.get("tuneship.adapter_uri", "")
+    return None if champion is None else adapter_of(champion, store)
+
+
+def get_version(name: str, ref: str, *, tracking_uri: str) -> Any:
+    """The model version ``ref`` of ``name``: a version number or an alias (``champion``, ``challenger``)."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        if str(ref).isdigit():
+            return client.get_model_version(name, str(ref))
+        return client.get_model_version_by_alias(name, ref)
+    except MlflowException:
+        raise RegistryError(f"{name}: no version or alias {ref!r} at {tracking_uri}") from None
+
+
+def stored_key(uri: str, store: ArtifactStore, what: str) -> str:
+    """The store key of ``uri``, which must live in ``store``."""
     prefix = store.root_uri.rstrip("/") + "/"
     if not uri.startswith(prefix):
-        raise RegistryError(
-            f"{name} v{champion.version}: its adapter {uri} is not in this artifact store ({store.root_uri})"
-        )
-    key = uri[len(prefix) :]
+        raise RegistryError(f"{what}: {uri or '(no uri)'} is not in this artifact store ({store.root_uri})")
+    return uri[len(prefix) :]
+
+
+def adapter_of(mv: Any, store: ArtifactStore) -> AdapterRef:
+    """The adapter ref of model version ``mv``, read back from the artifact store through its lineage tag."""
+    key = stored_key(mv.tags.get("tuneship.adapter_uri", ""), store, f"{mv.name} v{mv.version} adapter")
     saved = json.loads((store.get_dir(key) / "tuneship_adapter.json").read_text())
     return AdapterRef(artifact=store.ref(key), **saved)
+
+
+def set_version_tags(name: str, version: str, tags: dict[str, str], *, tracking_uri: str) -> None:
+    client = _client(tracking_uri)
+    for key, value in tags.items():
+        _retry(client.set_model_version_tag, name, str(version), key, value)
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

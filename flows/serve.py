@@ -1,0 +1,96 @@
+"""``tuneship serve``: the gateway (and a local vLLM server when ``TUNESHIP_VLLM_URL=local``) for the champion.
+
+    with serving_stack(settings, "retail-sql") as stack:      # vLLM up, gateway up, champion deployed
+        print(stack.gateway_url)
+
+The champion (and the challenger, when there is one) go in through the same zero-downtime deploy a later
+``tuneship deploy`` uses, so a server started here can be hot-swapped without a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infra.artifacts import ArtifactStore, open_store
+from infra.base_model import resolve_base_model
+from infra.settings import Settings
+from infra.vllm_server import VllmLaunch, start_vllm
+from serving.app import GatewayConfig, create_app
+from serving.server import serve_in_thread
+from serving.upstream import VllmUpstream
+from tasks.config import DeployConfig
+from tasks.deploy import deploy
+from tasks.refs import Deployment
+from tasks.register import RegistryError, get_version
+
+
+@dataclass
+class ServingStack:
+    vllm_url: str
+    gateway_url: str
+    deployments: list[Deployment] = field(default_factory=list)
+
+
+def _secret_list(keys: list) -> list[str]:
+    return [k.get_secret_value() for k in keys]
+
+
+@contextlib.contextmanager
+def local_vllm(settings: Settings, base_path: Path, *, served_name: str = "base") -> Iterator[str]:
+    """A vLLM server from the vLLM venv serving ``base_path`` (runtime LoRA on), or the configured URL."""
+    if settings.vllm_url != "local":
+        yield settings.vllm_url
+        return
+    launch = VllmLaunch(model=base_path, served_model_name=served_name, device=settings.vllm_device)
+    with start_vllm(launch, python=settings.vllm_python, workdir=settings.home / "services") as server:
+        yield server.base_url
+
+
+def gateway_config(settings: Settings, **overrides: object) -> GatewayConfig:
+    values = {
+        "api_keys": _secret_list(settings.api_keys),
+        "admin_keys": _secret_list(settings.admin_keys),
+        "aliases": {"base": "base", **settings.gateway_aliases},
+        "canary_share": settings.canary_share,
+    }
+    return GatewayConfig(**{**values, **overrides})
+
+
+@contextlib.contextmanager
+def serving_stack(
+    settings: Settings,
+    model_name: str,
+    *,
+    store: ArtifactStore | None = None,
+    port: int | None = None,
+    aliases: tuple[str, ...] = ("champion", "challenger"),
+    say: Callable[[str], None] = print,
+) -> Iterator[ServingStack]:
+    """vLLM + gateway, with each of ``aliases`` that the registry has deployed into them."""
+    store = store or open_store(settings)
+    uri = settings.mlflow_tracking_uri
+    champion = get_version(model_name, "champion", tracking_uri=uri)
+    base = resolve_base_model(champion.tags.get("tuneship.base_model", ""), store=store, cache_dir=settings.cache_dir,
+                              log=say)  # fmt: skip
+    admin_key = _secret_list(settings.admin_keys or settings.api_keys)[:1]
+    with local_vllm(settings, Path(base.path)) as vllm_url:
+        say(f"vLLM: {vllm_url} serving {base.id}")
+        app = create_app(gateway_config(settings), VllmUpstream(vllm_url))
+        gw_port = port if port is not None else settings.gateway_port
+        with serve_in_thread(app, host=settings.gateway_host, port=gw_port) as gateway_url:
+            local_url = gateway_url.replace("0.0.0.0", "127.0.0.1")
+            stack = ServingStack(vllm_url=vllm_url, gateway_url=local_url)
+            for alias in aliases:
+                try:
+                    get_version(model_name, alias, tracking_uri=uri)
+                except RegistryError:
+                    continue
+                dep = deploy(model_name, alias, DeployConfig(alias=alias), store=store, tracking_uri=uri,
+                             vllm_url=vllm_url, gateway_url=local_url,
+                             admin_key=admin_key[0] if admin_key else None)  # fmt: skip
+                say(f"deployed {model_name} v{dep.version} as {alias} ({dep.adapter_name}, {dep.swap_s:.1f} s)")
+                stack.deployments.append(dep)
+            yield stack

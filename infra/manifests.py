@@ -1,0 +1,104 @@
+"""Deployment files for a GPU host or cluster, rendered from ``infra/templates``: docker-compose, Kubernetes
+(ConfigMap, Deployments, Services; the adapter pulled from S3 by an init container) and a Modal app.
+
+    files = render_all(ManifestSpec(model_name="retail-sql", version="3", ...), Path("deploy"))
+
+vLLM serves the base with the adapter registered at start (``--lora-modules``) and runtime updating on, so a
+later ``tuneship deploy`` can still hot-swap into it; the gateway starts with the alias map pointing at it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+
+from infra.errors import UserError
+
+TEMPLATES = Path(__file__).parent / "templates"
+FILES = {"docker-compose.yaml.j2": "docker-compose.yaml", "kubernetes.yaml.j2": "kubernetes.yaml",
+         "modal_app.py.j2": "modal_app.py"}  # fmt: skip
+OFFLINE_PREFIX = "tuneship/"
+
+
+class ManifestError(UserError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ManifestSpec:
+    model_name: str
+    version: str
+    adapter_name: str
+    adapter_uri: str = field(metadata={"doc": "s3:// URI of the adapter directory"})
+    base_model: str = field(metadata={"doc": "a hub id, or tuneship/<recipe> with base_model_uri set"})
+    vllm_image: str
+    gateway_image: str
+    base_model_uri: str | None = None
+    gpus: int = 1
+    max_lora_rank: int = 16
+    max_model_len: int = 4096
+    fetch_image: str = "amazon/aws-cli:2.31.0"
+    vllm_port: int = 8000
+    gateway_port: int = 8080
+    modal_gpu: str = "A10G"
+
+    def __post_init__(self) -> None:
+        if not self.adapter_uri.startswith("s3://"):
+            raise ManifestError(
+                f"adapter {self.adapter_uri}: manifests pull adapters from S3, so the artifact store must be "
+                "S3 (TUNESHIP_ARTIFACT_ROOT=s3://bucket/prefix)"
+            )
+        if self.base_model.startswith(OFFLINE_PREFIX) and not (self.base_model_uri or "").startswith("s3://"):
+            raise ManifestError(f"base model {self.base_model}: an offline base needs its s3:// URI (base_model_uri)")
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9-]+", "-", self.model_name.lower()).strip("-")[:40] or "tuneship"
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {"app.kubernetes.io/part-of": "tuneship", "tuneship/model": self.slug, "tuneship/version": self.version}
+
+    @property
+    def fetches(self) -> list[tuple[str, str]]:
+        pulls = [(self.adapter_uri.rstrip("/") + "/", f"/models/{self.adapter_name}")]
+        if self.base_model_uri:
+            pulls.append((self.base_model_uri.rstrip("/") + "/", "/models/base"))
+        return pulls
+
+    @property
+    def model_arg(self) -> str:
+        return "/models/base" if self.base_model_uri else self.base_model
+
+    @property
+    def vllm_args(self) -> list[str]:
+        """Arguments of ``vllm serve`` (the templates set the command itself)."""
+        return [self.model_arg, "--served-model-name", "base", "--host", "0.0.0.0",
+                "--port", str(self.vllm_port), "--max-model-len", str(self.max_model_len), "--enable-lora",
+                "--max-lora-rank", str(self.max_lora_rank),
+                "--lora-modules", f"{self.adapter_name}=/models/{self.adapter_name}"]  # fmt: skip
+
+    @property
+    def vllm_limits(self) -> dict[str, str]:
+        return {"nvidia.com/gpu": str(self.gpus), "memory": "32Gi"} if self.gpus else {"memory": "32Gi"}
+
+    def gateway_env(self, vllm_url: str) -> dict[str, str]:
+        return {"TUNESHIP_VLLM_URL": vllm_url, "TUNESHIP_GATEWAY_ALIASES": json.dumps({"champion": self.adapter_name}),
+                "TUNESHIP_GATEWAY_HOST": "0.0.0.0", "TUNESHIP_GATEWAY_PORT": str(self.gateway_port)}  # fmt: skip
+
+
+def render_all(spec: ManifestSpec, out_dir: Path) -> list[Path]:
+    """Render every template for ``spec`` into ``out_dir``; return the written files."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True, autoescape=False)  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for template, name in FILES.items():
+        path = out_dir / name
+        path.write_text(env.get_template(template).render(spec=spec))
+        written.append(path)
+    return written

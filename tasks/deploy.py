@@ -1,0 +1,178 @@
+"""Deploy stage: ship a registered model version to vLLM with a zero-downtime swap, or render manifests.
+
+    dep = deploy("retail-sql", "champion", cfg.deploy, store=store, tracking_uri=uri,
+                 vllm_url="http://127.0.0.1:8000", gateway_url="http://127.0.0.1:8080")
+
+The swap, in order — any failure before step 4 unloads what it loaded and leaves the old model serving:
+
+1. fetch the version's adapter from the artifact store (through its lineage tag);
+2. load it into the running vLLM server under a new name, ``<model>-v<version>`` (runtime LoRA);
+3. smoke-test it: greedy outputs on the first evaluation prompts must equal the outputs its evaluation
+   recorded (same engine, same prompts, temperature 0) — this catches a wrong base, template or adapter;
+4. switch the gateway alias to the new name in one compare-and-set call (``PUT /admin/routes/<alias>``);
+5. wait for the requests still running on the old adapter to finish, then unload it.
+
+The deployment is recorded on the model version (``tuneship.deployment`` tag) and returned as a ref.
+Target ``local`` starts the vLLM server first (``start_local_server``); target ``manifests`` writes
+docker-compose, Kubernetes and Modal files from ``infra/templates`` and starts nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from infra.artifacts import ArtifactStore
+from infra.errors import UserError
+from infra.services import ServiceError
+from infra.vllm_server import complete, load_lora_adapter, unload_lora_adapter
+from tasks.config import DeployConfig
+from tasks.refs import Deployment
+from tasks.register import adapter_of, get_version, set_version_tags, stored_key
+
+
+class DeployError(UserError, RuntimeError):
+    """The deploy did not happen; the message says why and what still serves."""
+
+
+def served_name(model_name: str, version: str) -> str:
+    return f"{model_name}-v{version}"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def smoke_examples(mv: Any, store: ArtifactStore, count: int) -> tuple[list[str], list[str], int]:
+    """The first ``count`` evaluation prompts of version ``mv``, the outputs its evaluation recorded, and the
+    ``max_new_tokens`` they were generated with."""
+    key = stored_key(mv.tags.get("tuneship.eval_report_uri", ""), store, f"{mv.name} v{mv.version} eval report")
+    report = store.get_dir(key)
+    max_new_tokens = int(json.loads((report / "metrics.json").read_text()).get("max_new_tokens", 128))
+    prompts, outputs = [], []
+    with (report / "examples.jsonl").open() as fh:
+        for line, _ in zip(fh, range(count), strict=False):
+            row = json.loads(line)
+            prompts.append(row["prompt"])
+            outputs.append(row["candidate"]["output"])
+    return prompts, outputs, max_new_tokens
+
+
+class Gateway:
+    """The gateway's admin API: read the routes, switch an alias, wait for a target to drain."""
+
+    def __init__(self, url: str, admin_key: str | None = None) -> None:
+        headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+        self.url = url.rstrip("/")
+        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def routes(self) -> dict[str, Any]:
+        try:
+            response = self.client.get("/admin/routes")
+        except httpx.HTTPError as exc:
+            raise DeployError(f"gateway {self.url} is unreachable ({exc.__class__.__name__})") from None
+        if response.status_code != 200:
+            raise DeployError(f"gateway {self.url} refused /admin/routes: {response.status_code} {response.text}")
+        return response.json()
+
+    def switch(self, alias: str, target: str, expect: str | None) -> None:
+        response = self.client.put(f"/admin/routes/{alias}", json={"target": target, "expect": expect})
+        if response.status_code != 200:
+            raise DeployError(f"gateway {self.url} refused to switch {alias!r} to {target!r}: {response.text}")
+
+    def wait_drained(self, target: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.routes()["in_flight"].get(target, 0):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+
+def deploy(
+    model_name: str,
+    version: str,
+    cfg: DeployConfig,
+    *,
+    store: ArtifactStore,
+    tracking_uri: str,
+    vllm_url: str,
+    gateway_url: str | None = None,
+    admin_key: str | None = None,
+) -> Deployment:
+    """Hot-swap ``model_name`` version ``version`` (a number or an alias) into the vLLM server at ``vllm_url``."""
+    started = time.perf_counter()
+    mv = get_version(model_name, version, tracking_uri=tracking_uri)
+    number = str(mv.version)
+    name = served_name(model_name, number)
+    gateway = Gateway(gateway_url, admin_key) if gateway_url else None
+    previous = gateway.routes()["aliases"].get(cfg.alias) if gateway else None
+    serving = f"{cfg.alias} still serves {previous!r}" if gateway else "nothing was switched"
+
+    adapter = adapter_of(mv, store)
+    try:
+        load_lora_adapter(vllm_url, name, store.get_dir(adapter.artifact))
+    except ServiceError as exc:
+        raise DeployError(f"{model_name} v{number}: {exc}; {serving}") from None
+    try:
+        checked = _smoke_test(mv, store, vllm_url, name, cfg.smoke_examples)
+        if gateway and previous != name:
+            gateway.switch(cfg.alias, name, expect=previous)
+    except (DeployError, ServiceError) as exc:
+        if previous != name:
+            unload_lora_adapter(vllm_url, name)
+        raise DeployError(f"{model_name} v{number} not deployed: {exc}; {serving}") from None
+
+    # Unload the adapter the alias served before, once idle — only one a deploy loaded and no alias still uses.
+    ours = bool(previous) and previous != name and previous.startswith(f"{model_name}-v")
+    unused = gateway is not None and ours and previous not in gateway.routes()["aliases"].values()
+    if unused and gateway.wait_drained(previous, cfg.drain_timeout_s):
+        unload_lora_adapter(vllm_url, previous)
+    dep = Deployment(model_name=model_name, version=number, target=cfg.target, adapter_name=name, vllm_url=vllm_url,
+                     gateway_url=gateway_url, alias=cfg.alias if gateway else None, previous=previous,
+                     deployed_at=_now(), swap_s=time.perf_counter() - started, smoke_checked=checked)  # fmt: skip
+    tags = {"tuneship.deployment": dep.model_dump_json(), "tuneship.deployed_at": dep.deployed_at}
+    set_version_tags(model_name, number, tags, tracking_uri=tracking_uri)
+    return dep
+
+
+def _smoke_test(mv: Any, store: ArtifactStore, vllm_url: str, name: str, count: int) -> int:
+    if count == 0:
+        return 0
+    prompts, expected, max_new_tokens = smoke_examples(mv, store, count)
+    got = complete(vllm_url, name, prompts, max_tokens=max_new_tokens)
+    for i, (want, have) in enumerate(zip(expected, got, strict=True)):
+        if want != have:
+            raise DeployError(
+                f"smoke test failed on evaluation prompt {i}: served output {have[:120]!r} differs from the "
+                f"evaluated output {want[:120]!r} (wrong base model, template or adapter?)"
+            )
+    return len(prompts)
+
+
+def render_manifests(model_name: str, version: str, cfg: DeployConfig, *, store: ArtifactStore,
+                     tracking_uri: str, out_dir: Path | None = None) -> Deployment:  # fmt: skip
+    """Write docker-compose, Kubernetes and Modal files that serve this version; start nothing."""
+    from infra.base_model import OFFLINE_PREFIX, RECIPES
+    from infra.manifests import ManifestSpec, render_all
+
+    mv = get_version(model_name, version, tracking_uri=tracking_uri)
+    number = str(mv.version)
+    adapter = adapter_of(mv, store)
+    base = mv.tags.get("tuneship.base_model", "")
+    recipe = RECIPES.get(base.removeprefix(OFFLINE_PREFIX)) if base.startswith(OFFLINE_PREFIX) else None
+    spec = ManifestSpec(
+        model_name=model_name, version=number, adapter_name=served_name(model_name, number),
+        adapter_uri=adapter.artifact.uri, base_model=base,
+        base_model_uri=store.ref(recipe.key).uri if recipe and store.exists(recipe.key) else None,
+        vllm_image=cfg.vllm_image, gateway_image=cfg.gateway_image, gpus=cfg.gpus, max_lora_rank=adapter.rank,
+    )  # fmt: skip
+    files = render_all(spec, out_dir or Path(cfg.manifests_dir))
+    dep = Deployment(model_name=model_name, version=number, target="manifests", adapter_name=spec.adapter_name,
+                     deployed_at=_now(), manifests=[str(f) for f in files])  # fmt: skip
+    set_version_tags(model_name, number, {"tuneship.manifests": dep.model_dump_json()}, tracking_uri=tracking_uri)
+    return dep
