@@ -13,12 +13,14 @@ PIPELINE_CONSTRAINTS := requirements/pipeline.lock
 PYTEST_ARGS ?=
 
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# Prefect's database and result cache live with the project (make demo's caches, make ui's history).
+export PREFECT_HOME ?= $(CURDIR)/.tuneship/prefect
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup test test-quick demo bench lint clean-venvs
+.PHONY: setup test test-quick demo ui bench lint clean-venvs
 
 setup: $(VENV)/.installed $(VLLM_VENV)/.installed
 
@@ -45,6 +47,13 @@ test-quick: $(VENV)/.installed
 
 demo: setup
 	$(VENV)/bin/tuneship demo
+
+# The Prefect UI (flow runs, artifacts) and the MLflow UI (runs, registry) over what make demo wrote.
+ui: $(VENV)/.installed
+	@echo "Prefect UI: http://127.0.0.1:4200   MLflow UI: http://127.0.0.1:5000   (Ctrl-C stops both)"
+	mkdir -p .tuneship
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.tuneship/mlflow.db --host 127.0.0.1 --port 5000 & \
+	trap 'kill $$!' EXIT INT TERM; $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
 
 # Performance benchmarks (not tests): bench-results/*.json and bench-results/summary.md.
 bench: setup

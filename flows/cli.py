@@ -14,6 +14,7 @@
     tuneship rollback NAME               # move @champion back to the previous champion
     tuneship deploy NAME [VERSION]       # hot-swap a version into the running vLLM + gateway (or render manifests)
     tuneship serve [NAME]                # gateway (+ local vLLM) serving the champion, until Ctrl-C
+    tuneship bench --url URL [--model champion] [--concurrency 16 | --rate 5] [--requests 200]   # load test
 
 Bad settings and store errors end the command with one ``tuneship: error: ...`` line and exit code 2.
 """
@@ -262,9 +263,8 @@ def deploy_cmd(
         raise DeployError(f"--target {target!r}: use 'existing' or 'manifests' (`tuneship serve` starts a local one)")
     if settings.vllm_url == "local":
         raise DeployError("TUNESHIP_VLLM_URL is 'local': set it to the running vLLM server's URL")
-    keys = settings.admin_keys or settings.api_keys
     dep = deploy(name, version, DeployConfig(alias=alias), store=store, tracking_uri=uri, vllm_url=settings.vllm_url,
-                 gateway_url=settings.gateway_url, admin_key=keys[0].get_secret_value() if keys else None)  # fmt: skip
+                 gateway_url=settings.gateway_url, admin_key=settings.admin_key)  # fmt: skip
     console.print_json(dep.model_dump_json())
 
 
@@ -298,6 +298,47 @@ def serve(
         console.print(f"gateway: {stack.gateway_url}  (Ctrl-C stops it)")
         with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()
+
+
+@app.command("bench")
+def bench_cmd(
+    url: Annotated[str, typer.Option(help="Gateway or any OpenAI-compatible server.")],
+    model: Annotated[str, typer.Option(help="Model name or gateway alias.")] = "champion",
+    concurrency: Annotated[int, typer.Option(help="Concurrent clients (closed loop).")] = 16,
+    rate: Annotated[float | None, typer.Option(help="Requests/s, Poisson arrivals (open loop) instead.")] = None,
+    requests: Annotated[int, typer.Option(help="Measured requests.")] = 200,
+    duration: Annotated[float | None, typer.Option(help="Or measure for this many seconds.")] = None,
+    warmup: Annotated[int, typer.Option(help="Requests sent first and not measured.")] = 8,
+    max_tokens: Annotated[int, typer.Option(help="Output tokens per request.")] = 64,
+    prompts: Annotated[Path | None, typer.Option(help="Evaluation JSONL (instruction field); default synthetic.")] = (
+        None
+    ),
+    prompt_words: Annotated[int, typer.Option(help="Synthetic prompt length in words.")] = 24,
+    out: Annotated[Path, typer.Option(help="Where the JSON, markdown and histogram go.")] = Path("bench-results/load"),
+    instance: Annotated[str, typer.Option(help="Price table entry (infra/costs.yaml) for the cost lines.")] = (
+        "aws-g5.xlarge"
+    ),
+    registered_model: Annotated[str | None, typer.Option(help="Log to MLflow against this model…")] = None,
+    version: Annotated[str | None, typer.Option(help="…and this version.")] = None,
+) -> None:
+    """Load-test a server: latency / TTFT / time-per-token percentiles, throughput, errors, cost."""
+    from flows.bench import bench, eval_prompts, synthetic_prompts
+    from serving.loadgen import LoadSpec
+
+    settings = load_settings()
+    spec = LoadSpec(url=url, model=model, concurrency=concurrency, rate=rate, requests=requests, duration_s=duration,
+                    warmup=warmup, max_tokens=max_tokens,
+                    api_key=settings.api_keys[0].get_secret_value() if settings.api_keys else None)  # fmt: skip
+    texts = eval_prompts(prompts) if prompts else synthetic_prompts(64, prompt_words)
+    tracking = settings.mlflow_tracking_uri if registered_model else None
+    report = bench(spec, texts, out_dir=out, instance=instance, tracking_uri=tracking, model_name=registered_model,
+                   version=version)  # fmt: skip
+    console.print(report.markdown())
+    cost = report.summary().get("cost")
+    if cost:
+        console.print(f"on {cost['instance']} (${cost['usd_per_hour']}/h): ${cost['usd_per_1k_requests']:.4f} per 1K "
+                      f"requests, ${cost['usd_per_1m_output_tokens']:.2f} per 1M output tokens")  # fmt: skip
+    console.print(f"written to {out}/")
 
 
 @app.command()

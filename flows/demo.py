@@ -1,50 +1,43 @@
-"""``make demo`` / ``tuneship demo``: the pipeline on embedded defaults, as far as it is built.
+"""``make demo`` / ``tuneship demo``: the whole pipeline on embedded defaults, through the Prefect flow.
 
-Builds (or reuses) the offline base model and the demo task, preprocesses and fine-tunes a LoRA adapter with
-the ``tiny-cpu`` preset (MLflow-tracked, checkpoints in the artifact store), evaluates base vs fine-tuned vs
-the current champion through a vLLM server (launched locally unless ``TUNESHIP_VLLM_URL`` names one),
-registers the adapter in MLflow and runs the promotion gate, then puts the FastAPI gateway in front of vLLM
-and sends a streaming ``/generate`` (base and champion) and a ``/generate/batch`` request through it.
+1. builds (or reuses) the offline base model and the demo task;
+2. starts the serving stack: a vLLM server (launched locally unless ``TUNESHIP_VLLM_URL`` names one) and the
+   FastAPI gateway in front of it;
+3. runs the ``retrain`` flow (preprocess → fine-tune → evaluate → register + gate → deploy) against that stack:
+   a promoted model is hot-swapped into the gateway's ``champion`` alias;
+4. sends one streaming ``/generate`` and one ``/generate/batch`` request through the gateway and prints them,
+   with the evaluation comparison and where the report, the MLflow run and the Prefect run are.
+
+A second ``make demo`` reuses the caches: the flow's stages come back from Prefect's result cache.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 
+from flows.serve import gateway_config, local_vllm
 from infra.artifacts import open_store
 from infra.base_model import resolve_base_model
 from infra.demo_task import build_demo_task
 from infra.services import free_port
 from infra.settings import Settings
-from infra.tracking import MlflowTracker
-from infra.vllm_server import VllmLaunch, load_lora_adapter, start_vllm
-from serving.app import GatewayConfig, create_app
+from serving.app import create_app
 from serving.server import serve_in_thread
 from serving.upstream import VllmUpstream
-from tasks.config import load_run_config
-from tasks.evaluate import evaluate
-from tasks.finetune import finetune
+from tasks.config import DeployConfig
+from tasks.deploy import deploy
 from tasks.generation import instruction_prompt
-from tasks.preprocess import preprocess
-from tasks.register import champion_adapter, promote, register
+from tasks.register import RegistryError, get_version
 from tasks.sql_exec import connect_readonly, execute_sql, is_ordered, results_match
 
-PRESET = Path(__file__).resolve().parents[1] / "deployments" / "configs" / "tiny-cpu.yaml"
-
-
-@contextlib.contextmanager
-def _vllm(settings: Settings, model: Path, name: str) -> Iterator[str]:
-    if settings.vllm_url != "local":
-        yield settings.vllm_url
-        return
-    launch = VllmLaunch(model=model, served_model_name=name, device=settings.vllm_device)
-    with start_vllm(launch, python=settings.vllm_python, workdir=settings.home / "services") as server:
-        yield server.base_url
+MODEL = "retail-sql"
 
 
 def stream_generate(gateway_url: str, model: str, prompt: str, *, max_tokens: int = 96) -> Iterator[str]:
@@ -59,8 +52,24 @@ def stream_generate(gateway_url: str, model: str, prompt: str, *, max_tokens: in
                     yield event["text"]
 
 
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def run_demo(settings: Settings, *, say: Callable[[str], None] = print) -> dict[str, object]:
     """Run the demo end to end and return what it measured."""
+    from flows.retrain import RetrainParams, retrain
+
     store = open_store(settings)
     base = resolve_base_model("tuneship/sql-small", store=store, cache_dir=settings.cache_dir, log=say)
     say(f"base model: {base.id} ({base.path})")
@@ -68,80 +77,122 @@ def run_demo(settings: Settings, *, say: Callable[[str], None] = print) -> dict[
     counts = build_demo_task(task_dir)
     say(f"demo task: {counts['train']} train / {counts['test']} test questions in {task_dir}")
 
-    cfg = load_run_config(
-        PRESET,
-        [
-            f"data.source={task_dir / 'train.jsonl'}",
-            f"data.test_file={task_dir / 'test.jsonl'}",
-            f"evaluate.database={task_dir / 'retail.db'}",
-        ],
-    )
-    data = preprocess(cfg, base=base, store=store, workdir=settings.home / "work")
-    say(f"preprocess: {data.stats.splits}, {data.stats.rejected} rejected → {data.artifact.uri}")
-    tracker = MlflowTracker.from_settings(settings)
-    adapter = finetune(cfg, data, base=base, store=store, tracker=tracker, workdir=settings.home / "work")
-    metrics = adapter.metrics
-    say(
-        f"fine-tune: {metrics['global_step']:.0f} steps, train loss {metrics['train_loss']:.3f}, "
-        f"eval loss {metrics.get('eval_loss', float('nan')):.3f}, {metrics['tokens_per_s']:.0f} tokens/s "
-        f"→ {adapter.artifact.uri} (MLflow run {adapter.mlflow_run_id})"
-    )
+    admin_key = settings.admin_key or secrets.token_urlsafe(24)
+    with local_vllm(settings, Path(base.path)) as vllm_url:
+        say(f"vLLM: {vllm_url}")
+        app = create_app(gateway_config(settings, admin_keys=[admin_key]), VllmUpstream(vllm_url))
+        with serve_in_thread(app, port=free_port()) as gw:
+            say(f"gateway: {gw}")
+            stack = {"TUNESHIP_VLLM_URL": vllm_url, "TUNESHIP_GATEWAY_URL": gw, "TUNESHIP_ADMIN_KEYS": admin_key}
+            with _env(stack):
+                state = retrain(RetrainParams(), return_state=True)
+            if not state.is_completed():
+                raise RuntimeError(f"the retrain flow ended {state.name}: {state.message}")
+            summary = state.result()
+            m = summary.metrics
+            say(f"Prefect flow run {state.state_details.flow_run_id}: {state.name}")
+            say(
+                f"evaluate ({m['examples']:.0f} test questions, through vLLM): execution accuracy base "
+                f"{m['accuracy_base']:.1%} → fine-tuned {m['accuracy_candidate']:.1%} (95% CI of the gain "
+                f"[{m['ci_low_vs_base']:+.1%}, {m['ci_high_vs_base']:+.1%}]); perplexity {m['perplexity_base']:.1f} → "
+                f"{m['perplexity_candidate']:.2f}; PEFT/vLLM parity {m['parity_agreement']:.0%}"
+            )
+            if "accuracy_champion" in m:
+                say(f"  vs the champion before this run: {m['accuracy_diff_vs_champion']:+.1%} "
+                    f"[{m['ci_low_vs_champion']:+.1%}, {m['ci_high_vs_champion']:+.1%}]")  # fmt: skip
+            say(f"  report: {summary.report}")
+            verdict = "promoted to @champion" if summary.promoted else "kept as @challenger"
+            say(f"register: {summary.model_name} v{summary.version} — {verdict}: {summary.reasons}")
+            say(f"  MLflow: {settings.mlflow_tracking_uri} (model {summary.model_name})")
 
-    champion = champion_adapter(cfg.model_name, tracking_uri=settings.mlflow_tracking_uri, store=store)
-    with _vllm(settings, Path(base.path), "base") as url:
-        say(f"vLLM: {url}")
-        report = evaluate(cfg, adapter, data, base=base, store=store, tracker=tracker, champion=champion,
-                          server_url=url, served_base="base", workdir=settings.home / "work")  # fmt: skip
-        m = report.metrics
-        vs_base = report.comparisons["base"]
-        say(
-            f"evaluate ({report.n_examples} test questions, through vLLM): execution accuracy base "
-            f"{m['accuracy_base']:.1%} → fine-tuned {m['accuracy_candidate']:.1%} (95% CI of the gain "
-            f"[{vs_base.ci_low:+.1%}, {vs_base.ci_high:+.1%}]); perplexity {m['perplexity_base']:.1f} → "
-            f"{m['perplexity_candidate']:.2f}; PEFT/vLLM parity {m['parity_agreement']:.0%}"
-        )
-        if "champion" in report.comparisons:
-            vs = report.comparisons["champion"]
-            say(f"  vs the current champion: {vs.accuracy_diff:+.1%} [{vs.ci_low:+.1%}, {vs.ci_high:+.1%}]")
-        say(f"  report: {report.artifact.uri}")
-        version = register(cfg, adapter, report, data, store=store, tracking_uri=settings.mlflow_tracking_uri)
-        decision = promote(cfg, version, report, tracking_uri=settings.mlflow_tracking_uri)
-        verdict = "promoted to @champion" if decision.promoted else "kept as @challenger"
-        say(f"register: {version.uri} {verdict} — {decision.reasons()}")
+            # The champion serves under the gateway's alias: deployed by the flow when it promoted this run,
+            # else the registry's champion from an earlier run goes in now.
+            try:
+                champion = get_version(summary.model_name, "champion", tracking_uri=settings.mlflow_tracking_uri)
+            except RegistryError:
+                champion = None
+            if champion is not None and summary.deployment is None:
+                deploy(summary.model_name, str(champion.version), DeployConfig(), store=store,
+                       tracking_uri=settings.mlflow_tracking_uri, vllm_url=vllm_url, gateway_url=gw,
+                       admin_key=admin_key)  # fmt: skip
+            model = "champion" if champion is not None else "base"
+            routes = httpx.get(f"{gw}/admin/routes", headers={"Authorization": f"Bearer {admin_key}"}).json()
+            say(f"gateway aliases: {routes['aliases']}")
+            _requests(gw, model, task_dir, say)
+            if champion is not None:
+                comparison = _comparison(settings, store, base, champion, gw, task_dir, say)
+                _costs(summary, comparison, settings, say)
+    return {"summary": summary.model_dump(mode="json"), "flow_run_id": str(state.state_details.flow_run_id)}
 
-        # The gateway routes by alias: champion is whatever the registry says now (maybe an earlier run),
-        # challenger is this run's adapter.
-        champion_now = champion_adapter(cfg.model_name, tracking_uri=settings.mlflow_tracking_uri, store=store)
-        aliases = {"base": "base"}
-        for alias, ref in (("champion", champion_now), ("challenger", adapter)):
-            if ref is not None:
-                aliases[alias] = f"adapter-{ref.sha256[:16]}"
-                load_lora_adapter(url, aliases[alias], store.get_dir(ref.artifact))
-        question = json.loads((task_dir / "test.jsonl").read_text().splitlines()[0])
-        conn = connect_readonly(task_dir / "retail.db")
-        gold = execute_sql(conn, question["response"])
 
-        def verdict(sql: str) -> str:
-            pred = execute_sql(conn, sql)
-            ok = pred.ok and results_match(gold.rows, pred.rows, ordered=is_ordered(question["response"]))
-            return "correct" if ok else "wrong"
+def _comparison(settings: Settings, store, base, champion, gw: str, task_dir: Path,
+                say: Callable[[str], None]) -> list[dict]:  # fmt: skip
+    """The seed's comparison table: base vs the fine-tuned adapter (runtime LoRA) vs the adapter merged into the
+    base weights (a second vLLM server), same prompts, same load; and the configured API price."""
+    from flows.bench import compare, eval_prompts
+    from serving.loadgen import LoadSpec
+    from tasks.merge import merge_adapter
+    from tasks.register import adapter_of
 
-        gateway = create_app(GatewayConfig(aliases=aliases), VllmUpstream(url))
-        with serve_in_thread(gateway, port=free_port()) as gw:
-            say(f"gateway: {gw} (aliases: {aliases})")
-            say(f"question: {question['instruction']}")
-            for model in ("base", "champion"):
-                answer = "".join(stream_generate(gw, model, instruction_prompt(question["instruction"])))
-                say(f"  POST /generate model={model:<8} (SSE): {answer}  → {verdict(answer)}")
-            batch = [json.loads(line) for line in (task_dir / "test.jsonl").read_text().splitlines()[1:4]]
-            body = {
-                "prompts": [instruction_prompt(r["instruction"]) for r in batch],
-                "max_tokens": 96,
-                "temperature": 0,
-            }
-            results = httpx.post(f"{gw}/generate/batch", json=body, timeout=120).json()["results"]
-            say("  POST /generate/batch (champion):")
-            for row, result in zip(batch, results, strict=True):
-                say(f"    {row['instruction']} → {result.get('text', result.get('error'))}")
-    scores = {"base": m["accuracy_base"], "candidate": m["accuracy_candidate"]}
-    return {"scores": scores, "adapter": adapter.artifact.uri, "report": report.artifact.uri, "version": version.uri}
+    adapter = adapter_of(champion, store)
+    merged = merge_adapter(base.path, store.get_dir(adapter.artifact), settings.home / "merged" / adapter.sha256[:16])
+    prompts = eval_prompts(task_dir / "test.jsonl", limit=64)
+    spec = LoadSpec(url=gw, concurrency=8, requests=48, warmup=4, max_tokens=48)
+    with local_vllm(settings, merged, served_name="merged") as merged_url:
+        rows = [("base model (vLLM)", gw, "base"), ("fine-tuned: runtime LoRA (vLLM)", gw, "champion"),
+                ("fine-tuned: merged weights (vLLM)", merged_url, "merged")]  # fmt: skip
+        table, results = compare(rows, prompts, spec, instance=settings.instance_type)
+    report = settings.home / "reports" / "comparison.md"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(f"# Serving comparison (concurrency 8, 48 requests, 48 output tokens)\n\n{table}")
+    say(f"serving comparison (concurrency 8, 48 requests each; {report}):\n{table}")
+    return results
+
+
+def _costs(summary, comparison: list[dict], settings: Settings, say: Callable[[str], None]) -> None:
+    from flows.bench import DEFAULT_API
+    from infra.costs import load_prices, serving_cost
+
+    prices = load_prices()
+    lines = ["| item | measured | cost |", "|---|---|---|"]
+    if summary.training_cost:
+        t = summary.training_cost
+        lines.append(f"| training run (fine-tune wall clock, retries included) | {t.seconds:.0f} s on {t.instance} "
+                     f"| ${t.usd:.4f} |")  # fmt: skip
+    tuned = next(r for r in comparison if r["config"].startswith("fine-tuned: runtime"))
+    for instance in (settings.instance_type, "aws-g5.xlarge"):
+        cost = serving_cost(prices, instance, requests_per_s=tuned["requests_per_s"],
+                            output_tokens_per_s=tuned["tokens_per_s"], api=DEFAULT_API)  # fmt: skip
+        item = f"serving the fine-tuned model at this machine's measured throughput, priced on {instance}"
+        measured = f"{tuned['requests_per_s']:.2f} req/s, {tuned['tokens_per_s']:.0f} tokens/s"
+        priced = (f"${cost.usd_per_1k_requests:.4f} / 1K requests, ${cost.usd_per_1m_output_tokens:.2f} / 1M tokens; "
+                  f"cheaper than {DEFAULT_API} above {cost.breakeven_output_tokens_per_month / 1e6:,.0f}M "
+                  f"tokens/month (capacity {cost.capacity_output_tokens_per_month / 1e6:,.0f}M)")  # fmt: skip
+        lines.append(f"| {item} | {measured} | {priced} |")
+    table = "\n".join(lines) + "\n"
+    report = settings.home / "reports" / "costs.md"
+    report.write_text(f"# Cost report (price table: infra/costs.yaml)\n\n{table}")
+    say(f"costs ({report}):\n{table}")
+
+
+def _requests(gw: str, model: str, task_dir: Path, say: Callable[[str], None]) -> None:
+    question = json.loads((task_dir / "test.jsonl").read_text().splitlines()[0])
+    conn = connect_readonly(task_dir / "retail.db")
+    gold = execute_sql(conn, question["response"])
+
+    def verdict(sql: str) -> str:
+        pred = execute_sql(conn, sql)
+        ok = pred.ok and results_match(gold.rows, pred.rows, ordered=is_ordered(question["response"]))
+        return "correct" if ok else "wrong"
+
+    say(f"question: {question['instruction']}")
+    for alias in ("base", model):
+        answer = "".join(stream_generate(gw, alias, instruction_prompt(question["instruction"])))
+        say(f"  POST /generate model={alias:<8} (SSE): {answer}  → {verdict(answer)}")
+    batch = [json.loads(line) for line in (task_dir / "test.jsonl").read_text().splitlines()[1:4]]
+    body = {"prompts": [instruction_prompt(r["instruction"]) for r in batch], "max_tokens": 96, "temperature": 0,
+            "model": model}  # fmt: skip
+    results = httpx.post(f"{gw}/generate/batch", json=body, timeout=120).json()["results"]
+    say(f"  POST /generate/batch ({model}):")
+    for row, result in zip(batch, results, strict=True):
+        say(f"    {row['instruction']} → {result.get('text', result.get('error'))}")

@@ -55,6 +55,8 @@ def gateway_config(settings: Settings, **overrides: object) -> GatewayConfig:
         "admin_keys": _secret_list(settings.admin_keys),
         "aliases": {"base": "base", **settings.gateway_aliases},
         "canary_share": settings.canary_share,
+        "max_in_flight": settings.gateway_max_in_flight,
+        "max_queue": settings.gateway_max_queue,
     }
     return GatewayConfig(**{**values, **overrides})
 
@@ -75,7 +77,6 @@ def serving_stack(
     champion = get_version(model_name, "champion", tracking_uri=uri)
     base = resolve_base_model(champion.tags.get("tuneship.base_model", ""), store=store, cache_dir=settings.cache_dir,
                               log=say)  # fmt: skip
-    admin_key = _secret_list(settings.admin_keys or settings.api_keys)[:1]
     with local_vllm(settings, Path(base.path)) as vllm_url:
         say(f"vLLM: {vllm_url} serving {base.id}")
         app = create_app(gateway_config(settings), VllmUpstream(vllm_url))
@@ -89,8 +90,7 @@ def serving_stack(
                 except RegistryError:
                     continue
                 dep = deploy(model_name, alias, DeployConfig(alias=alias), store=store, tracking_uri=uri,
-                             vllm_url=vllm_url, gateway_url=local_url,
-                             admin_key=admin_key[0] if admin_key else None)  # fmt: skip
+                             vllm_url=vllm_url, gateway_url=local_url, admin_key=settings.admin_key)  # fmt: skip
                 say(f"deployed {model_name} v{dep.version} as {alias} ({dep.adapter_name}, {dep.swap_s:.1f} s)")
                 stack.deployments.append(dep)
             yield stack

@@ -201,3 +201,35 @@ def start_mlflow(
     )  # fmt: skip
     server.start(timeout)
     return server
+
+
+@dataclass
+class PrefectServer(ManagedProcess):
+    api_url: str = ""
+
+    def client_env(self) -> dict[str, str]:
+        """What a Prefect client (CLI, worker, flow process) needs to talk to this server."""
+        return {"PREFECT_API_URL": self.api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+def start_prefect(workdir: Path, *, port: int | None = None, timeout: float = 180) -> PrefectServer:
+    """Start ``prefect server start`` on loopback with its own home and SQLite database under ``workdir``."""
+    port = port or free_port()
+    home = (workdir / f"prefect-{port}").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    url = f"http://127.0.0.1:{port}"
+    server = PrefectServer(
+        name="prefect server",
+        argv=[sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        health_url=f"{url}/api/health",
+        log_path=workdir / f"prefect-{port}.log",
+        env={
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+            "PREFECT_UI_ENABLED": "false",
+        },
+        api_url=f"{url}/api",
+    )
+    server.start(timeout)
+    return server

@@ -85,6 +85,12 @@ class Settings(BaseSettings):
         description='JSON alias map the gateway starts with, e.g. {"champion": "retail-sql-v3"}.',
     )
     canary_share: float = Field(default=0.0, ge=0, le=1, description="Share of champion traffic sent to challenger.")
+    gateway_max_in_flight: int = Field(default=64, gt=0, description="Requests the gateway sends upstream at once.")
+    gateway_max_queue: int = Field(default=256, ge=0, description="Requests waiting for a slot; beyond: 429.")
+    instance_type: str = Field(
+        default="aws-c7a.large",
+        description="Price-table entry (infra/costs.yaml) this machine is billed as, for training-cost records.",
+    )
     gateway_host: str = Field(default="127.0.0.1", description="Where `tuneship serve` listens.")
     gateway_port: int = Field(default=8080, ge=1, le=65535, description="Where `tuneship serve` listens.")
 
@@ -139,6 +145,12 @@ class Settings(BaseSettings):
         if not self.mlflow_tracking_uri:
             object.__setattr__(self, "mlflow_tracking_uri", f"sqlite:///{(self.home / 'mlflow.db').resolve()}")
         return self
+
+    @property
+    def admin_key(self) -> str | None:
+        """The key a deploy presents to the gateway's /admin routes: the first admin key, else the first API key."""
+        keys = self.admin_keys or self.api_keys
+        return keys[0].get_secret_value() if keys else None
 
     @property
     def artifact_root_is_s3(self) -> bool:

@@ -34,12 +34,22 @@ class GpuCollector(Collector):
         except Exception:  # no driver, no GPU: no GPU series
             self.nvml, self.count = None, 0
 
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily("tuneship_gpu_utilization_ratio", "GPU busy share (NVML).", labels=["gpu"]),
+            GaugeMetricFamily("tuneship_gpu_memory_used_bytes", "GPU memory in use (NVML).", labels=["gpu"]),
+            GaugeMetricFamily("tuneship_gpu_memory_total_bytes", "GPU memory (NVML).", labels=["gpu"]),
+        )
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        """The series this collector exports when a GPU is present (on any machine)."""
+        yield from self._families()
+
     def collect(self) -> Iterator[GaugeMetricFamily]:
         if not self.count:
             return
-        util = GaugeMetricFamily("tuneship_gpu_utilization_ratio", "GPU busy share (NVML).", labels=["gpu"])
-        used = GaugeMetricFamily("tuneship_gpu_memory_used_bytes", "GPU memory in use (NVML).", labels=["gpu"])
-        total = GaugeMetricFamily("tuneship_gpu_memory_total_bytes", "GPU memory (NVML).", labels=["gpu"])
+        util, used, total = self._families()
         for index in range(self.count):
             handle = self.nvml.nvmlDeviceGetHandleByIndex(index)
             rates, memory = self.nvml.nvmlDeviceGetUtilizationRates(handle), self.nvml.nvmlDeviceGetMemoryInfo(handle)

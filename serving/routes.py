@@ -8,9 +8,7 @@ target once, before it goes upstream, and keeps that target to the end even if t
 from __future__ import annotations
 
 import collections
-import contextlib
 import random
-from collections.abc import Iterator
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -49,16 +47,29 @@ class RouteTable:
             raise ValueError(f"canary share {share} is not between 0 and 1")
         self.canary_share = share
 
-    @contextlib.contextmanager
-    def track(self, target: str) -> Iterator[None]:
-        self.in_flight[target] += 1
-        try:
-            yield
-        finally:
-            self.in_flight[target] -= 1
-            if not self.in_flight[target]:
-                del self.in_flight[target]
+    def track(self, target: str) -> _Tracked:
+        """Count a request against ``target`` while it runs (``with`` or ``async with``)."""
+        return _Tracked(self.in_flight, target)
 
     def snapshot(self) -> dict[str, object]:
         return {"aliases": dict(self.aliases), "canary_share": self.canary_share, "in_flight": dict(self.in_flight),
                 "switches": self.switches}  # fmt: skip
+
+
+class _Tracked:
+    def __init__(self, counts: collections.Counter[str], target: str) -> None:
+        self.counts, self.target = counts, target
+
+    def __enter__(self) -> None:
+        self.counts[self.target] += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.counts[self.target] -= 1
+        if not self.counts[self.target]:
+            del self.counts[self.target]
+
+    async def __aenter__(self) -> None:
+        self.__enter__()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.__exit__(*exc)

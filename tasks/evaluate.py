@@ -13,6 +13,7 @@ fixed-length models". Parity compares greedy outputs of PEFT/transformers and vL
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import math
@@ -290,7 +291,9 @@ def evaluate(
         metrics |= {f"accuracy_diff_vs_{other}": diff, f"ci_low_vs_{other}": low, f"ci_high_vs_{other}": high}
 
     # 4. The report: per-example JSONL, markdown summary, bar chart, metrics — in the store and in MLflow.
-    key = f"evals/{adapter.sha256[:16]}-vs-{champion.sha256[:16] if champion else 'none'}-{data.fingerprint[:12]}"
+    settings_hash = hashlib.sha256(json.dumps(ev.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
+    key = (f"evals/{adapter.sha256[:16]}-vs-{champion.sha256[:16] if champion else 'none'}-{data.fingerprint[:12]}"
+           f"-{settings_hash}")  # fmt: skip
     out = workdir / key.replace("/", "-")
     out.mkdir(parents=True, exist_ok=True)
     with (out / "examples.jsonl").open("w") as fh:

@@ -146,3 +146,23 @@ def demo_adapter(demo_task: Path, demo_base, demo_store, demo_dataset, mlflow_se
     tracker = MlflowTracker(mlflow_server.tracking_uri, system_metrics=False)
     return finetune(_demo_config(demo_task), demo_dataset, base=demo_base, store=demo_store, tracker=tracker,
                     workdir=tmp_path_factory.mktemp("w"))  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def weak_adapter(demo_config, demo_base, demo_store, demo_dataset, mlflow_server, tmp_path_factory):
+    """A shorter run of the demo preset (300 steps): better than the base, clearly worse than the full run."""
+    from infra.tracking import MlflowTracker
+    from tasks.finetune import finetune
+
+    tracker = MlflowTracker(mlflow_server.tracking_uri, system_metrics=False)
+    return finetune(demo_config("finetune.train.max_steps=300"), demo_dataset, base=demo_base, store=demo_store,
+                    tracker=tracker, workdir=tmp_path_factory.mktemp("w"))  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def prefect_server(services_dir: Path) -> Iterator[object]:
+    """One real `prefect server` per session (SQLite, its own PREFECT_HOME), ≈10 s to start."""
+    from infra.services import start_prefect
+
+    with start_prefect(services_dir) as server:
+        yield server

