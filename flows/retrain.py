@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.events import emit_event
 from prefect.runtime import flow_run
@@ -33,6 +34,7 @@ from infra.artifacts import ArtifactStore, open_store
 from infra.base_model import ResolvedModel, resolve_base_model
 from infra.costs import TrainingCost, load_prices, training_cost
 from infra.demo_task import build_demo_task
+from infra.errors import UserError
 from infra.settings import Settings, load_settings
 from infra.tracking import MlflowTracker
 from tasks.config import DeployConfig, RunConfig, load_run_config
@@ -40,7 +42,21 @@ from tasks.refs import AdapterRef, DatasetRef, Deployment, EvalReport, ModelVers
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_PRESET = "deployments/configs/tiny-cpu.yaml"
-IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "retry_jitter_factor": 0.5}
+
+
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry what may pass (I/O, a crashed worker); not a user error (bad config or data), which would fail again."""
+    try:
+        state.result()
+    except UserError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "retry_jitter_factor": 0.5,
+              "retry_condition_fn": _transient}  # fmt: skip
 
 
 class RetrainParams(BaseModel):
@@ -170,7 +186,7 @@ class Services:
 # Stages. Each takes the shared services (excluded from the cache key by the key functions) and refs.
 
 
-@task(name="resolve base model", **IO_RETRIES)
+@task(name="resolve base model", cache_policy=NO_CACHE, **IO_RETRIES)
 def resolve_stage(name: str, services: Services) -> ResolvedModel:
     """The base model: built or fetched from the artifact store / per-user cache, or a hub id."""
     return resolve_base_model(name, store=services.store, cache_dir=services.settings.cache_dir)
@@ -190,7 +206,14 @@ def preprocess_stage(cfg: RunConfig, base: ResolvedModel, services: Services) ->
     return ref
 
 
-@task(name="fine-tune", cache_key_fn=_finetune_key, persist_result=True, retries=1, retry_delay_seconds=5)
+@task(
+    name="fine-tune",
+    cache_key_fn=_finetune_key,
+    persist_result=True,
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=_transient,
+)
 def finetune_stage(cfg: RunConfig, data: DatasetRef, base: ResolvedModel, services: Services) -> AdapterRef:
     from tasks.finetune import finetune
 
@@ -244,7 +267,7 @@ def register_stage(cfg: RunConfig, adapter: AdapterRef, report: EvalReport, data
     return version, decision
 
 
-@task(name="deploy", **IO_RETRIES)
+@task(name="deploy", cache_policy=NO_CACHE, **IO_RETRIES)
 def deploy_stage(cfg: DeployConfig, name: str, version: str, services: Services) -> Deployment | None:
     from tasks.deploy import deploy, render_manifests
 

@@ -22,7 +22,7 @@ from serving.app import GatewayConfig, create_app
 from serving.server import serve_in_thread
 from serving.upstream import VllmUpstream
 from tasks.config import DeployConfig
-from tasks.deploy import deploy
+from tasks.deploy import DeployError, deploy
 from tasks.refs import Deployment
 from tasks.register import RegistryError, get_version
 
@@ -89,8 +89,14 @@ def serving_stack(
                     get_version(model_name, alias, tracking_uri=uri)
                 except RegistryError:
                     continue
-                dep = deploy(model_name, alias, DeployConfig(alias=alias), store=store, tracking_uri=uri,
-                             vllm_url=vllm_url, gateway_url=local_url, admin_key=settings.admin_key)  # fmt: skip
+                try:
+                    dep = deploy(model_name, alias, DeployConfig(alias=alias), store=store, tracking_uri=uri,
+                                 vllm_url=vllm_url, gateway_url=local_url, admin_key=settings.admin_key)  # fmt: skip
+                except DeployError as exc:
+                    if alias == "champion":
+                        raise
+                    say(f"not serving {alias}: {exc}")  # the champion serves on; a broken challenger stays out
+                    continue
                 say(f"deployed {model_name} v{dep.version} as {alias} ({dep.adapter_name}, {dep.swap_s:.1f} s)")
                 stack.deployments.append(dep)
             yield stack

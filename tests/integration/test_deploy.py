@@ -182,12 +182,11 @@ def test_client_disconnect_mid_stream_stops_generation_upstream(vllm_server, gat
             "stream": True}  # fmt: skip
     with httpx.stream("POST", f"{gateway}/v1/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
-        seen = 0
-        for line in response.iter_lines():
-            seen += line.startswith("data: ")
-            if seen >= 5:
-                break
-        assert vllm_gauge(url, "vllm:num_requests_running") >= 1
+        lines = response.iter_lines()  # kept alive: leaving a for-loop over it would close the stream already
+        events = 0
+        while events < 5:
+            events += next(lines).startswith("data: ")
+        assert vllm_gauge(url, "vllm:num_requests_running") >= 1, "the request must still be running upstream"
     dropped = time.monotonic()  # leaving the block closed the connection mid-stream
     while vllm_gauge(url, "vllm:num_requests_running") > 0:
         assert time.monotonic() - dropped < 2.0, "vLLM still generating 2 s after the client went away"
@@ -244,3 +243,25 @@ def test_overload_gives_only_200_and_429_and_bounded_memory(vllm_server, tmp_pat
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_serving_stack_serves_the_registry_champion(versions, vllm_server) -> None:
+    """What `tuneship serve` runs: the gateway up, the champion deployed into it through the same swap."""
+    from mlflow import MlflowClient
+
+    from flows.serve import serving_stack
+    from infra.settings import load_settings
+
+    name, uri, v2 = versions["name"], versions["uri"], versions["v"][1]
+    MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias(name, "champion", v2.version)
+    settings = load_settings(vllm_url=vllm_server.base_url, mlflow_tracking_uri=uri, admin_keys=ADMIN)
+    said: list[str] = []
+    with serving_stack(settings, name, store=versions["store"], port=free_port(), say=said.append) as stack:
+        assert [d.version for d in stack.deployments] == [v2.version]
+        # @challenger is v3, whose smoke test fails: it stays out, the champion serves.
+        assert any(line.startswith("not serving challenger: ") and "smoke test failed" in line for line in said)
+        ready = httpx.get(f"{stack.gateway_url}/ready", timeout=10).json()
+        assert ready["ready"] and f"{name}-v{v2.version}" in ready["models"]
+        body = {"prompt": PROBE, "max_tokens": 48, "temperature": 0, "model": "champion", "stream": False}
+        answer = httpx.post(f"{stack.gateway_url}/generate", json=body, timeout=60).json()["text"]
+        assert answer == greedy(vllm_server.base_url, f"{name}-v{v2.version}")

@@ -54,3 +54,26 @@ def test_scrape_config_has_the_jobs_the_dashboard_uses() -> None:
     jobs = {job["job_name"] for job in config["scrape_configs"]}
     dashboard = (MONITORING / "grafana-dashboard.json").read_text()
     assert set(re.findall(r'job=\\"([^\\"]+)\\"', dashboard)) <= jobs == {"tuneship-gateway", "vllm"}
+
+
+def test_tuneship_bench_against_the_gateway_prints_the_table_and_writes_the_files(vllm_server, tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    app = create_app(GatewayConfig(aliases={"champion": "base"}), VllmUpstream(vllm_server.base_url))
+    with serve_in_thread(app, port=free_port()) as gateway:
+        result = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "bench", "--url", gateway, "--model", "champion", "--concurrency", "4",
+             "--requests", "24", "--warmup", "2", "--max-tokens", "16", "--out", str(tmp_path)],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "TUNESHIP_HOME": str(tmp_path)},
+        )  # fmt: skip
+        metrics = httpx.get(f"{gateway}/metrics").text
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "| end-to-end latency |" in result.stdout and "per 1M output tokens" in result.stdout
+    data = json.loads((tmp_path / "load.json").read_text())
+    assert data["summary"]["requests"] == 24 and data["summary"]["errors"] == 0
+    assert all(s["ok"] and s["output_tokens"] == 16 for s in data["samples"])  # ignore_eos is off: capped at 16
+    assert (tmp_path / "load-latency.png").stat().st_size > 1000 and (tmp_path / "load.md").exists()
+    # The gateway saw the 26 requests (warm-up included) it measured.
+    assert re.search(r'^tuneship_request_latency_seconds_count\{model="champion"\} 26\.0$', metrics, re.M)

@@ -145,14 +145,14 @@ def test_a_failing_stage_names_itself_and_leaves_the_champion(first_run, flow_en
 
 
 def test_a_transient_s3_outage_is_retried_and_the_flow_completes(first_run, flow_env, tmp_path: Path) -> None:
-    """The artifact store's endpoint is down when the flow starts and comes up 3 s later: the stage that hit it
-    is retried (Prefect retries with backoff) and the flow completes."""
+    """The artifact store's endpoint is down when the flow starts and comes up 15 s later: the stages that hit it
+    are retried (Prefect retries with backoff: 2, 10, 30 s) and the flow completes."""
     port = free_port()
     bucket = f"late-{uuid.uuid4().hex[:8]}"
     servers = []
 
     def come_up_late() -> None:
-        time.sleep(3)
+        time.sleep(15)
         servers.append(start_s3(tmp_path, port=port))
         servers[0].create_bucket(bucket)
 
@@ -177,9 +177,9 @@ def test_a_transient_s3_outage_is_retried_and_the_flow_completes(first_run, flow
         runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
         )
-    resolve = next(r for r in runs if r.name.startswith("resolve base model"))
-    print(f"\nflow completed in {seconds:.0f} s; the base-model stage ran {resolve.run_count} times")
-    assert resolve.run_count >= 2
+    attempts = {r.name.rsplit("-", 1)[0]: r.run_count for r in runs}
+    print(f"\nflow completed in {seconds:.0f} s; attempts per stage: {attempts}")
+    assert max(attempts.values()) >= 2
 
 
 def prefect(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
