@@ -73,7 +73,7 @@ def test_tuneship_bench_against_the_gateway_prints_the_table_and_writes_the_file
     assert "| end-to-end latency |" in result.stdout and "per 1M output tokens" in result.stdout
     data = json.loads((tmp_path / "load.json").read_text())
     assert data["summary"]["requests"] == 24 and data["summary"]["errors"] == 0
-    assert all(s["ok"] and s["output_tokens"] == 16 for s in data["samples"])  # ignore_eos is off: capped at 16
+    assert all(s["ok"] and 0 < s["output_tokens"] <= 16 and s["ttft"] < s["latency"] for s in data["samples"])
     assert (tmp_path / "load-latency.png").stat().st_size > 1000 and (tmp_path / "load.md").exists()
     # The gateway saw the 26 requests (warm-up included) it measured.
     assert re.search(r'^tuneship_request_latency_seconds_count\{model="champion"\} 26\.0$', metrics, re.M)
