@@ -199,29 +199,41 @@ def gateway_overhead(workdir: Path) -> dict[str, Any]:
     _demo_config(workdir)
     prompts = eval_prompts(workdir / "demo-task" / "test.jsonl", limit=128)
     settings = load_settings()
+    import statistics
+
+    import psutil
+
     runs: dict[str, list[dict[str, Any]]] = {"direct": [], "gateway": []}
+    gateway_cpu_s, gateway_requests = 0.0, 0
     with start_vllm(VllmLaunch(model=Path(base.path)), python=settings.vllm_python, workdir=workdir) as server:
         proc, gateway = _serve_gateway(server.base_url, workdir)
+        cpu = psutil.Process(proc.pid)
         try:
             targets = {"direct": (server.base_url, "base"), "gateway": (gateway, "champion")}
-            for _ in range(2):  # alternate, so drift on a noisy machine hits both sides
+            for _ in range(5):  # alternate, so drift on a noisy machine hits both sides alike
                 for side, (url, model) in targets.items():
-                    spec = LoadSpec(url=url, model=model, concurrency=16, requests=160, warmup=16, max_tokens=32,
+                    spec = LoadSpec(url=url, model=model, concurrency=16, requests=96, warmup=16, max_tokens=32,
                                     ignore_eos=True)  # fmt: skip
+                    before = sum(cpu.cpu_times()[:2])
                     runs[side].append(asyncio.run(run_load(spec, prompts)).summary())
+                    if side == "gateway":
+                        gateway_cpu_s += sum(cpu.cpu_times()[:2]) - before
+                        gateway_requests += spec.requests + spec.warmup
         finally:
             proc.terminate()
             proc.wait(timeout=20)
 
     def median(side: str, key: str, sub: str | None = None) -> float:
-        values = sorted(r[key][sub] if sub else r[key] for r in runs[side])
-        return values[len(values) // 2] if len(values) % 2 else sum(values[len(values) // 2 - 1 :][:2]) / 2
+        return statistics.median(r[key][sub] if sub else r[key] for r in runs[side])
 
     ratio = median("gateway", "output_tokens_per_s") / median("direct", "output_tokens_per_s")
     added_p50_ms = (median("gateway", "latency_s", "p50") - median("direct", "latency_s", "p50")) * 1000
-    return {"runs": runs, "ratio": ratio, "added_p50_ms": added_p50_ms, "errors": sum(r["errors"] for v in runs.values()
-            for r in v), "goal": ">= 0.95 throughput, added p50 <= 5 ms",
-            "met": ratio >= 0.95 and added_p50_ms <= 5}  # fmt: skip
+    return {"runs": runs, "ratio": ratio, "added_p50_ms": added_p50_ms,
+            "gateway_cpu_ms_per_request": gateway_cpu_s / gateway_requests * 1000,
+            "errors": sum(r["errors"] for v in runs.values() for r in v),
+            "note": "on 2 cores the gateway process takes CPU from vLLM itself; its own CPU per request is the "
+                    "machine-independent cost",
+            "goal": ">= 0.95 throughput, added p50 <= 5 ms", "met": ratio >= 0.95 and added_p50_ms <= 5}  # fmt: skip
 
 
 @bench
@@ -352,6 +364,14 @@ def summary(results: dict[str, dict[str, Any]]) -> str:
             continue
         measured = result.get("ratio", result.get("mfu"))
         shown = f"{measured:.3g}×" if isinstance(measured, float) else str(measured)
+        if "added_p50_ms" in result:
+            shown += (
+                f", p50 {result['added_p50_ms']:+.0f} ms, {result['gateway_cpu_ms_per_request']:.1f} CPU-ms/request"
+            )
+        if "median_swap_s" in result:
+            shown += f" ({result['median_swap_s']:.2f} s swap vs {result['restart_s']:.0f} s restart)"
+        if "first_s" in result:
+            shown += f" ({result['second_s']:.1f} s vs {result['first_s']:.0f} s)"
         lines.append(f"| {name} | {shown} | {result.get('goal', '')} | {'yes' if result.get('met') else 'no'} |")
     return "\n".join(lines) + "\n"
 
