@@ -247,3 +247,64 @@ def test_fine_tune_placed_on_another_work_pool_runs_there(first_run, flow_env) -
     placed = [c for c in children if c["name"] and c.get("work_pool_name") == "tuneship-gpu"]
     print(f"\nplaced run {seconds:.0f} s; child runs: {[(c['name'], c.get('work_pool_name')) for c in children]}")
     assert placed and all(c["state_type"] == "COMPLETED" for c in placed)
+
+
+def test_a_worker_killed_mid_fine_tune_resumes_from_its_checkpoint_on_retry(first_run, flow_env) -> None:
+    """A `retrain` run on a process worker; once the fine-tune has uploaded a checkpoint, its process is killed
+    (SIGKILL: nothing gets to clean up). The run is retried as the UI's Retry does (back to Scheduled), the worker
+    runs it again, and the fine-tune continues from the checkpoint instead of step 0."""
+    import json
+
+    import psutil
+
+    from infra.artifacts import open_store
+    from infra.settings import load_settings
+
+    api = httpx.Client(base_url=flow_env["PREFECT_API_URL"], timeout=30)
+    retrain_id = next(
+        (d["id"] for d in api.post("/deployments/filter", json={}).json() if d["name"] == "retrain"), None
+    )
+    if retrain_id is None:
+        pytest.skip("needs the deployments the CI-script test registers")
+    store = open_store(load_settings())
+    before = {ref.key for ref in store.list("runs/")}
+    overrides = [*OVERRIDES, f"registry.model_name={MODEL}-kill", "finetune.train.seed=7",
+                 "finetune.train.save_strategy=steps", "finetune.train.save_steps=40"]  # fmt: skip
+    created = api.post(f"/deployments/{retrain_id}/create_flow_run",
+                       json={"parameters": {"params": {"overrides": overrides, "deploy": False}}})  # fmt: skip
+    assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+    worker = subprocess.Popen([Path(sys.executable).parent / "prefect", "worker", "start", "--pool", "tuneship-cpu"],
+                              env={**os.environ, **flow_env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+    def state() -> str:
+        return api.get(f"/flow_runs/{run_id}").json()["state"]["type"]
+
+    try:
+        deadline = time.monotonic() + 300
+        while not (new := [r.key for r in store.list("runs/") if r.key not in before and "/checkpoint-" in r.key]):
+            assert time.monotonic() < deadline and state() in ("SCHEDULED", "PENDING", "RUNNING"), state()
+            time.sleep(0.5)
+        finetune_run = new[0].split("/")[1]
+        for child in psutil.Process(worker.pid).children(recursive=True):  # the flow run's process
+            child.kill()
+        while state() not in ("CRASHED", "FAILED"):
+            assert time.monotonic() < deadline, state()
+            time.sleep(0.5)
+        retried = api.post(f"/flow_runs/{run_id}/set_state", json={"state": {"type": "SCHEDULED",
+                           "name": "AwaitingRetry"}, "force": True})  # fmt: skip
+        assert retried.status_code in (200, 201), retried.text
+        deadline = time.monotonic() + 600
+        while (current := state()) != "COMPLETED":
+            assert time.monotonic() < deadline and current not in ("FAILED", "CRASHED"), current
+            time.sleep(1)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    metrics = json.loads((store.get_dir(f"adapters/{finetune_run}") / "tuneship_adapter.json").read_text())["metrics"]
+    print(
+        f"\nkilled after {new[0].rsplit('/', 1)[1]}; resumed from step {metrics['resumed_from_step']:.0f}, "
+        f"finished at {metrics['global_step']:.0f}"
+    )
+    assert metrics["resumed_from_step"] >= 40 and metrics["global_step"] == 300
