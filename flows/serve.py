@@ -10,12 +10,14 @@ The champion (and the challenger, when there is one) go in through the same zero
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.artifacts import ArtifactStore, open_store
 from infra.base_model import resolve_base_model
+from infra.services import ManagedProcess, free_port
 from infra.settings import Settings
 from infra.vllm_server import VllmLaunch, start_vllm
 from serving.app import GatewayConfig, create_app
@@ -32,6 +34,18 @@ class ServingStack:
     vllm_url: str
     gateway_url: str
     deployments: list[Deployment] = field(default_factory=list)
+
+
+def start_gateway_process(workdir: Path, *, vllm_url: str, env: dict[str, str] | None = None,
+                          timeout: float = 60) -> tuple[ManagedProcess, str]:  # fmt: skip
+    """`tuneship serve --no-deploy` as its own process group (own GIL), healthy; returns it and its URL."""
+    port = free_port()
+    values = {"TUNESHIP_VLLM_URL": vllm_url, "TUNESHIP_GATEWAY_PORT": str(port), "TUNESHIP_HOME": str(workdir),
+              **(env or {})}  # fmt: skip
+    server = ManagedProcess(name="gateway", argv=[sys.executable, "-m", "flows.cli", "serve", "--no-deploy"],
+                            health_url=f"http://127.0.0.1:{port}/health", log_path=workdir / f"gateway-{port}.log",
+                            env=values, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    return server.start(timeout), f"http://127.0.0.1:{port}"
 
 
 def _secret_list(keys: list) -> list[str]:

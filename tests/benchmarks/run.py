@@ -160,38 +160,13 @@ def eval_generation(workdir: Path) -> dict[str, Any]:
     }
 
 
-def _serve_gateway(vllm_url: str, workdir: Path, **env: str) -> Any:
-    """`tuneship serve --no-deploy` as its own process (so it does not share a GIL with the load generator)."""
-    import os
-    import subprocess
-
-    import httpx
-
-    from infra.services import free_port
-
-    port = free_port()
-    values = {"TUNESHIP_VLLM_URL": vllm_url, "TUNESHIP_GATEWAY_PORT": str(port), "TUNESHIP_HOME": str(workdir),
-              "TUNESHIP_GATEWAY_ALIASES": '{"champion": "base"}', **env}  # fmt: skip
-    argv = [sys.executable, "-m", "flows.cli", "serve", "--no-deploy"]
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **values}, **quiet)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("the gateway did not start")
-
-
 @bench
 def gateway_overhead(workdir: Path) -> dict[str, Any]:
     """Throughput and p50 latency through the gateway vs straight to vLLM, concurrency 16, same prompts."""
     import asyncio
 
     from flows.bench import eval_prompts
+    from flows.serve import start_gateway_process
     from infra.vllm_server import VllmLaunch, start_vllm
     from serving.loadgen import LoadSpec, run_load
 
@@ -206,9 +181,10 @@ def gateway_overhead(workdir: Path) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {"direct": [], "gateway": []}
     gateway_cpu_s, gateway_requests = 0.0, 0
     with start_vllm(VllmLaunch(model=Path(base.path)), python=settings.vllm_python, workdir=workdir) as server:
-        proc, gateway = _serve_gateway(server.base_url, workdir)
-        cpu = psutil.Process(proc.pid)
-        try:
+        proc, gateway = start_gateway_process(workdir, vllm_url=server.base_url,
+                                              env={"TUNESHIP_GATEWAY_ALIASES": '{"champion": "base"}'})  # fmt: skip
+        cpu = psutil.Process(proc.proc.pid)
+        with proc:
             targets = {"direct": (server.base_url, "base"), "gateway": (gateway, "champion")}
             for _ in range(5):  # alternate, so drift on a noisy machine hits both sides alike
                 for side, (url, model) in targets.items():
@@ -219,9 +195,6 @@ def gateway_overhead(workdir: Path) -> dict[str, Any]:
                     if side == "gateway":
                         gateway_cpu_s += sum(cpu.cpu_times()[:2]) - before
                         gateway_requests += spec.requests + spec.warmup
-        finally:
-            proc.terminate()
-            proc.wait(timeout=20)
 
     def median(side: str, key: str, sub: str | None = None) -> float:
         return statistics.median(r[key][sub] if sub else r[key] for r in runs[side])

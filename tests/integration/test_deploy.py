@@ -5,13 +5,9 @@ disconnects mid-stream, and an overloaded gateway (a `tuneship serve` process) t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -206,22 +202,11 @@ def rss_mib(pid: int) -> float:
 
 
 def test_overload_gives_only_200_and_429_and_bounded_memory(vllm_server, tmp_path: Path) -> None:
-    port = free_port()
-    env = {**os.environ, "TUNESHIP_VLLM_URL": vllm_server.base_url, "TUNESHIP_GATEWAY_PORT": str(port),
-           "TUNESHIP_GATEWAY_MAX_IN_FLIGHT": "4", "TUNESHIP_GATEWAY_MAX_QUEUE": "8",
-           "TUNESHIP_HOME": str(tmp_path)}  # fmt: skip
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--no-deploy"], env=env, stdout=log,
-                            stderr=subprocess.STDOUT)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-            time.sleep(0.2)
+    from flows.serve import start_gateway_process
+
+    small = {"TUNESHIP_GATEWAY_MAX_IN_FLIGHT": "4", "TUNESHIP_GATEWAY_MAX_QUEUE": "8"}
+    server, url = start_gateway_process(tmp_path, vllm_url=vllm_server.base_url, env=small)
+    with server:
 
         async def wave(n: int) -> list[int]:
             limits = httpx.Limits(max_connections=n)
@@ -230,19 +215,16 @@ def test_overload_gives_only_200_and_429_and_bounded_memory(vllm_server, tmp_pat
                 responses = await asyncio.gather(*(client.post("/generate", json=body) for _ in range(n)))
             return [r.status_code for r in responses]
 
-        rss = [rss_mib(proc.pid)]
+        rss = [rss_mib(server.proc.pid)]
         statuses: list[int] = []
         for _ in range(3):
             statuses += asyncio.run(wave(300))
-            rss.append(rss_mib(proc.pid))
+            rss.append(rss_mib(server.proc.pid))
         print(f"\n{statuses.count(200)} × 200, {statuses.count(429)} × 429; gateway RSS MiB per wave: {rss}")
         assert set(statuses) <= {200, 429} and statuses.count(429) > 0 and statuses.count(200) >= 12
         assert rss[-1] - rss[1] < 20, f"gateway memory kept growing under repeated overload: {rss}"
         metrics = httpx.get(f"{url}/metrics").text
         assert re.search(r'^tuneship_request_errors_total\{status="429"\} (\d+)', metrics, re.M)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 def test_serving_stack_serves_the_registry_champion(versions, vllm_server) -> None:
