@@ -237,6 +237,19 @@ def rollback(name: Annotated[str, typer.Argument(help="Registered model name.")]
     )
 
 
+@app.command()
+def promote(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Version to make the champion.")],
+    reason: Annotated[str, typer.Option(help="Why the gate is bypassed (kept on the version).")],
+) -> None:
+    """Make a version the champion by hand, past the gate (e.g. the first model on a new base)."""
+    from tasks.register import promote_by_hand
+
+    previous = promote_by_hand(name, version, reason=reason, tracking_uri=load_settings().mlflow_tracking_uri)
+    console.print(f"{name}: champion is now version {version} (was {previous or 'none'}); rollback restores it")
+
+
 @app.command("deploy")
 def deploy_cmd(
     name: Annotated[str, typer.Argument(help="Registered model name.")],
@@ -310,6 +323,7 @@ def bench_cmd(
     duration: Annotated[float | None, typer.Option(help="Or measure for this many seconds.")] = None,
     warmup: Annotated[int, typer.Option(help="Requests sent first and not measured.")] = 8,
     max_tokens: Annotated[int, typer.Option(help="Output tokens per request.")] = 64,
+    stream: Annotated[bool, typer.Option(help="Stream (measures TTFT) or wait for whole completions.")] = True,
     prompts: Annotated[Path | None, typer.Option(help="Evaluation JSONL (instruction field); default synthetic.")] = (
         None
     ),
@@ -327,7 +341,7 @@ def bench_cmd(
 
     settings = load_settings()
     spec = LoadSpec(url=url, model=model, concurrency=concurrency, rate=rate, requests=requests, duration_s=duration,
-                    warmup=warmup, max_tokens=max_tokens,
+                    warmup=warmup, max_tokens=max_tokens, stream=stream,
                     api_key=settings.api_keys[0].get_secret_value() if settings.api_keys else None)  # fmt: skip
     texts = eval_prompts(prompts) if prompts else synthetic_prompts(64, prompt_words)
     tracking = settings.mlflow_tracking_uri if registered_model else None

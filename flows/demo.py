@@ -111,6 +111,12 @@ def run_demo(settings: Settings, *, say: Callable[[str], None] = print) -> dict[
                 champion = get_version(summary.model_name, "champion", tracking_uri=settings.mlflow_tracking_uri)
             except RegistryError:
                 champion = None
+            if champion is not None and champion.tags.get("tuneship.base_revision") != base.revision:
+                # An earlier champion on another base cannot serve on this vLLM server: show this run's version.
+                say(f"the registry's champion v{champion.version} was trained on another base; serving this run's "
+                    f"v{summary.version} instead (`tuneship promote {summary.model_name} {summary.version} "
+                    f"--reason …` makes it the champion)")  # fmt: skip
+                champion = get_version(summary.model_name, summary.version, tracking_uri=settings.mlflow_tracking_uri)
             if champion is not None and summary.deployment is None:
                 deploy(summary.model_name, str(champion.version), DeployConfig(), store=store,
                        tracking_uri=settings.mlflow_tracking_uri, vllm_url=vllm_url, gateway_url=gw,

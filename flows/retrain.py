@@ -379,6 +379,13 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainSummary:  # noqa:
             champion = champion_adapter(cfg.model_name, tracking_uri=settings.mlflow_tracking_uri, store=services.store)
             if champion is not None and champion.sha256 == adapter.sha256:
                 champion = None  # unchanged inputs: the candidate is the champion already
+            champion_base = (champion.base_model, champion.base_model_revision) if champion else None
+            if champion_base and champion_base != (base.id, base.revision):
+                # An adapter only means something on its own base weights: no head-to-head on this base. The
+                # gate then keeps the candidate as challenger and says why (tasks.register.promote).
+                print(f"the champion was trained on {champion_base[0]}@{champion_base[1][:12]}, the candidate on "
+                      f"{base.id}@{base.revision[:12]}: not compared")  # fmt: skip
+                champion = None
             report = evaluate_stage(cfg, adapter, data, base, champion, services)
         with stage("register"):
             version, decision = register_stage(cfg, adapter, report, data, services)

@@ -5,7 +5,8 @@
     print(report.markdown())
 
 Each request is a streamed ``POST /v1/completions``: the time to the first token, the time per output token
-after it, and the end-to-end latency are read from the stream. Load is either a fixed number of concurrent
+after it, and the end-to-end latency are read from the stream (with ``stream=False``, whole completions and
+their end-to-end latency only). Load is either a fixed number of concurrent
 clients (closed loop) or a request rate with Poisson arrivals (open loop); the first ``warmup`` requests are
 sent and dropped. One pooled ``httpx.AsyncClient`` carries everything.
 """
@@ -37,6 +38,7 @@ class LoadSpec(BaseModel):
     max_tokens: int = Field(default=64, gt=0)
     temperature: float = 0.0
     ignore_eos: bool = Field(default=False, description="vLLM extension: always generate max_tokens.")
+    stream: bool = Field(default=True, description="Stream (SSE, TTFT measured) or wait for whole completions.")
     api_key: str | None = None
     timeout_s: float = 300.0
     seed: int = 0
@@ -142,12 +144,19 @@ class LoadReport:
 
 async def _one(client: httpx.AsyncClient, spec: LoadSpec, prompt: str) -> Sample:
     body: dict[str, Any] = {"model": spec.model, "prompt": prompt, "max_tokens": spec.max_tokens,
-                            "temperature": spec.temperature, "stream": True}  # fmt: skip
+                            "temperature": spec.temperature, "stream": spec.stream}  # fmt: skip
     if spec.ignore_eos:
         body["ignore_eos"] = True
     started = time.perf_counter()
     first, tokens = None, 0
     try:
+        if not spec.stream:
+            response = await client.post("/v1/completions", json=body)
+            if response.status_code != 200:
+                error = f"{response.status_code}: {response.text[:200]}"
+                return Sample(False, time.perf_counter() - started, error=error)
+            tokens = response.json()["usage"]["completion_tokens"]
+            return Sample(True, time.perf_counter() - started, None, tokens)
         async with client.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")

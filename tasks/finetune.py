@@ -73,6 +73,18 @@ def build_bnb_config(quantization: str, compute_dtype: Any) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def load_base_for_training(base: ResolvedModel, ft: FinetuneConfig, *, device: str, compute_dtype: Any) -> Any:
+    """The base model as the fine-tune trains on it: 16-bit/fp32, or quantized for QLoRA."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        base.path,
+        dtype=compute_dtype,
+        quantization_config=build_bnb_config(ft.quantization, compute_dtype),
+        device_map={"": device} if ft.quantization != "none" else None,
+    )
+
+
 def build_lora_config(lora: LoraSettings) -> Any:
     from peft import LoraConfig
 
@@ -283,7 +295,7 @@ def finetune(
     """Train a LoRA/QLoRA adapter on ``data`` and store it; resume if ``run_id`` has checkpoints."""
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer
 
     ft = cfg.finetune
     run_id = run_id or default_run_id(cfg, data, base)
@@ -316,12 +328,7 @@ def finetune(
         tracker.log_metrics({"memory_estimate_gib": estimate.total_gib, "train_rows": len(train_set)})
         tracker.set_tags({"tuneship.memory_estimate": estimate.describe()})
         torch.manual_seed(ft.train.seed)
-        model = AutoModelForCausalLM.from_pretrained(
-            base.path,
-            dtype=dtype,
-            quantization_config=build_bnb_config(ft.quantization, dtype),
-            device_map={"": device} if ft.quantization != "none" else None,
-        )
+        model = load_base_for_training(base, ft, device=device, compute_dtype=dtype)
         if ft.quantization != "none":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ft.gradient_checkpointing)
         elif ft.gradient_checkpointing:

@@ -200,6 +200,9 @@ def _requirements() -> list[str]:
     return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "transformers", "peft", "mlflow", "tuneship")]
 
 
+BASE_TAGS = ("tuneship.base_model", "tuneship.base_revision")
+
+
 def _champion(client: Any, name: str) -> Any | None:
     from mlflow.exceptions import MlflowException
 
@@ -236,9 +239,15 @@ def promote(cfg: RunConfig, version: ModelVersionRef, report: EvalReport, *, tra
         vs = report.comparisons.get("champion")
         champion_sha = champion.tags.get("tuneship.adapter_sha256")
         if vs is None or report.champion_sha256 != champion_sha:
-            rules["beats_champion"] = RuleResult(
-                passed=False, value=f"the report does not compare against the current champion (v{champion.version})"
-            )
+            why = f"the report does not compare against the current champion (v{champion.version})"
+            theirs = [champion.tags.get(k) for k in BASE_TAGS]
+            if theirs != [client.get_model_version(version.name, version.version).tags.get(k) for k in BASE_TAGS]:
+                why = (
+                    f"the champion (v{champion.version}) was trained on another base ({theirs[0]}@"
+                    f"{(theirs[1] or '?')[:12]}), so no evaluation compares the two; `tuneship promote` it by hand "
+                    "if intended"
+                )
+            rules["beats_champion"] = RuleResult(passed=False, value=why)
         else:
             rules["beats_champion"] = RuleResult(
                 passed=vs.ci_low > rules_cfg.ci_margin,
@@ -274,10 +283,31 @@ def promote(cfg: RunConfig, version: ModelVersionRef, report: EvalReport, *, tra
     _retry(client.set_model_version_tag, version.name, version.version, "tuneship.gate.decision",
            "promoted" if promoted else "refused")  # fmt: skip
     if promoted:
-        history = _history(client, version.name)
-        _retry(client.set_registered_model_tag, version.name, HISTORY_TAG, json.dumps([*history, version.version]))
-        _retry(client.set_registered_model_alias, version.name, CHAMPION, version.version)
+        _make_champion(client, version.name, version.version)
     return decision
+
+
+def _make_champion(client: Any, name: str, version: str) -> None:
+    history = _history(client, name)
+    _retry(client.set_registered_model_tag, name, HISTORY_TAG, json.dumps([*history, version]))
+    _retry(client.set_registered_model_alias, name, CHAMPION, version)
+
+
+def promote_by_hand(name: str, version: str, *, reason: str, tracking_uri: str) -> str | None:
+    """Make ``version`` the champion without the gate (e.g. the first model on a new base); return the old one."""
+    client = _client(tracking_uri)
+    if not reason.strip():
+        raise RegistryError("a promotion by hand needs a reason; it is kept on the version")
+    target = get_version(name, version, tracking_uri=tracking_uri)
+    current = _champion(client, name)
+    if current is not None and str(current.version) == str(target.version):
+        raise RegistryError(f"{name}: version {target.version} is already the champion")
+    _wait_ready(client, name, str(target.version))
+    _retry(
+        client.set_model_version_tag, name, str(target.version), "tuneship.gate.decision", f"promoted by hand: {reason}"
+    )
+    _make_champion(client, name, str(target.version))
+    return str(current.version) if current else None
 
 
 def rollback(name: str, *, tracking_uri: str) -> str:

@@ -77,3 +77,18 @@ def test_tuneship_bench_against_the_gateway_prints_the_table_and_writes_the_file
     assert (tmp_path / "load-latency.png").stat().st_size > 1000 and (tmp_path / "load.md").exists()
     # The gateway saw the 26 requests (warm-up included) it measured.
     assert re.search(r'^tuneship_request_latency_seconds_count\{model="champion"\} 26\.0$', metrics, re.M)
+
+
+def test_load_without_streaming_counts_whole_completions(vllm_server) -> None:
+    import asyncio
+    import math
+
+    from serving.loadgen import LoadSpec, run_load
+
+    spec = LoadSpec(url=vllm_server.base_url, model="base", concurrency=4, requests=12, warmup=0, max_tokens=8,
+                    ignore_eos=True, stream=False)  # fmt: skip
+    report = asyncio.run(run_load(spec, ["SELECT", "How many orders"]))
+    assert [(s.ok, s.output_tokens, s.ttft) for s in report.samples] == [(True, 8, None)] * 12
+    summary = report.summary()
+    assert summary["output_tokens_per_s"] == 96 / summary["wall_s"] and math.isnan(summary["ttft_s"]["p50"])
+    assert "| end-to-end latency |" in report.markdown()

@@ -15,7 +15,7 @@ import pytest
 from infra.tracking import MlflowTracker
 from tasks.evaluate import evaluate
 from tasks.refs import Comparison
-from tasks.register import RegistryError, list_versions, promote, register, rollback
+from tasks.register import RegistryError, list_versions, promote, promote_by_hand, register, rollback
 
 pytestmark = pytest.mark.slow
 SECRET_KEY = "tuneship-local-secret"  # the S3 secret these services use; must never be logged
@@ -181,3 +181,27 @@ def test_no_secret_is_logged(env, history, tmp_path: Path) -> None:
         and API_KEY not in blob
         and os.environ.get("AWS_SECRET_ACCESS_KEY", SECRET_KEY) not in blob
     )
+
+
+def test_a_champion_on_another_base_is_kept_until_promoted_by_hand(env, history) -> None:
+    # The same adapter, as if trained on another revision of the base: no evaluation can compare it with the
+    # champion on one server, so the gate keeps it as challenger and says why; a person can promote it.
+    c = client(env["uri"])
+    before = c.get_model_version_by_alias(env["name"], "champion").version
+    other = env["strong"].model_copy(update={"base_model_revision": "0" * 64})
+    report = history["reports"][0].model_copy(update={"candidate_sha256": other.sha256})
+    version = register(env["cfg"], other, report, env["data"], store=env["store"], tracking_uri=env["uri"])
+    decision = promote(env["cfg"], version, report, tracking_uri=env["uri"])
+    assert not decision.promoted
+    assert "was trained on another base (tuneship/sql-small@" in decision.rules["beats_champion"].value
+    assert c.get_model_version_by_alias(env["name"], "champion").version == before
+
+    with pytest.raises(RegistryError, match="needs a reason"):
+        promote_by_hand(env["name"], version.version, reason=" ", tracking_uri=env["uri"])
+    assert promote_by_hand(env["name"], version.version, reason="new base", tracking_uri=env["uri"]) == before
+    champion = c.get_model_version_by_alias(env["name"], "champion")
+    assert champion.version == version.version
+    assert champion.tags["tuneship.gate.decision"] == "promoted by hand: new base"
+    with pytest.raises(RegistryError, match="already the champion"):
+        promote_by_hand(env["name"], version.version, reason="again", tracking_uri=env["uri"])
+    assert rollback(env["name"], tracking_uri=env["uri"]) == before
