@@ -34,7 +34,7 @@ from serving.upstream import VllmUpstream
 from tasks.config import DeployConfig
 from tasks.deploy import deploy
 from tasks.generation import instruction_prompt
-from tasks.register import RegistryError, get_version
+from tasks.register import RegistryError, base_of, get_version
 from tasks.sql_exec import connect_readonly, execute_sql, is_ordered, results_match
 
 MODEL = "retail-sql"
@@ -111,7 +111,7 @@ def run_demo(settings: Settings, *, say: Callable[[str], None] = print) -> dict[
                 champion = get_version(summary.model_name, "champion", tracking_uri=settings.mlflow_tracking_uri)
             except RegistryError:
                 champion = None
-            if champion is not None and champion.tags.get("tuneship.base_revision") != base.revision:
+            if champion is not None and base_of(champion) != (base.id, base.revision):
                 # An earlier champion on another base cannot serve on this vLLM server: show this run's version.
                 say(f"the registry's champion v{champion.version} was trained on another base; serving this run's "
                     f"v{summary.version} instead (`tuneship promote {summary.model_name} {summary.version} "

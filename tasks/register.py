@@ -203,6 +203,11 @@ def _requirements() -> list[str]:
 BASE_TAGS = ("tuneship.base_model", "tuneship.base_revision")
 
 
+def base_of(mv: Any) -> tuple[str | None, ...]:
+    """(base model id, revision) a registered version's adapter was trained on, from its lineage tags."""
+    return tuple(mv.tags.get(k) for k in BASE_TAGS)
+
+
 def _champion(client: Any, name: str) -> Any | None:
     from mlflow.exceptions import MlflowException
 
@@ -240,8 +245,8 @@ def promote(cfg: RunConfig, version: ModelVersionRef, report: EvalReport, *, tra
         champion_sha = champion.tags.get("tuneship.adapter_sha256")
         if vs is None or report.champion_sha256 != champion_sha:
             why = f"the report does not compare against the current champion (v{champion.version})"
-            theirs = [champion.tags.get(k) for k in BASE_TAGS]
-            if theirs != [client.get_model_version(version.name, version.version).tags.get(k) for k in BASE_TAGS]:
+            theirs = base_of(champion)
+            if theirs != base_of(client.get_model_version(version.name, version.version)):
                 why = (
                     f"the champion (v{champion.version}) was trained on another base ({theirs[0]}@"
                     f"{(theirs[1] or '?')[:12]}), so no evaluation compares the two; `tuneship promote` it by hand "
