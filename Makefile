@@ -60,8 +60,8 @@ bench: setup
 	$(VENV)/bin/python tests/benchmarks/run.py $(BENCH)
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check flows tasks infra serving tests
-	$(VENV)/bin/ruff format --check flows tasks infra serving tests
+	$(VENV)/bin/ruff check flows tasks infra serving offline tests
+	$(VENV)/bin/ruff format --check flows tasks infra serving offline tests
 
 clean-venvs:
 	rm -rf $(VENV) $(VLLM_VENV)

@@ -54,15 +54,29 @@ def synthetic_prompts(count: int, words: int, seed: int = 0) -> list[str]:
     return [alpaca_prompt(" ".join(rng.choice(vocab) for _ in range(words))) for _ in range(count)]
 
 
-def bench(spec: LoadSpec, prompts: list[str], *, out_dir: Path, instance: str = DEFAULT_INSTANCE,
-          api: str | None = DEFAULT_API, tracking_uri: str | None = None, model_name: str | None = None,
-          version: str | None = None, name: str = "load") -> LoadReport:  # fmt: skip
+def bench(
+    spec: LoadSpec,
+    prompts: list[str],
+    *,
+    out_dir: Path,
+    instance: str = DEFAULT_INSTANCE,
+    api: str | None = DEFAULT_API,
+    tracking_uri: str | None = None,
+    model_name: str | None = None,
+    version: str | None = None,
+    name: str = "load",
+) -> LoadReport:
     """Run one load test, price it on ``instance``, write JSON/markdown/PNG, log it to MLflow if asked."""
     report = asyncio.run(run_load(spec, prompts))
     s = report.summary()
     if s["requests_per_s"] > 0 and s["output_tokens_per_s"] > 0:
-        cost = serving_cost(load_prices(), instance, requests_per_s=s["requests_per_s"],
-                            output_tokens_per_s=s["output_tokens_per_s"], api=api)  # fmt: skip
+        cost = serving_cost(
+            load_prices(),
+            instance,
+            requests_per_s=s["requests_per_s"],
+            output_tokens_per_s=s["output_tokens_per_s"],
+            api=api,
+        )
         report.extra["cost"] = cost.model_dump()
     files = report.write(out_dir, name)
     if tracking_uri:
@@ -70,8 +84,9 @@ def bench(spec: LoadSpec, prompts: list[str], *, out_dir: Path, instance: str = 
     return report
 
 
-def _log_to_mlflow(report: LoadReport, files: list[Path], *, tracking_uri: str, model_name: str | None,
-                   version: str | None) -> None:  # fmt: skip
+def _log_to_mlflow(
+    report: LoadReport, files: list[Path], *, tracking_uri: str, model_name: str | None, version: str | None
+) -> None:
     from infra.tracking import MlflowTracker, flatten
 
     s = report.summary()
@@ -79,22 +94,39 @@ def _log_to_mlflow(report: LoadReport, files: list[Path], *, tracking_uri: str, 
     tracker = MlflowTracker(tracking_uri, system_metrics=False)
     with tracker.run(f"bench-{model_name or s['model']}-v{version or 'na'}", stage="bench", tags=tags):
         tracker.log_params({k: v for k, v in report.spec.model_dump().items() if k != "api_key"})
-        tracker.log_metrics({k: v for k, v in flatten({k: v for k, v in s.items() if k not in ("model", "url")}).items()
-                             if isinstance(v, int | float) and v == v})  # fmt: skip
+        tracker.log_metrics(
+            {
+                k: v
+                for k, v in flatten({k: v for k, v in s.items() if k not in ("model", "url")}).items()
+                if isinstance(v, int | float) and v == v
+            }
+        )
         for path in files:
             tracker.log_artifact(path, artifact_path="bench")
     if model_name and version and "cost" in s:
-        from tasks.register import set_version_tags
+        from infra.registry import set_version_tags
 
         cost = s["cost"]
-        set_version_tags(model_name, version, {
-            "tuneship.cost.serving_usd_per_1m_output_tokens": f"{cost['usd_per_1m_output_tokens']:.4g}",
-            "tuneship.cost.serving_usd_per_1k_requests": f"{cost['usd_per_1k_requests']:.4g}",
-            "tuneship.cost.serving_instance": cost["instance"]}, tracking_uri=tracking_uri)  # fmt: skip
+        set_version_tags(
+            model_name,
+            version,
+            {
+                "tuneship.cost.serving_usd_per_1m_output_tokens": f"{cost['usd_per_1m_output_tokens']:.4g}",
+                "tuneship.cost.serving_usd_per_1k_requests": f"{cost['usd_per_1k_requests']:.4g}",
+                "tuneship.cost.serving_instance": cost["instance"],
+            },
+            tracking_uri=tracking_uri,
+        )
 
 
-def compare(rows: list[tuple[str, str, str]], prompts: list[str], spec: LoadSpec, *, instance: str,
-            api: str | None = DEFAULT_API) -> tuple[str, list[dict[str, Any]]]:  # fmt: skip
+def compare(
+    rows: list[tuple[str, str, str]],
+    prompts: list[str],
+    spec: LoadSpec,
+    *,
+    instance: str,
+    api: str | None = DEFAULT_API,
+) -> tuple[str, list[dict[str, Any]]]:
     """The seed's comparison: each (label, url, model) under the same load and prompts; plus the API's price.
 
     Cost per 1M output tokens prices the measured throughput at ``instance``'s hourly rate; the API row is
@@ -104,14 +136,27 @@ def compare(rows: list[tuple[str, str, str]], prompts: list[str], spec: LoadSpec
     for label, url, model in rows:
         report = asyncio.run(run_load(spec.model_copy(update={"url": url, "model": model}), prompts))
         s = report.summary()
-        cost = serving_cost(prices, instance, requests_per_s=s["requests_per_s"],
-                            output_tokens_per_s=s["output_tokens_per_s"])  # fmt: skip
-        results.append({"config": label, "p50_ms": s["latency_s"]["p50"] * 1000, "p95_ms": s["latency_s"]["p95"] * 1000,
-                        "ttft_p50_ms": s["ttft_s"]["p50"] * 1000, "tokens_per_s": s["output_tokens_per_s"],
-                        "requests_per_s": s["requests_per_s"], "errors": s["errors"],
-                        "usd_per_1m_tokens": cost.usd_per_1m_output_tokens, "measured": True})  # fmt: skip
-    lines = [f"| configuration | p50 ms | p95 ms | TTFT p50 ms | output tokens/s | requests/s | $ / 1M tokens on "
-             f"{instance} |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        cost = serving_cost(
+            prices, instance, requests_per_s=s["requests_per_s"], output_tokens_per_s=s["output_tokens_per_s"]
+        )
+        results.append(
+            {
+                "config": label,
+                "p50_ms": s["latency_s"]["p50"] * 1000,
+                "p95_ms": s["latency_s"]["p95"] * 1000,
+                "ttft_p50_ms": s["ttft_s"]["p50"] * 1000,
+                "tokens_per_s": s["output_tokens_per_s"],
+                "requests_per_s": s["requests_per_s"],
+                "errors": s["errors"],
+                "usd_per_1m_tokens": cost.usd_per_1m_output_tokens,
+                "measured": True,
+            }
+        )
+    lines = [
+        f"| configuration | p50 ms | p95 ms | TTFT p50 ms | output tokens/s | requests/s | $ / 1M tokens on "
+        f"{instance} |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         lines.append(
             f"| {r['config']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['ttft_p50_ms']:.0f} | "
@@ -119,8 +164,9 @@ def compare(rows: list[tuple[str, str, str]], prompts: list[str], spec: LoadSpec
         )
     if api:
         price = prices.api(api)
-        results.append({"config": f"API: {api}", "usd_per_1m_tokens": price.usd_per_1m_output_tokens,
-                        "measured": False})  # fmt: skip
+        results.append(
+            {"config": f"API: {api}", "usd_per_1m_tokens": price.usd_per_1m_output_tokens, "measured": False}
+        )
         lines.append(
             f"| API: {api} (price list {price.as_of}, not measured) | – | – | – | – | – | "
             f"{price.usd_per_1m_output_tokens:.2f} |"
@@ -145,9 +191,19 @@ def bench_flow(params: BenchParams) -> dict[str, Any]:
     from infra.settings import load_settings
 
     prompts = eval_prompts(Path(params.prompts_file)) if params.prompts_file else synthetic_prompts(64, 24)
-    spec = LoadSpec(url=params.url, model=params.model, concurrency=params.concurrency, requests=params.requests,
-                    max_tokens=params.max_tokens)  # fmt: skip
-    report = bench(spec, prompts, out_dir=Path(params.out_dir), instance=params.instance,
-                   tracking_uri=load_settings().mlflow_tracking_uri)  # fmt: skip
+    spec = LoadSpec(
+        url=params.url,
+        model=params.model,
+        concurrency=params.concurrency,
+        requests=params.requests,
+        max_tokens=params.max_tokens,
+    )
+    report = bench(
+        spec,
+        prompts,
+        out_dir=Path(params.out_dir),
+        instance=params.instance,
+        tracking_uri=load_settings().mlflow_tracking_uri,
+    )
     print(report.markdown())
     return report.summary()

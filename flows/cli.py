@@ -6,10 +6,11 @@
     tuneship artifacts get KEY           # download and verify into the cache, print the path
     tuneship artifacts list [PREFIX]
     tuneship services up                 # a loopback S3 endpoint + MLflow server, until Ctrl-C
-    tuneship base build [--recipe sql-small]   # build (or reuse) the offline base model
+    tuneship base build [--recipe sql-small] [--rebuild]   # load (or pre-train) the offline base model
     tuneship demo-data --out DIR         # the demo task: retail.db, train.jsonl, test.jsonl
     tuneship preprocess CONFIG [--set key=value ...]   # the preprocess stage alone
     tuneship train CONFIG [--set key=value ...] [--run-id ID]   # preprocess + fine-tune (resumable)
+    tuneship retrain CONFIG [--set key=value ...] [--no-deploy]  # the whole retrain flow (Prefect)
     tuneship models list NAME | models show NAME VERSION   # the registry: aliases, metrics, lineage
     tuneship rollback NAME               # move @champion back to the previous champion
     tuneship deploy NAME [VERSION]       # hot-swap a version into the running vLLM + gateway (or render manifests)
@@ -22,6 +23,7 @@ Bad settings and store errors end the command with one ``tuneship: error: ...`` 
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 import time
 from pathlib import Path
@@ -49,7 +51,16 @@ app.add_typer(models_app, name="models")
 base_app = typer.Typer(help="The offline base model tuneship builds for itself.", no_args_is_help=True)
 app.add_typer(base_app, name="base")
 
-console = Console()
+
+def _console() -> Console:
+    """rich's console; when stdout is not a terminal (CI logs, ``| tee``) lines and tables are not wrapped."""
+    console = Console()
+    if console.is_terminal:
+        return console
+    return Console(width=100_000, soft_wrap=True, no_color=True, highlight=False)
+
+
+console = _console()
 
 
 @app.command()
@@ -118,20 +129,35 @@ def services_up(
 
 @base_app.command("build")
 def base_build(
-    recipe: Annotated[str, typer.Option(help="Recipe name (see infra/base_model.py RECIPES).")] = "sql-small",
+    recipe: Annotated[str, typer.Option(help="Recipe name (see offline/base_model.py RECIPES).")] = "sql-small",
+    rebuild: Annotated[
+        bool, typer.Option(help="Pre-train from the recipe even if a checkpoint exists, and compare with it.")
+    ] = False,
+    out: Annotated[Path | None, typer.Option(help="With --rebuild: where the rebuilt model goes.")] = None,
 ) -> None:
-    """Build the offline base model, or reuse it from the artifact store / per-user cache."""
-    from infra.base_model import RECIPES, ensure_base_model
+    """Load the offline base model (store, cache or the repository's pinned checkpoint), or pre-train it."""
+    import tempfile
+
+    from infra.artifacts import tree_sha256
+    from offline.base_model import RECIPES, checkpoint_path, ensure_base_model
+    from offline.base_model import rebuild as rebuild_recipe
 
     if recipe not in RECIPES:
         raise SettingsError(f"--recipe {recipe!r}: unknown; choose one of {sorted(RECIPES)}")
-    settings = load_settings()
     started = time.perf_counter()
+    if rebuild:
+        target = out or Path(tempfile.mkdtemp(prefix=f"tuneship-{recipe}-"))
+        same = rebuild_recipe(RECIPES[recipe], target, log=console.print)
+        console.print(f"{recipe}: pre-trained in {time.perf_counter() - started:.0f} s into {target}")
+        console.print(f"  pin: PINNED[{checkpoint_path(RECIPES[recipe]).name!r}] = {tree_sha256(target)!r}")
+        for name, identical in same.items():
+            console.print(f"  {name}: {'identical to' if identical else 'DIFFERS from'} the pinned checkpoint")
+        return
+    settings = load_settings()
     base = ensure_base_model(
         RECIPES[recipe], store=open_store(settings), cache_dir=settings.cache_dir, log=console.print
     )
-    how = "built" if base.built else "reused from cache"
-    console.print(f"{recipe}: {how} in {time.perf_counter() - started:.1f} s")
+    console.print(f"{recipe}: from the {base.source} in {time.perf_counter() - started:.1f} s")
     console.print(f"  artifact: {base.ref.uri}  sha256 {base.ref.sha256[:12]}")
     console.print(f"  local:    {base.path}")
 
@@ -141,7 +167,7 @@ def demo_data(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path(".tuneship/demo-task"),
 ) -> None:
     """Write the demo text-to-SQL task: retail.db, schema.sql, train.jsonl, test.jsonl."""
-    from infra.demo_task import build_demo_task
+    from offline.demo_task import build_demo_task
 
     counts = build_demo_task(out)
     console.print(f"demo task in {out}: {counts['train']} train / {counts['test']} test questions, retail.db")
@@ -154,7 +180,7 @@ ConfigPath = Annotated[Path, typer.Argument(help="Run config YAML, e.g. deployme
 @app.command("preprocess")
 def preprocess_cmd(config: ConfigPath, overrides: Overrides = None) -> None:
     """Validate, tokenise and split the run's data; print the dataset ref (rejects are kept in it)."""
-    from infra.base_model import resolve_base_model
+    from tasks.base_model import resolve_base_model
     from tasks.config import load_run_config
     from tasks.preprocess import preprocess
 
@@ -162,7 +188,7 @@ def preprocess_cmd(config: ConfigPath, overrides: Overrides = None) -> None:
     settings = load_settings()
     store = open_store(settings)
     base = resolve_base_model(cfg.base_model, store=store, cache_dir=settings.cache_dir, log=console.print)
-    ref = preprocess(cfg, base=base, store=store, workdir=settings.home / "work")
+    ref = preprocess(cfg.preprocess, cfg.data, name=cfg.name, base=base, store=store, workdir=settings.home / "work")
     console.print_json(ref.model_dump_json())
 
 
@@ -175,8 +201,8 @@ def train_cmd(
     ] = None,
 ) -> None:
     """Preprocess and fine-tune; a re-run with the same run id resumes from the newest checkpoint."""
-    from infra.base_model import resolve_base_model
     from infra.tracking import MlflowTracker
+    from tasks.base_model import resolve_base_model
     from tasks.config import load_run_config
     from tasks.finetune import finetune
     from tasks.preprocess import preprocess
@@ -185,19 +211,57 @@ def train_cmd(
     settings = load_settings()
     store = open_store(settings)
     base = resolve_base_model(cfg.base_model, store=store, cache_dir=settings.cache_dir, log=console.print)
-    data = preprocess(cfg, base=base, store=store, workdir=settings.home / "work")
+    data = preprocess(cfg.preprocess, cfg.data, name=cfg.name, base=base, store=store, workdir=settings.home / "work")
     console.print(f"dataset {data.artifact.key}: {data.stats.splits}, {data.stats.rejected} rejected")
     tracker = MlflowTracker.from_settings(settings)
     adapter = finetune(
-        cfg, data, base=base, store=store, tracker=tracker, workdir=settings.home / "work", run_id=run_id
+        cfg.finetune,
+        data,
+        name=cfg.name,
+        base=base,
+        store=store,
+        tracker=tracker,
+        workdir=settings.home / "work",
+        run_id=run_id,
     )
     console.print_json(adapter.model_dump_json())
+
+
+@app.command("retrain")
+def retrain_cmd(
+    config: ConfigPath,
+    overrides: Overrides = None,
+    deploy: Annotated[
+        bool, typer.Option("--deploy/--no-deploy", help="Hot-swap a promoted model into the serving stack.")
+    ] = True,
+    max_eval_examples: Annotated[int | None, typer.Option(help="Score only the first N test examples.")] = None,
+) -> None:
+    """Run the retrain flow once: preprocess → fine-tune → evaluate → register + gate → deploy.
+
+    The flow runs against PREFECT_API_URL if set, else a local `prefect server` started for the run. Deploying
+    needs the serving stack in TUNESHIP_VLLM_URL / TUNESHIP_GATEWAY_URL (`tuneship serve` starts one).
+    """
+    from flows.prefect_api import prefect_api
+    from flows.retrain import RetrainParams, retrain
+    from tasks.config import load_run_config
+
+    load_run_config(config, overrides)  # a bad config or override ends here, before any service starts
+    settings = load_settings()
+    params = RetrainParams(
+        config=str(config.resolve()), overrides=overrides or [], deploy=deploy, max_eval_examples=max_eval_examples
+    )
+    with prefect_api(settings, say=console.print):
+        state = retrain(params, return_state=True)
+    if not state.is_completed():
+        console.print(f"tuneship: the retrain flow ended {state.name}: {state.message}")
+        raise typer.Exit(1)
+    console.print_json(state.result().model_dump_json())
 
 
 @models_app.command("list")
 def models_list(name: Annotated[str, typer.Argument(help="Registered model name.")]) -> None:
     """Versions of a registered model with their aliases, key metrics, gate decision and lineage."""
-    from tasks.register import list_versions
+    from infra.registry import list_versions
 
     table = Table("version", "aliases", "accuracy", "perplexity", "gate", "adapter", "dataset", "base model", "git")
     for row in list_versions(name, tracking_uri=load_settings().mlflow_tracking_uri):
@@ -212,7 +276,7 @@ def models_show(
     version: Annotated[str, typer.Argument(help="Version number.")],
 ) -> None:
     """Every tag of one version: lineage, evaluation metrics and the gate's rule-by-rule decision."""
-    from tasks.register import RegistryError, list_versions
+    from infra.registry import RegistryError, list_versions
 
     rows = [r for r in list_versions(name, tracking_uri=load_settings().mlflow_tracking_uri) if r["version"] == version]
     if not rows:
@@ -226,8 +290,8 @@ def models_show(
 @app.command()
 def rollback(name: Annotated[str, typer.Argument(help="Registered model name.")]) -> None:
     """Move the champion alias back to the previous champion and say what is serving now."""
-    from tasks.register import list_versions
-    from tasks.register import rollback as do_rollback
+    from infra.registry import list_versions
+    from infra.registry import rollback as do_rollback
 
     uri = load_settings().mlflow_tracking_uri
     version = do_rollback(name, tracking_uri=uri)
@@ -268,16 +332,25 @@ def deploy_cmd(
     store = open_store(settings)
     uri = settings.mlflow_tracking_uri
     if target == "manifests":
-        dep = render_manifests(name, version, DeployConfig(target="manifests", manifests_dir=str(out)), store=store,
-                               tracking_uri=uri)  # fmt: skip
+        dep = render_manifests(
+            name, version, DeployConfig(target="manifests", manifests_dir=str(out)), store=store, tracking_uri=uri
+        )
         console.print(f"{name} v{dep.version}: wrote " + ", ".join(dep.manifests))
         return
     if target != "existing":
         raise DeployError(f"--target {target!r}: use 'existing' or 'manifests' (`tuneship serve` starts a local one)")
     if settings.vllm_url == "local":
         raise DeployError("TUNESHIP_VLLM_URL is 'local': set it to the running vLLM server's URL")
-    dep = deploy(name, version, DeployConfig(alias=alias), store=store, tracking_uri=uri, vllm_url=settings.vllm_url,
-                 gateway_url=settings.gateway_url, admin_key=settings.admin_key)  # fmt: skip
+    dep = deploy(
+        name,
+        version,
+        DeployConfig(alias=alias),
+        store=store,
+        tracking_uri=uri,
+        vllm_url=settings.vllm_url,
+        gateway_url=settings.gateway_url,
+        admin_key=settings.admin_key,
+    )
     console.print_json(dep.model_dump_json())
 
 
@@ -340,18 +413,30 @@ def bench_cmd(
     from serving.loadgen import LoadSpec
 
     settings = load_settings()
-    spec = LoadSpec(url=url, model=model, concurrency=concurrency, rate=rate, requests=requests, duration_s=duration,
-                    warmup=warmup, max_tokens=max_tokens, stream=stream,
-                    api_key=settings.api_keys[0].get_secret_value() if settings.api_keys else None)  # fmt: skip
+    spec = LoadSpec(
+        url=url,
+        model=model,
+        concurrency=concurrency,
+        rate=rate,
+        requests=requests,
+        duration_s=duration,
+        warmup=warmup,
+        max_tokens=max_tokens,
+        stream=stream,
+        api_key=settings.api_keys[0].get_secret_value() if settings.api_keys else None,
+    )
     texts = eval_prompts(prompts) if prompts else synthetic_prompts(64, prompt_words)
     tracking = settings.mlflow_tracking_uri if registered_model else None
-    report = bench(spec, texts, out_dir=out, instance=instance, tracking_uri=tracking, model_name=registered_model,
-                   version=version)  # fmt: skip
+    report = bench(
+        spec, texts, out_dir=out, instance=instance, tracking_uri=tracking, model_name=registered_model, version=version
+    )
     console.print(report.markdown())
     cost = report.summary().get("cost")
     if cost:
-        console.print(f"on {cost['instance']} (${cost['usd_per_hour']}/h): ${cost['usd_per_1k_requests']:.4f} per 1K "
-                      f"requests, ${cost['usd_per_1m_output_tokens']:.2f} per 1M output tokens")  # fmt: skip
+        console.print(
+            f"on {cost['instance']} (${cost['usd_per_hour']}/h): ${cost['usd_per_1k_requests']:.4f} per 1K "
+            f"requests, ${cost['usd_per_1m_output_tokens']:.2f} per 1M output tokens"
+        )
     console.print(f"written to {out}/")
 
 
@@ -363,8 +448,17 @@ def demo() -> None:
     run_demo(load_settings(), say=console.print)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
-    """Console-script entry point: user errors become one line on stderr and exit code 2."""
+    """Console-script entry point: user errors become one line on stderr and exit code 2.
+
+    SIGTERM (what systemd, Kubernetes and Docker send) unwinds like Ctrl-C, so every server a command started
+    (vLLM, the Prefect server, the gateway) is stopped with it.
+    """
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except UserError as exc:

@@ -1,9 +1,12 @@
 """``make demo`` / ``tuneship demo``: the whole pipeline on embedded defaults, through the Prefect flow.
 
-1. builds (or reuses) the offline base model and the demo task;
-2. starts the serving stack: a vLLM server (launched locally unless ``TUNESHIP_VLLM_URL`` names one) and the
+1. loads the offline base model (the repository's pinned checkpoint) and publishes the demo task to the artifact
+   store under ``data/retail-sql``, where a customer's data would be (``tuneship artifacts put``);
+2. starts a local ``prefect server`` (unless ``PREFECT_API_URL`` names one, see ``flows/prefect_api.py``) and
+   the serving stack beside it: a vLLM server (launched locally unless ``TUNESHIP_VLLM_URL`` names one) and the
    FastAPI gateway in front of it;
-3. runs the ``retrain`` flow (preprocess → fine-tune → evaluate → register + gate → deploy) against that stack:
+3. runs the ``retrain`` flow on ``deployments/configs/tiny-cpu.yaml`` — the same run config the scheduled
+   deployment trains on — (preprocess → fine-tune → evaluate → register + gate → deploy) against that stack:
    a promoted model is hot-swapped into the gateway's ``champion`` alias;
 4. sends one streaming ``/generate`` and one ``/generate/batch`` request through the gateway and prints them,
    with the evaluation comparison and where the report, the MLflow run and the Prefect run are.
@@ -22,22 +25,25 @@ from pathlib import Path
 
 import httpx
 
+from flows.prefect_api import configured_api_url, launch_local_server, prefect_api
 from flows.serve import gateway_config, local_vllm
 from infra.artifacts import open_store
-from infra.base_model import resolve_base_model
-from infra.demo_task import build_demo_task
+from infra.registry import RegistryError, base_of, get_version
 from infra.services import free_port
 from infra.settings import Settings
+from offline.demo_task import build_demo_task
 from serving.app import create_app
 from serving.server import serve_in_thread
 from serving.upstream import VllmUpstream
+from tasks.base_model import resolve_base_model
 from tasks.config import DeployConfig
 from tasks.deploy import deploy
 from tasks.generation import instruction_prompt
-from tasks.register import RegistryError, base_of, get_version
 from tasks.sql_exec import connect_readonly, execute_sql, is_ordered, results_match
 
 MODEL = "retail-sql"
+CONFIG = "deployments/configs/tiny-cpu.yaml"
+DATA_KEY = "data/retail-sql"  # where tiny-cpu.yaml reads its data: artifact://data/retail-sql/…
 
 
 def stream_generate(gateway_url: str, model: str, prompt: str, *, max_tokens: int = 96) -> Iterator[str]:
@@ -75,17 +81,22 @@ def run_demo(settings: Settings, *, say: Callable[[str], None] = print) -> dict[
     say(f"base model: {base.id} ({base.path})")
     task_dir = settings.home / "demo-task"
     counts = build_demo_task(task_dir)
-    say(f"demo task: {counts['train']} train / {counts['test']} test questions in {task_dir}")
+    data = store.put_dir(task_dir, DATA_KEY, overwrite=True)
+    say(f"demo task: {counts['train']} train / {counts['test']} test questions in {task_dir}, published as {data.uri}")
 
     admin_key = settings.admin_key or secrets.token_urlsafe(24)
-    with local_vllm(settings, Path(base.path)) as vllm_url:
+    # Prefect's server and vLLM start side by side; each is waited on until it answers (or dies), not timed.
+    with contextlib.ExitStack() as stack:
+        prefect = None if configured_api_url() else stack.enter_context(launch_local_server(settings))
+        vllm_url = stack.enter_context(local_vllm(settings, Path(base.path)))
         say(f"vLLM: {vllm_url}")
+        stack.enter_context(prefect_api(settings, server=prefect, say=say))
         app = create_app(gateway_config(settings, admin_keys=[admin_key]), VllmUpstream(vllm_url))
         with serve_in_thread(app, port=free_port()) as gw:
             say(f"gateway: {gw}")
-            stack = {"TUNESHIP_VLLM_URL": vllm_url, "TUNESHIP_GATEWAY_URL": gw, "TUNESHIP_ADMIN_KEYS": admin_key}
-            with _env(stack):
-                state = retrain(RetrainParams(), return_state=True)
+            serving = {"TUNESHIP_VLLM_URL": vllm_url, "TUNESHIP_GATEWAY_URL": gw, "TUNESHIP_ADMIN_KEYS": admin_key}
+            with _env(serving):
+                state = retrain(RetrainParams(config=CONFIG), return_state=True)
             if not state.is_completed():
                 raise RuntimeError(f"the retrain flow ended {state.name}: {state.message}")
             summary = state.result()
@@ -98,8 +109,10 @@ def run_demo(settings: Settings, *, say: Callable[[str], None] = print) -> dict[
                 f"{m['perplexity_candidate']:.2f}; PEFT/vLLM parity {m['parity_agreement']:.0%}"
             )
             if "accuracy_champion" in m:
-                say(f"  vs the champion before this run: {m['accuracy_diff_vs_champion']:+.1%} "
-                    f"[{m['ci_low_vs_champion']:+.1%}, {m['ci_high_vs_champion']:+.1%}]")  # fmt: skip
+                say(
+                    f"  vs the champion before this run: {m['accuracy_diff_vs_champion']:+.1%} "
+                    f"[{m['ci_low_vs_champion']:+.1%}, {m['ci_high_vs_champion']:+.1%}]"
+                )
             say(f"  report: {summary.report}")
             verdict = "promoted to @champion" if summary.promoted else "kept as @challenger"
             say(f"register: {summary.model_name} v{summary.version} — {verdict}: {summary.reasons}")
@@ -113,14 +126,23 @@ def run_demo(settings: Settings, *, say: Callable[[str], None] = print) -> dict[
                 champion = None
             if champion is not None and base_of(champion) != (base.id, base.revision):
                 # An earlier champion on another base cannot serve on this vLLM server: show this run's version.
-                say(f"the registry's champion v{champion.version} was trained on another base; serving this run's "
+                say(
+                    f"the registry's champion v{champion.version} was trained on another base; serving this run's "
                     f"v{summary.version} instead (`tuneship promote {summary.model_name} {summary.version} "
-                    f"--reason …` makes it the champion)")  # fmt: skip
+                    f"--reason …` makes it the champion)"
+                )
                 champion = get_version(summary.model_name, summary.version, tracking_uri=settings.mlflow_tracking_uri)
             if champion is not None and summary.deployment is None:
-                deploy(summary.model_name, str(champion.version), DeployConfig(), store=store,
-                       tracking_uri=settings.mlflow_tracking_uri, vllm_url=vllm_url, gateway_url=gw,
-                       admin_key=admin_key)  # fmt: skip
+                deploy(
+                    summary.model_name,
+                    str(champion.version),
+                    DeployConfig(),
+                    store=store,
+                    tracking_uri=settings.mlflow_tracking_uri,
+                    vllm_url=vllm_url,
+                    gateway_url=gw,
+                    admin_key=admin_key,
+                )
             model = "champion" if champion is not None else "base"
             routes = httpx.get(f"{gw}/admin/routes", headers={"Authorization": f"Bearer {admin_key}"}).json()
             say(f"gateway aliases: {routes['aliases']}")
@@ -131,22 +153,26 @@ def run_demo(settings: Settings, *, say: Callable[[str], None] = print) -> dict[
     return {"summary": summary.model_dump(mode="json"), "flow_run_id": str(state.state_details.flow_run_id)}
 
 
-def _comparison(settings: Settings, store, base, champion, gw: str, task_dir: Path,
-                say: Callable[[str], None]) -> list[dict]:  # fmt: skip
+def _comparison(
+    settings: Settings, store, base, champion, gw: str, task_dir: Path, say: Callable[[str], None]
+) -> list[dict]:
     """The seed's comparison table: base vs the fine-tuned adapter (runtime LoRA) vs the adapter merged into the
     base weights (a second vLLM server), same prompts, same load; and the configured API price."""
     from flows.bench import compare, eval_prompts
     from serving.loadgen import LoadSpec
     from tasks.merge import merge_adapter
-    from tasks.register import adapter_of
+    from tasks.refs import adapter_of
 
     adapter = adapter_of(champion, store)
     merged = merge_adapter(base.path, store.get_dir(adapter.artifact), settings.home / "merged" / adapter.sha256[:16])
     prompts = eval_prompts(task_dir / "test.jsonl", limit=64)
     spec = LoadSpec(url=gw, concurrency=8, requests=48, warmup=4, max_tokens=48)
     with local_vllm(settings, merged, served_name="merged") as merged_url:
-        rows = [("base model (vLLM)", gw, "base"), ("fine-tuned: runtime LoRA (vLLM)", gw, "champion"),
-                ("fine-tuned: merged weights (vLLM)", merged_url, "merged")]  # fmt: skip
+        rows = [
+            ("base model (vLLM)", gw, "base"),
+            ("fine-tuned: runtime LoRA (vLLM)", gw, "champion"),
+            ("fine-tuned: merged weights (vLLM)", merged_url, "merged"),
+        ]
         table, results = compare(rows, prompts, spec, instance=settings.instance_type)
     report = settings.home / "reports" / "comparison.md"
     report.parent.mkdir(parents=True, exist_ok=True)
@@ -163,17 +189,26 @@ def _costs(summary, comparison: list[dict], settings: Settings, say: Callable[[s
     lines = ["| item | measured | cost |", "|---|---|---|"]
     if summary.training_cost:
         t = summary.training_cost
-        lines.append(f"| training run (fine-tune wall clock, retries included) | {t.seconds:.0f} s on {t.instance} "
-                     f"| ${t.usd:.4f} |")  # fmt: skip
+        lines.append(
+            f"| training run (fine-tune wall clock, retries included) | {t.seconds:.0f} s on {t.instance} "
+            f"| ${t.usd:.4f} |"
+        )
     tuned = next(r for r in comparison if r["config"].startswith("fine-tuned: runtime"))
     for instance in (settings.instance_type, "aws-g5.xlarge"):
-        cost = serving_cost(prices, instance, requests_per_s=tuned["requests_per_s"],
-                            output_tokens_per_s=tuned["tokens_per_s"], api=DEFAULT_API)  # fmt: skip
+        cost = serving_cost(
+            prices,
+            instance,
+            requests_per_s=tuned["requests_per_s"],
+            output_tokens_per_s=tuned["tokens_per_s"],
+            api=DEFAULT_API,
+        )
         item = f"serving the fine-tuned model at this machine's measured throughput, priced on {instance}"
         measured = f"{tuned['requests_per_s']:.2f} req/s, {tuned['tokens_per_s']:.0f} tokens/s"
-        priced = (f"${cost.usd_per_1k_requests:.4f} / 1K requests, ${cost.usd_per_1m_output_tokens:.2f} / 1M tokens; "
-                  f"cheaper than {DEFAULT_API} above {cost.breakeven_output_tokens_per_month / 1e6:,.0f}M "
-                  f"tokens/month (capacity {cost.capacity_output_tokens_per_month / 1e6:,.0f}M)")  # fmt: skip
+        priced = (
+            f"${cost.usd_per_1k_requests:.4f} / 1K requests, ${cost.usd_per_1m_output_tokens:.2f} / 1M tokens; "
+            f"cheaper than {DEFAULT_API} above {cost.breakeven_output_tokens_per_month / 1e6:,.0f}M "
+            f"tokens/month (capacity {cost.capacity_output_tokens_per_month / 1e6:,.0f}M)"
+        )
         lines.append(f"| {item} | {measured} | {priced} |")
     table = "\n".join(lines) + "\n"
     report = settings.home / "reports" / "costs.md"
@@ -196,8 +231,12 @@ def _requests(gw: str, model: str, task_dir: Path, say: Callable[[str], None]) -
         answer = "".join(stream_generate(gw, alias, instruction_prompt(question["instruction"])))
         say(f"  POST /generate model={alias:<8} (SSE): {answer}  → {verdict(answer)}")
     batch = [json.loads(line) for line in (task_dir / "test.jsonl").read_text().splitlines()[1:4]]
-    body = {"prompts": [instruction_prompt(r["instruction"]) for r in batch], "max_tokens": 96, "temperature": 0,
-            "model": model}  # fmt: skip
+    body = {
+        "prompts": [instruction_prompt(r["instruction"]) for r in batch],
+        "max_tokens": 96,
+        "temperature": 0,
+        "model": model,
+    }
     results = httpx.post(f"{gw}/generate/batch", json=body, timeout=120).json()["results"]
     say(f"  POST /generate/batch ({model}):")
     for row, result in zip(batch, results, strict=True):

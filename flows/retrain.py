@@ -1,10 +1,10 @@
 """The retraining flow: preprocess → fine-tune → evaluate → register + gate → deploy (only when promoted).
 
-    python -m flows.retrain                              # embedded defaults: the demo task on the offline model
+    tuneship retrain deployments/configs/tiny-cpu.yaml [--set key=value …] [--no-deploy]
     retrain(RetrainParams(config="deployments/configs/llama3-8b-qlora.yaml", overrides=["data.source=s3://…"]))
 
 Prefect stays in this file; the stages are the plain functions of ``tasks/``. Each stage is a task whose cache
-key is a hash of its input refs, its part of the run config and the code version, with its result persisted,
+key is a hash of its parameters (its config section, its input refs) and the code version, with its result persisted,
 so a re-run with unchanged inputs skips finished stages. I/O-bound stages retry with backoff; a fine-tune
 retried after a crash resumes from its newest checkpoint (its run id is a hash of config + data). Each stage
 publishes a Prefect artifact (dataset stats, loss curve, eval comparison, gate decision, deployment).
@@ -18,6 +18,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,41 +31,55 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from flows.serve import local_vllm
-from infra.artifacts import ArtifactStore, open_store
-from infra.base_model import ResolvedModel, resolve_base_model
+from infra.artifacts import ARTIFACT_SCHEME, ArtifactStore, artifact_of, open_store
 from infra.costs import TrainingCost, load_prices, training_cost
-from infra.demo_task import build_demo_task
-from infra.errors import UserError
+from infra.errors import TransientError, UserError
 from infra.settings import Settings, load_settings
 from infra.tracking import MlflowTracker
-from tasks.config import DeployConfig, RunConfig, load_run_config
+from tasks.base_model import ResolvedModel, resolve_base_model
+from tasks.config import (
+    DataConfig,
+    DeployConfig,
+    EvalConfig,
+    FinetuneConfig,
+    PreprocessConfig,
+    RunConfig,
+    load_run_config,
+)
 from tasks.refs import AdapterRef, DatasetRef, Deployment, EvalReport, ModelVersionRef, PromotionDecision
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_PRESET = "deployments/configs/tiny-cpu.yaml"
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    from botocore.exceptions import BotoCoreError
+    from httpx import TransportError
+    from mlflow.exceptions import MlflowException
+    from prefect.exceptions import CrashedRun
+
+    return TransientError, OSError, TimeoutError, TransportError, BotoCoreError, MlflowException, CrashedRun
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry what may pass (I/O, a crashed worker); not a user error (bad config or data), which would fail again."""
-    try:
-        state.result()
-    except UserError:
-        return False
-    except Exception:
-        return True
-    return False
+    """Retry what may pass (a service down or slow, a crashed worker); never a user error (bad config or data,
+    which would fail again) nor a bug."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, _transient_types()) and not isinstance(exc, UserError)
 
 
-IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "retry_jitter_factor": 0.5,
-              "retry_condition_fn": _transient}  # fmt: skip
+IO_RETRIES = {
+    "retries": 3,
+    "retry_delay_seconds": [2, 10, 30],
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": _transient,
+}
 
 
 class RetrainParams(BaseModel):
     """What a run trains and where it ships; the Prefect UI renders this as a form."""
 
-    config: str = Field(default=DEMO_PRESET, description="Run config YAML (see deployments/configs/).")
+    config: str = Field(description="Run config YAML, relative to the repository (see deployments/configs/).")
     overrides: list[str] = Field(default_factory=list, description="Dotted overrides, e.g. finetune.train.epochs=1.")
-    demo_data: bool = Field(default=True, description="Write the demo task first (for the demo preset's data paths).")
     deploy: bool = Field(default=True, description="Hot-swap a promoted model into the serving stack.")
     max_eval_examples: int | None = Field(default=None, gt=0, le=100_000, description="Cap on test examples.")
     placement: dict[Literal["fine-tune"], str] = Field(
@@ -90,7 +105,7 @@ class RetrainSummary(BaseModel):
 def code_version() -> str:
     """A hash of the pipeline's source: a code change invalidates every stage cache."""
     digest = hashlib.sha256()
-    for path in sorted([*REPO.glob("tasks/*.py"), *REPO.glob("infra/*.py")]):
+    for path in sorted([*REPO.glob("tasks/*.py"), *REPO.glob("infra/*.py"), *REPO.glob("offline/*.py")]):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -102,8 +117,12 @@ def _key(stage: str, services: Services, *parts: Any) -> str:
     return f"tuneship-{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
 
 
-def _source_digest(source: str) -> str:
-    """Content hash of a local data file or directory (so edited data misses the cache); else the name."""
+def _source_digest(source: str, store: ArtifactStore) -> str:
+    """Content hash of a data file or directory, local or in the artifact store (so edited data misses the cache)."""
+    if not source:
+        return ""
+    if source.startswith(ARTIFACT_SCHEME) and (found := artifact_of(source, store)):
+        return f"{found[0].sha256}/{found[1]}"
     path = Path(source)
     if path.is_file():
         return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -115,37 +134,24 @@ def _source_digest(source: str) -> str:
     return source
 
 
-def _dump(model: Any) -> Any:
-    return model.model_dump(mode="json") if hasattr(model, "model_dump") else model
+def _dump(value: Any) -> Any:
+    if isinstance(value, ResolvedModel):  # where the files sit locally does not change what they are
+        return {"id": value.id, "revision": value.revision}
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    return asdict(value) if is_dataclass(value) and not isinstance(value, type) else value
 
 
-def _preprocess_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
-    cfg: RunConfig = p["cfg"]
-    files = [cfg.data.source, cfg.data.test_file or ""]
-    return _key(
-        "preprocess",
-        p["services"],
-        _dump(cfg.data),
-        _dump(cfg.preprocess),
-        p["base"].revision,
-        *map(_source_digest, files),
-    )
-
-
-def _finetune_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
-    return _key("finetune", p["services"], p["data"].fingerprint, _dump(p["cfg"].finetune), p["base"].revision)
-
-
-def _evaluate_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
-    champion = p["champion"].sha256 if p["champion"] else None
-    return _key(
-        "evaluate", p["services"], p["adapter"].sha256, champion, p["data"].fingerprint, _dump(p["cfg"].evaluate)
-    )
-
-
-def _register_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
-    return _key("register", p["services"], p["cfg"].model_name, p["adapter"].sha256, p["report"].artifact.uri,
-                _dump(p["cfg"].registry))  # fmt: skip
+def _inputs_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
+    """A stage's signature is its cache key: every parameter but the shared services, and for the data files and
+    the evaluation database their content (so edited data misses the cache)."""
+    store = p["services"].store
+    parts = {name: _dump(value) for name, value in sorted(p.items()) if name != "services"}
+    if isinstance(p.get("data"), DataConfig):
+        parts["files"] = [_source_digest(p["data"].source, store), _source_digest(p["data"].test_file or "", store)]
+    if isinstance(p.get("cfg"), EvalConfig):
+        parts["database"] = _source_digest(p["cfg"].database or "", store)
+    return _key(ctx.task.name, p["services"], parts)
 
 
 class StageFailed(RuntimeError):
@@ -154,11 +160,16 @@ class StageFailed(RuntimeError):
 
 @contextlib.contextmanager
 def stage(name: str) -> Iterator[None]:
-    """Name the stage in the error that ends the flow (the champion is untouched: nothing was promoted)."""
+    """Name the stage in the error that ends the flow (the champion is untouched: nothing was promoted).
+
+    User errors and service failures (after the stage's retries) get the stage's name in one message; anything
+    else is a bug and propagates as it is, traceback included."""
     try:
         yield
-    except Exception as exc:
+    except UserError as exc:
         raise StageFailed(f"stage {name!r} failed: {type(exc).__name__}: {exc}") from exc
+    except _transient_types() as exc:
+        raise StageFailed(f"stage {name!r} failed after its retries: {type(exc).__name__}: {exc}") from exc
 
 
 class Services:
@@ -192,11 +203,13 @@ def resolve_stage(name: str, services: Services) -> ResolvedModel:
     return resolve_base_model(name, store=services.store, cache_dir=services.settings.cache_dir)
 
 
-@task(name="preprocess", cache_key_fn=_preprocess_key, persist_result=True, **IO_RETRIES)
-def preprocess_stage(cfg: RunConfig, base: ResolvedModel, services: Services) -> DatasetRef:
+@task(name="preprocess", cache_key_fn=_inputs_key, persist_result=True, **IO_RETRIES)
+def preprocess_stage(
+    cfg: PreprocessConfig, data: DataConfig, name: str, base: ResolvedModel, services: Services
+) -> DatasetRef:
     from tasks.preprocess import preprocess
 
-    ref = preprocess(cfg, base=base, store=services.store, workdir=services.settings.home / "work")
+    ref = preprocess(cfg, data, name=name, base=base, store=services.store, workdir=services.settings.home / "work")
     stats = ref.stats
     rows = [{"split": name, "rows": n} for name, n in stats.splits.items()]
     rows += [{"split": f"rejected: {reason}", "rows": n} for reason, n in stats.reject_reasons.items()]
@@ -208,17 +221,19 @@ def preprocess_stage(cfg: RunConfig, base: ResolvedModel, services: Services) ->
 
 @task(
     name="fine-tune",
-    cache_key_fn=_finetune_key,
+    cache_key_fn=_inputs_key,
     persist_result=True,
     retries=1,
     retry_delay_seconds=5,
     retry_condition_fn=_transient,
 )
-def finetune_stage(cfg: RunConfig, data: DatasetRef, base: ResolvedModel, services: Services) -> AdapterRef:
+def finetune_stage(
+    cfg: FinetuneConfig, data: DatasetRef, name: str, base: ResolvedModel, services: Services
+) -> AdapterRef:
     from tasks.finetune import finetune
 
-    adapter = finetune(cfg, data, base=base, store=services.store, tracker=services.tracker,
-                       workdir=services.settings.home / "work")  # fmt: skip
+    work = services.settings.home / "work"
+    adapter = finetune(cfg, data, name=name, base=base, store=services.store, tracker=services.tracker, workdir=work)
     m = adapter.metrics
     create_markdown_artifact(
         f"# Fine-tune\n\n{m.get('global_step', 0):.0f} steps, train loss {m.get('train_loss', float('nan')):.3f}, "
@@ -229,41 +244,71 @@ def finetune_stage(cfg: RunConfig, data: DatasetRef, base: ResolvedModel, servic
     return adapter
 
 
-@task(name="evaluate", cache_key_fn=_evaluate_key, persist_result=True, **IO_RETRIES)
-def evaluate_stage(cfg: RunConfig, adapter: AdapterRef, data: DatasetRef, base: ResolvedModel,
-                   champion: AdapterRef | None, services: Services) -> EvalReport:  # fmt: skip
+@task(name="evaluate", cache_key_fn=_inputs_key, persist_result=True, **IO_RETRIES)
+def evaluate_stage(
+    cfg: EvalConfig,
+    adapter: AdapterRef,
+    data: DatasetRef,
+    base: ResolvedModel,
+    champion: AdapterRef | None,
+    services: Services,
+) -> EvalReport:
     from tasks.evaluate import evaluate
 
-    report = evaluate(cfg, adapter, data, base=base, store=services.store, tracker=services.tracker,
-                      champion=champion, server_url=services.vllm_url(), served_base="base",
-                      workdir=services.settings.home / "work")  # fmt: skip
+    report = evaluate(
+        cfg,
+        adapter,
+        data,
+        base=base,
+        store=services.store,
+        tracker=services.tracker,
+        champion=champion,
+        server_url=services.vllm_url(),
+        served_base="base",
+        workdir=services.settings.home / "work",
+    )
     m = report.metrics
-    rows = [{"model": role, "accuracy": round(m[f"accuracy_{role}"], 4)} for role in ("base", "candidate", "champion")
-            if f"accuracy_{role}" in m]  # fmt: skip
+    rows = [
+        {"model": role, "accuracy": round(m[f"accuracy_{role}"], 4)}
+        for role in ("base", "candidate", "champion")
+        if f"accuracy_{role}" in m
+    ]
     for name, c in report.comparisons.items():
-        rows.append({"model": f"candidate − {name}", "accuracy": round(c.accuracy_diff, 4),
-                     "ci95": f"[{c.ci_low:+.3f}, {c.ci_high:+.3f}]"})  # fmt: skip
+        rows.append(
+            {
+                "model": f"candidate − {name}",
+                "accuracy": round(c.accuracy_diff, 4),
+                "ci95": f"[{c.ci_low:+.3f}, {c.ci_high:+.3f}]",
+            }
+        )
     create_table_artifact(rows, key="eval-comparison", description=f"report: {report.artifact.uri}")
     return report
 
 
-@task(name="register", cache_key_fn=_register_key, persist_result=True, **IO_RETRIES)
-def register_stage(cfg: RunConfig, adapter: AdapterRef, report: EvalReport, data: DatasetRef,
-                   services: Services) -> tuple[ModelVersionRef, PromotionDecision]:  # fmt: skip
+@task(name="register", cache_key_fn=_inputs_key, persist_result=True, **IO_RETRIES)
+def register_stage(
+    cfg: RunConfig, adapter: AdapterRef, report: EvalReport, data: DatasetRef, services: Services
+) -> tuple[ModelVersionRef, PromotionDecision]:
     from tasks.register import promote, register
 
     uri = services.settings.mlflow_tracking_uri
-    version = register(cfg, adapter, report, data, store=services.store, tracking_uri=uri,
-                       flow_run_id=str(flow_run.get_id() or "none"))  # fmt: skip
-    decision = promote(cfg, version, report, tracking_uri=uri)
+    version = register(
+        cfg, adapter, report, data, store=services.store, tracking_uri=uri, flow_run_id=str(flow_run.get_id() or "none")
+    )
+    decision = promote(cfg.registry.rules, version, report, tracking_uri=uri)
     verdict = "**promoted** to @champion" if decision.promoted else "**not promoted** (stays @challenger)"
     lines = [f"# Gate: {cfg.model_name} v{version.version} {verdict}", "", "| rule | passed | value |", "|---|---|---|"]
     lines += [f"| {name} | {'yes' if r.passed else 'no'} | {r.value} |" for name, r in decision.rules.items()]
     create_markdown_artifact("\n".join(lines), key="gate-decision")
     if decision.promoted:  # deploy-champion deployments trigger on this event (deployments/prefect.yaml)
-        emit_event(event="tuneship.champion.promoted", resource={
-            "prefect.resource.id": f"tuneship.model.{version.name}", "tuneship.model.name": version.name,
-            "tuneship.model.version": version.version})  # fmt: skip
+        emit_event(
+            event="tuneship.champion.promoted",
+            resource={
+                "prefect.resource.id": f"tuneship.model.{version.name}",
+                "tuneship.model.name": version.name,
+                "tuneship.model.version": version.version,
+            },
+        )
     return version, decision
 
 
@@ -276,26 +321,41 @@ def deploy_stage(cfg: DeployConfig, name: str, version: str, services: Services)
     if cfg.target == "manifests":
         dep = render_manifests(name, version, cfg, store=services.store, tracking_uri=uri)
     elif settings.vllm_url == "local" and not settings.gateway_url:
-        get_run_logger().info("no serving stack configured (TUNESHIP_VLLM_URL / TUNESHIP_GATEWAY_URL): "
-                              "`tuneship serve` will serve the new champion")  # fmt: skip
+        get_run_logger().info(
+            "no serving stack configured (TUNESHIP_VLLM_URL / TUNESHIP_GATEWAY_URL): "
+            "`tuneship serve` will serve the new champion"
+        )
         return None
     else:
-        dep = deploy(name, version, cfg, store=services.store, tracking_uri=uri, vllm_url=services.vllm_url(),
-                     gateway_url=settings.gateway_url, admin_key=settings.admin_key)  # fmt: skip
+        dep = deploy(
+            name,
+            version,
+            cfg,
+            store=services.store,
+            tracking_uri=uri,
+            vllm_url=services.vllm_url(),
+            gateway_url=settings.gateway_url,
+            admin_key=settings.admin_key,
+        )
     where = dep.gateway_url or dep.vllm_url or str(Path(cfg.manifests_dir).resolve())
     create_link_artifact(where, link_text=f"{name} v{dep.version} → {dep.adapter_name}", key="deployment")
     return dep
 
 
-def finetune_elsewhere(deployment: str, cfg: RunConfig, data: DatasetRef, base: ResolvedModel,
-                       services: Services) -> AdapterRef:  # fmt: skip
+def finetune_elsewhere(
+    deployment: str, cfg: RunConfig, data: DatasetRef, base: ResolvedModel, services: Services
+) -> AdapterRef:
     """Run the fine-tune as deployment ``deployment`` (e.g. on a GPU work pool) and wait; the adapter ref comes
     back through the artifact store, so the two sides share nothing but the store and the registry."""
     from prefect.deployments import run_deployment
 
     key = f"placements/{flow_run.get_id() or uuid.uuid4().hex}/fine-tune"
-    params = {"config": cfg.model_dump_json(), "data": data.model_dump(mode="json"), "base_revision": base.revision,
-              "result_key": key}  # fmt: skip
+    params = {
+        "config": cfg.model_dump_json(),
+        "data": data.model_dump(mode="json"),
+        "base_revision": base.revision,
+        "result_key": key,
+    }
     child = run_deployment(deployment, parameters={"params": params}, timeout=None)
     if child.state is None or not child.state.is_completed():
         state = child.state.name if child.state else "unknown"
@@ -321,9 +381,11 @@ def finetune_stage_flow(params: FinetuneStageParams) -> AdapterRef:
     cfg = RunConfig.model_validate_json(params.config)
     base = resolve_stage(cfg.base_model, services)
     if base.revision != params.base_revision:
-        raise StageFailed(f"base model {cfg.base_model} is revision {base.revision[:12]} here, "
-                          f"{params.base_revision[:12]} for the caller")  # fmt: skip
-    adapter = finetune_stage(cfg, params.data, base, services)
+        raise StageFailed(
+            f"base model {cfg.base_model} is revision {base.revision[:12]} here, "
+            f"{params.base_revision[:12]} for the caller"
+        )
+    adapter = finetune_stage(cfg.finetune, params.data, cfg.name, base, services)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "adapter.json").write_text(adapter.model_dump_json())
         services.store.put_dir(Path(tmp), params.result_key, overwrite=True)
@@ -333,31 +395,36 @@ def finetune_stage_flow(params: FinetuneStageParams) -> AdapterRef:
 def record_training_cost(version: ModelVersionRef, seconds: float, settings: Settings) -> TrainingCost:
     """Price the fine-tune's wall-clock time on the configured instance and tag the model version with it —
     once: a re-run that took the adapter from the cache keeps the original run's cost."""
-    from tasks.register import get_version, set_version_tags
+    from infra.registry import get_version, set_version_tags
 
     tags = get_version(version.name, version.version, tracking_uri=settings.mlflow_tracking_uri).tags
     if "tuneship.cost.training_usd" in tags:
-        return TrainingCost(instance=tags["tuneship.cost.instance"], seconds=float(tags["tuneship.cost.training_s"]),
-                            usd=float(tags["tuneship.cost.training_usd"]))  # fmt: skip
+        return TrainingCost(
+            instance=tags["tuneship.cost.instance"],
+            seconds=float(tags["tuneship.cost.training_s"]),
+            usd=float(tags["tuneship.cost.training_usd"]),
+        )
     cost = training_cost(load_prices(), settings.instance_type, seconds=seconds)
-    set_version_tags(version.name, version.version, {"tuneship.cost.training_usd": f"{cost.usd:.6f}",
-                     "tuneship.cost.training_s": f"{cost.seconds:.1f}", "tuneship.cost.instance": cost.instance},
-                     tracking_uri=settings.mlflow_tracking_uri)  # fmt: skip
+    set_version_tags(
+        version.name,
+        version.version,
+        {
+            "tuneship.cost.training_usd": f"{cost.usd:.6f}",
+            "tuneship.cost.training_s": f"{cost.seconds:.1f}",
+            "tuneship.cost.instance": cost.instance,
+        },
+        tracking_uri=settings.mlflow_tracking_uri,
+    )
     return cost
 
 
 @flow(name="retrain", log_prints=True, validate_parameters=True)
-def retrain(params: RetrainParams = RetrainParams()) -> RetrainSummary:  # noqa: B008 (a default the UI shows)
+def retrain(params: RetrainParams) -> RetrainSummary:
     """Preprocess → fine-tune → evaluate (base vs fine-tuned vs champion) → register + gate → deploy."""
-    from tasks.register import champion_adapter
+    from tasks.refs import champion_adapter
 
     settings = load_settings()
     overrides = list(params.overrides)
-    if params.demo_data:
-        task_dir = settings.home / "demo-task"
-        build_demo_task(task_dir)
-        overrides = [f"data.source={task_dir / 'train.jsonl'}", f"data.test_file={task_dir / 'test.jsonl'}",
-                     f"evaluate.database={task_dir / 'retail.db'}", *overrides]  # fmt: skip
     if params.max_eval_examples:
         overrides.append(f"evaluate.max_examples={params.max_eval_examples}")
     cfg = load_run_config(REPO / params.config if not Path(params.config).is_absolute() else params.config, overrides)
@@ -367,13 +434,13 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainSummary:  # noqa:
             base = resolve_stage(cfg.base_model, services)
         services.base = base
         with stage("preprocess"):
-            data = preprocess_stage(cfg, base, services)
+            data = preprocess_stage(cfg.preprocess, cfg.data, cfg.name, base, services)
         with stage("fine-tune"):
             started = time.perf_counter()
             if "fine-tune" in params.placement:
                 adapter = finetune_elsewhere(params.placement["fine-tune"], cfg, data, base, services)
             else:
-                adapter = finetune_stage(cfg, data, base, services)
+                adapter = finetune_stage(cfg.finetune, data, cfg.name, base, services)
             training_s = time.perf_counter() - started  # every attempt, retries included
         with stage("evaluate"):
             champion = champion_adapter(cfg.model_name, tracking_uri=settings.mlflow_tracking_uri, store=services.store)
@@ -383,10 +450,12 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainSummary:  # noqa:
             if champion_base and champion_base != (base.id, base.revision):
                 # An adapter only means something on its own base weights: no head-to-head on this base. The
                 # gate then keeps the candidate as challenger and says why (tasks.register.promote).
-                print(f"the champion was trained on {champion_base[0]}@{champion_base[1][:12]}, the candidate on "
-                      f"{base.id}@{base.revision[:12]}: not compared")  # fmt: skip
+                print(
+                    f"the champion was trained on {champion_base[0]}@{champion_base[1][:12]}, the candidate on "
+                    f"{base.id}@{base.revision[:12]}: not compared"
+                )
                 champion = None
-            report = evaluate_stage(cfg, adapter, data, base, champion, services)
+            report = evaluate_stage(cfg.evaluate, adapter, data, base, champion, services)
         with stage("register"):
             version, decision = register_stage(cfg, adapter, report, data, services)
             cost = record_training_cost(version, training_s, settings)
@@ -396,10 +465,18 @@ def retrain(params: RetrainParams = RetrainParams()) -> RetrainSummary:  # noqa:
                 deployment = deploy_stage(cfg.deploy, version.name, version.version, services)
     finally:
         services.close()
-    return RetrainSummary(model_name=cfg.model_name, dataset=data.artifact.uri, adapter=adapter.artifact.uri,
-                          report=report.artifact.uri, version=version.version, promoted=decision.promoted,
-                          reasons=decision.reasons(), metrics=report.metrics, deployment=deployment,
-                          training_cost=cost)  # fmt: skip
+    return RetrainSummary(
+        model_name=cfg.model_name,
+        dataset=data.artifact.uri,
+        adapter=adapter.artifact.uri,
+        report=report.artifact.uri,
+        version=version.version,
+        promoted=decision.promoted,
+        reasons=decision.reasons(),
+        metrics=report.metrics,
+        deployment=deployment,
+        training_cost=cost,
+    )
 
 
 class DeployChampionParams(BaseModel):
@@ -410,25 +487,15 @@ class DeployChampionParams(BaseModel):
 @flow(name="deploy-champion", log_prints=True, validate_parameters=True)
 def deploy_champion(params: DeployChampionParams = DeployChampionParams()) -> Deployment | None:  # noqa: B008
     """Deploy the registry's current champion to the configured serving stack (on merge, or on a new champion)."""
-    from tasks.register import get_version
+    from infra.registry import get_version
 
     settings = load_settings()
     services = Services(settings)
     try:
         mv = get_version(params.model_name, "champion", tracking_uri=settings.mlflow_tracking_uri)
-        services.base = resolve_base_model(mv.tags.get("tuneship.base_model", ""), store=services.store,
-                                           cache_dir=settings.cache_dir)  # fmt: skip
+        services.base = resolve_base_model(
+            mv.tags.get("tuneship.base_model", ""), store=services.store, cache_dir=settings.cache_dir
+        )
         return deploy_stage(DeployConfig(alias=params.alias), params.model_name, str(mv.version), services)
     finally:
         services.close()
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Run the retrain flow once (embedded defaults: the demo).")
-    parser.add_argument("--config", default=DEMO_PRESET)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="dotted override key=value")
-    parser.add_argument("--no-deploy", dest="deploy", action="store_false")
-    args = parser.parse_args()
-    print(retrain(RetrainParams(config=args.config, overrides=args.overrides, deploy=args.deploy)).model_dump_json())

@@ -16,17 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.artifacts import ArtifactStore, open_store
-from infra.base_model import resolve_base_model
+from infra.registry import RegistryError, get_version
 from infra.services import ManagedProcess, free_port
 from infra.settings import Settings
 from infra.vllm_server import VllmLaunch, start_vllm
 from serving.app import GatewayConfig, create_app
 from serving.server import serve_in_thread
 from serving.upstream import VllmUpstream
+from tasks.base_model import resolve_base_model
 from tasks.config import DeployConfig
 from tasks.deploy import DeployError, deploy
 from tasks.refs import Deployment
-from tasks.register import RegistryError, get_version
 
 
 @dataclass
@@ -36,15 +36,25 @@ class ServingStack:
     deployments: list[Deployment] = field(default_factory=list)
 
 
-def start_gateway_process(workdir: Path, *, vllm_url: str, env: dict[str, str] | None = None,
-                          timeout: float = 60) -> tuple[ManagedProcess, str]:  # fmt: skip
+def start_gateway_process(
+    workdir: Path, *, vllm_url: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> tuple[ManagedProcess, str]:
     """`tuneship serve --no-deploy` as its own process group (own GIL), healthy; returns it and its URL."""
     port = free_port()
-    values = {"TUNESHIP_VLLM_URL": vllm_url, "TUNESHIP_GATEWAY_PORT": str(port), "TUNESHIP_HOME": str(workdir),
-              **(env or {})}  # fmt: skip
-    server = ManagedProcess(name="gateway", argv=[sys.executable, "-m", "flows.cli", "serve", "--no-deploy"],
-                            health_url=f"http://127.0.0.1:{port}/health", log_path=workdir / f"gateway-{port}.log",
-                            env=values, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    values = {
+        "TUNESHIP_VLLM_URL": vllm_url,
+        "TUNESHIP_GATEWAY_PORT": str(port),
+        "TUNESHIP_HOME": str(workdir),
+        **(env or {}),
+    }
+    server = ManagedProcess(
+        name="gateway",
+        argv=[sys.executable, "-m", "flows.cli", "serve", "--no-deploy"],
+        health_url=f"http://127.0.0.1:{port}/health",
+        log_path=workdir / f"gateway-{port}.log",
+        env=values,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     return server.start(timeout), f"http://127.0.0.1:{port}"
 
 
@@ -89,8 +99,9 @@ def serving_stack(
     store = store or open_store(settings)
     uri = settings.mlflow_tracking_uri
     champion = get_version(model_name, "champion", tracking_uri=uri)
-    base = resolve_base_model(champion.tags.get("tuneship.base_model", ""), store=store, cache_dir=settings.cache_dir,
-                              log=say)  # fmt: skip
+    base = resolve_base_model(
+        champion.tags.get("tuneship.base_model", ""), store=store, cache_dir=settings.cache_dir, log=say
+    )
     with local_vllm(settings, Path(base.path)) as vllm_url:
         say(f"vLLM: {vllm_url} serving {base.id}")
         app = create_app(gateway_config(settings), VllmUpstream(vllm_url))
@@ -104,8 +115,16 @@ def serving_stack(
                 except RegistryError:
                     continue
                 try:
-                    dep = deploy(model_name, alias, DeployConfig(alias=alias), store=store, tracking_uri=uri,
-                                 vllm_url=vllm_url, gateway_url=local_url, admin_key=settings.admin_key)  # fmt: skip
+                    dep = deploy(
+                        model_name,
+                        alias,
+                        DeployConfig(alias=alias),
+                        store=store,
+                        tracking_uri=uri,
+                        vllm_url=vllm_url,
+                        gateway_url=local_url,
+                        admin_key=settings.admin_key,
+                    )
                 except DeployError as exc:
                     if alias == "champion":
                         raise

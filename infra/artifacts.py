@@ -73,6 +73,30 @@ class ArtifactRef(BaseModel):
     created_at: datetime
 
 
+ARTIFACT_SCHEME = "artifact://"
+
+
+def artifact_of(source: str, store: ArtifactStore) -> tuple[ArtifactRef, str] | None:
+    """For ``artifact://KEY[/PATH]``: the artifact that holds it and the path inside; else None."""
+    rest = source.removeprefix(ARTIFACT_SCHEME)
+    for ref in sorted(store.list(), key=lambda r: -len(r.key)):
+        if rest == ref.key or rest.startswith(ref.key + "/"):
+            return ref, rest[len(ref.key) :].lstrip("/")
+    return None
+
+
+def local_path(source: str, store: ArtifactStore, *, what: str) -> Path:
+    """A local path for ``source``: ``artifact://KEY[/PATH]`` (a verified copy from ``store``) or a local path."""
+    if source.startswith(ARTIFACT_SCHEME):
+        if found := artifact_of(source, store):
+            return store.get_dir(found[0]) / found[1]
+        raise ArtifactNotFoundError(f"{what}: {source}: no artifact in {store.root_uri} holds this path")
+    path = Path(source)
+    if not path.exists():
+        raise ArtifactNotFoundError(f"{what}: {source}: no such file or directory")
+    return path
+
+
 def validate_key(key: str, *, what: str = "artifact key") -> str:
     """Return ``key`` if it is a safe relative path; raise :class:`InvalidKeyError` naming the problem."""
     if not isinstance(key, str) or not key:
@@ -123,6 +147,16 @@ def _manifest_bytes(entries: list[FileEntry]) -> bytes:
     # Deterministic: the same files give the same manifest, so its sha256 identifies the content.
     body = {"format": MANIFEST_FORMAT, "files": [e.__dict__ for e in entries]}
     return json.dumps(body, indent=1, sort_keys=True).encode()
+
+
+def tree_sha256(local: Path) -> str:
+    """The sha256 a directory gets as an artifact (its manifest's hash), computed without uploading it."""
+    return hashlib.sha256(_manifest_bytes(_scan_dir(local))).hexdigest()
+
+
+def file_sha256s(local: Path) -> dict[str, str]:
+    """Each file's sha256 by its path relative to ``local``."""
+    return {entry.path: entry.sha256 for entry in _scan_dir(local)}
 
 
 def _parse_manifest(raw: bytes, where: str) -> list[FileEntry]:

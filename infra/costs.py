@@ -90,8 +90,9 @@ def training_cost(prices: PriceTable, instance: str, *, seconds: float) -> Train
     return TrainingCost(instance=instance, seconds=seconds, usd=prices.instance(instance).usd_per_hour * seconds / 3600)
 
 
-def serving_cost(prices: PriceTable, instance: str, *, requests_per_s: float, output_tokens_per_s: float,
-                 api: str | None = None) -> ServingCost:  # fmt: skip
+def serving_cost(
+    prices: PriceTable, instance: str, *, requests_per_s: float, output_tokens_per_s: float, api: str | None = None
+) -> ServingCost:
     """Cost of serving at the measured throughput, with the instance kept busy."""
     hourly = prices.instance(instance).usd_per_hour
     if requests_per_s <= 0 or output_tokens_per_s <= 0:
@@ -99,10 +100,12 @@ def serving_cost(prices: PriceTable, instance: str, *, requests_per_s: float, ou
     api_price = prices.api(api).usd_per_1m_output_tokens if api else None
     breakeven = hourly * HOURS_PER_MONTH / (api_price / 1e6) if api_price else None
     return ServingCost(
-        instance=instance, usd_per_hour=hourly,
+        instance=instance,
+        usd_per_hour=hourly,
         usd_per_1k_requests=hourly / (requests_per_s * 3600) * 1000,
         usd_per_1m_output_tokens=hourly / (output_tokens_per_s * 3600) * 1e6,
         breakeven_output_tokens_per_month=breakeven,
         capacity_output_tokens_per_month=output_tokens_per_s * 3600 * HOURS_PER_MONTH,
-        api=api, api_usd_per_1m_output_tokens=api_price,
-    )  # fmt: skip
+        api=api,
+        api_usd_per_1m_output_tokens=api_price,
+    )

@@ -19,8 +19,11 @@ import jinja2
 from infra.errors import UserError
 
 TEMPLATES = Path(__file__).parent / "templates"
-FILES = {"docker-compose.yaml.j2": "docker-compose.yaml", "kubernetes.yaml.j2": "kubernetes.yaml",
-         "modal_app.py.j2": "modal_app.py"}  # fmt: skip
+FILES = {
+    "docker-compose.yaml.j2": "docker-compose.yaml",
+    "kubernetes.yaml.j2": "kubernetes.yaml",
+    "modal_app.py.j2": "modal_app.py",
+}
 OFFLINE_PREFIX = "tuneship/"
 
 
@@ -77,24 +80,44 @@ class ManifestSpec:
     @property
     def vllm_args(self) -> list[str]:
         """Arguments of ``vllm serve`` (the templates set the command itself)."""
-        return [self.model_arg, "--served-model-name", "base", "--host", "0.0.0.0",
-                "--port", str(self.vllm_port), "--max-model-len", str(self.max_model_len), "--enable-lora",
-                "--max-lora-rank", str(self.max_lora_rank),
-                "--lora-modules", f"{self.adapter_name}=/models/{self.adapter_name}"]  # fmt: skip
+        return [
+            self.model_arg,
+            "--served-model-name",
+            "base",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(self.vllm_port),
+            "--max-model-len",
+            str(self.max_model_len),
+            "--enable-lora",
+            "--max-lora-rank",
+            str(self.max_lora_rank),
+            "--lora-modules",
+            f"{self.adapter_name}=/models/{self.adapter_name}",
+        ]
 
     @property
     def vllm_limits(self) -> dict[str, str]:
         return {"nvidia.com/gpu": str(self.gpus), "memory": "32Gi"} if self.gpus else {"memory": "32Gi"}
 
     def gateway_env(self, vllm_url: str) -> dict[str, str]:
-        return {"TUNESHIP_VLLM_URL": vllm_url, "TUNESHIP_GATEWAY_ALIASES": json.dumps({"champion": self.adapter_name}),
-                "TUNESHIP_GATEWAY_HOST": "0.0.0.0", "TUNESHIP_GATEWAY_PORT": str(self.gateway_port)}  # fmt: skip
+        return {
+            "TUNESHIP_VLLM_URL": vllm_url,
+            "TUNESHIP_GATEWAY_ALIASES": json.dumps({"champion": self.adapter_name}),
+            "TUNESHIP_GATEWAY_HOST": "0.0.0.0",
+            "TUNESHIP_GATEWAY_PORT": str(self.gateway_port),
+        }
 
 
 def render_all(spec: ManifestSpec, out_dir: Path) -> list[Path]:
     """Render every template for ``spec`` into ``out_dir``; return the written files."""
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=True, autoescape=False)  # fmt: skip
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for template, name in FILES.items():

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import httpx
 
-from infra.errors import UserError
+from infra.errors import TransientError
 
 # Credentials the loopback S3 endpoint accepts; any non-empty strings do.
 LOCAL_S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "tuneship-local", "AWS_SECRET_ACCESS_KEY": "tuneship-local-secret"}
 
 
-class ServiceError(UserError, RuntimeError):
-    """A service did not start, did not become healthy, or died."""
+class ServiceError(TransientError):
+    """A service did not start, did not become healthy, died, or failed a request."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -68,6 +68,16 @@ class ManagedProcess:
 
     def start(self, timeout: float) -> ManagedProcess:
         """Start the process and wait until ``health_url`` answers 200; raise :class:`ServiceError` otherwise."""
+        self.launch()
+        try:
+            self.wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def launch(self) -> ManagedProcess:
+        """Start the process without waiting for it (then :meth:`wait_healthy`), e.g. beside another one."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -79,11 +89,6 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        try:
-            self.wait_healthy(timeout)
-        except BaseException:
-            self.stop()
-            raise
         return self
 
     def wait_healthy(self, timeout: float) -> None:
@@ -189,16 +194,26 @@ def start_mlflow(
     server = MlflowServer(
         name="mlflow server",
         argv=[
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{db}",
-            "--artifacts-destination", f"s3://{bucket}/artifacts",
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{db}",
+            "--artifacts-destination",
+            f"s3://{bucket}/artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
         ],
         health_url=f"{url}/health",
         log_path=workdir / f"mlflow-{port}.log",
         env={**s3.client_env(), "MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url},
         tracking_uri=url,
-    )  # fmt: skip
+    )
     server.start(timeout)
     return server
 
@@ -212,10 +227,13 @@ class PrefectServer(ManagedProcess):
         return {"PREFECT_API_URL": self.api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
 
-def start_prefect(workdir: Path, *, port: int | None = None, timeout: float = 180) -> PrefectServer:
-    """Start ``prefect server start`` on loopback with its own home and SQLite database under ``workdir``."""
+def start_prefect(
+    workdir: Path, *, home: Path | None = None, port: int | None = None, timeout: float | None = 180
+) -> PrefectServer:
+    """Start ``prefect server start`` on loopback with its SQLite database in ``home`` (default: a new directory
+    under ``workdir``). ``timeout=None`` returns at once: call ``wait_healthy`` when the server is needed."""
     port = port or free_port()
-    home = (workdir / f"prefect-{port}").resolve()
+    home = (home or workdir / f"prefect-{port}").resolve()
     home.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{port}"
     server = PrefectServer(
@@ -231,5 +249,7 @@ def start_prefect(workdir: Path, *, port: int | None = None, timeout: float = 18
         },
         api_url=f"{url}/api",
     )
+    if timeout is None:
+        return server.launch()
     server.start(timeout)
     return server

@@ -16,10 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from infra.errors import UserError
 from infra.services import ManagedProcess, ServiceError, free_port
 
 # Ranks vLLM accepts for --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class VllmSetupError(UserError):
+    """The local vLLM server cannot be started as configured (no vLLM environment, not a model directory)."""
 
 
 @dataclass(frozen=True)
@@ -45,13 +50,21 @@ class VllmLaunch:
 def build_vllm_command(python: Path, launch: VllmLaunch, *, host: str, port: int) -> list[str]:
     """The argv that starts vLLM's OpenAI-compatible server for ``launch``."""
     argv = [
-        str(python), "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(launch.model),
-        "--served-model-name", launch.served_model_name,
-        "--host", host, "--port", str(port),
-        "--max-model-len", str(launch.max_model_len),
+        str(python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(launch.model),
+        "--served-model-name",
+        launch.served_model_name,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(launch.max_model_len),
         "--disable-uvicorn-access-log",
-    ]  # fmt: skip
+    ]
     if launch.device == "cpu":
         argv += ["--dtype", "float32", "--enforce-eager"]
     else:
@@ -91,9 +104,9 @@ def start_vllm(
 ) -> VllmServer:
     """Start vLLM's OpenAI server for ``launch`` on loopback and wait for ``/health``."""
     if not Path(python).exists():
-        raise ServiceError(f"vLLM python {python} not found: run `make setup` (it creates .venv-vllm)")
+        raise VllmSetupError(f"vLLM python {python} not found: run `make setup` (it creates .venv-vllm)")
     if not (launch.model / "config.json").is_file():
-        raise ServiceError(f"{launch.model}: not a Hugging Face model directory (no config.json)")
+        raise VllmSetupError(f"{launch.model}: not a Hugging Face model directory (no config.json)")
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     server = VllmServer(

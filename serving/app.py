@@ -201,8 +201,13 @@ def create_app(config: GatewayConfig, upstream: Upstream) -> FastAPI:
     @app.post("/generate", dependencies=auth)
     async def generate(req: GenerateRequest) -> Response:
         check_limits(req.prompt, req.max_tokens)
-        body = {"model": await served(req.model), "prompt": req.prompt, "max_tokens": req.max_tokens,
-                "temperature": req.temperature, "top_p": req.top_p}  # fmt: skip
+        body = {
+            "model": await served(req.model),
+            "prompt": req.prompt,
+            "max_tokens": req.max_tokens,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+        }
         started = time.perf_counter()
         if not req.stream:
             try:
@@ -233,8 +238,12 @@ def create_app(config: GatewayConfig, upstream: Upstream) -> FastAPI:
                             tokens += 1
                             yield format_sse_event(data_str=json.dumps({"text": choice["text"]}))
                         finish = choice.get("finish_reason") or finish
-            metrics.observe(alias, time.perf_counter() - started, (first or time.perf_counter()) - started,
-                            usage.get("completion_tokens", tokens))  # fmt: skip
+            metrics.observe(
+                alias,
+                time.perf_counter() - started,
+                (first or time.perf_counter()) - started,
+                usage.get("completion_tokens", tokens),
+            )
             yield format_sse_event(data_str=json.dumps({"finish_reason": finish, "usage": usage}))
         except Overloaded:
             metrics.errors.labels(status="429").inc()
@@ -257,8 +266,13 @@ def create_app(config: GatewayConfig, upstream: Upstream) -> FastAPI:
         async def one(prompt: str) -> dict[str, Any]:
             if len(prompt) > config.max_prompt_chars:
                 return {"error": f"prompt is {len(prompt)} characters; the limit is {config.max_prompt_chars}"}
-            body = {"model": model, "prompt": prompt, "max_tokens": req.max_tokens, "temperature": req.temperature,
-                    "top_p": req.top_p}  # fmt: skip
+            body = {
+                "model": model,
+                "prompt": prompt,
+                "max_tokens": req.max_tokens,
+                "temperature": req.temperature,
+                "top_p": req.top_p,
+            }
             async with gate:
                 try:
                     async with limiter.slot(), routes.track(model):

@@ -71,8 +71,12 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def _stats(values: Sequence[float]) -> dict[str, float]:
-    return {"mean": sum(values) / len(values) if values else math.nan, "p50": percentile(values, 50),
-            "p95": percentile(values, 95), "p99": percentile(values, 99)}  # fmt: skip
+    return {
+        "mean": sum(values) / len(values) if values else math.nan,
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+        "p99": percentile(values, 99),
+    }
 
 
 @dataclass
@@ -106,12 +110,20 @@ class LoadReport:
         s = self.summary()
         ms = lambda d, k: f"{d[k] * 1000:.1f}"  # noqa: E731
         load = f"concurrency {s['concurrency']}" if s["rate"] is None else f"{s['rate']} req/s"
-        lines = [f"# Load test: {s['model']} at {s['url']} ({load})", "",
-                 f"{s['requests']} requests, {s['errors']} errors ({s['error_rate']:.1%}), "
-                 f"{s['requests_per_s']:.2f} requests/s, {s['output_tokens_per_s']:.1f} output tokens/s", "",
-                 "| ms | mean | p50 | p95 | p99 |", "|---|---|---|---|---|"]  # fmt: skip
-        for label, key in (("end-to-end latency", "latency_s"), ("time to first token", "ttft_s"),
-                           ("time per output token", "tpot_s")):  # fmt: skip
+        lines = [
+            f"# Load test: {s['model']} at {s['url']} ({load})",
+            "",
+            f"{s['requests']} requests, {s['errors']} errors ({s['error_rate']:.1%}), "
+            f"{s['requests_per_s']:.2f} requests/s, {s['output_tokens_per_s']:.1f} output tokens/s",
+            "",
+            "| ms | mean | p50 | p95 | p99 |",
+            "|---|---|---|---|---|",
+        ]
+        for label, key in (
+            ("end-to-end latency", "latency_s"),
+            ("time to first token", "ttft_s"),
+            ("time per output token", "tpot_s"),
+        ):
             d = s[key]
             lines.append(f"| {label} | {ms(d, 'mean')} | {ms(d, 'p50')} | {ms(d, 'p95')} | {ms(d, 'p99')} |")
         return "\n".join(lines) + "\n"
@@ -143,8 +155,13 @@ class LoadReport:
 
 
 async def _one(client: httpx.AsyncClient, spec: LoadSpec, prompt: str) -> Sample:
-    body: dict[str, Any] = {"model": spec.model, "prompt": prompt, "max_tokens": spec.max_tokens,
-                            "temperature": spec.temperature, "stream": spec.stream}  # fmt: skip
+    body: dict[str, Any] = {
+        "model": spec.model,
+        "prompt": prompt,
+        "max_tokens": spec.max_tokens,
+        "temperature": spec.temperature,
+        "stream": spec.stream,
+    }
     if spec.ignore_eos:
         body["ignore_eos"] = True
     started = time.perf_counter()

@@ -66,13 +66,15 @@ class RouteCollector(Collector):
         self.routes = routes
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        info = GaugeMetricFamily("tuneship_route_info", "Which served model each alias points at.",
-                                 labels=["alias", "target"])  # fmt: skip
+        info = GaugeMetricFamily(
+            "tuneship_route_info", "Which served model each alias points at.", labels=["alias", "target"]
+        )
         for alias, target in self.routes.aliases.items():
             info.add_metric([alias, target], 1)
         yield info
-        yield GaugeMetricFamily("tuneship_canary_share", "Share of champion traffic sent to the challenger.",
-                                value=self.routes.canary_share)  # fmt: skip
+        yield GaugeMetricFamily(
+            "tuneship_canary_share", "Share of champion traffic sent to the challenger.", value=self.routes.canary_share
+        )
         yield GaugeMetricFamily("tuneship_route_switches", "Alias switches since start.", value=self.routes.switches)
 
 
@@ -81,18 +83,33 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process memory and CPU
         self.registry.register(GpuCollector())
-        self.latency = Histogram("tuneship_request_latency_seconds", "End-to-end request latency.", ["model"],
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)  # fmt: skip
-        self.ttft = Histogram("tuneship_time_to_first_token_seconds", "Time to the first streamed token.", ["model"],
-                              buckets=LATENCY_BUCKETS, registry=self.registry)  # fmt: skip
+        self.latency = Histogram(
+            "tuneship_request_latency_seconds",
+            "End-to-end request latency.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "tuneship_time_to_first_token_seconds",
+            "Time to the first streamed token.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.output_tokens = Counter("tuneship_output_tokens", "Generated tokens.", ["model"], registry=self.registry)
-        self.tokens_per_s = Histogram("tuneship_tokens_per_second", "Generated tokens per second per request.",
-                                      ["model"], buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500),
-                                      registry=self.registry)  # fmt: skip
+        self.tokens_per_s = Histogram(
+            "tuneship_tokens_per_second",
+            "Generated tokens per second per request.",
+            ["model"],
+            buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500),
+            registry=self.registry,
+        )
         self.in_flight = Gauge("tuneship_requests_in_flight", "Requests being served upstream.", registry=self.registry)
         self.queue_depth = Gauge("tuneship_queue_depth", "Requests waiting for a slot.", registry=self.registry)
-        self.errors = Counter("tuneship_request_errors", "Refused or failed requests by status.", ["status"],
-                              registry=self.registry)  # fmt: skip
+        self.errors = Counter(
+            "tuneship_request_errors", "Refused or failed requests by status.", ["status"], registry=self.registry
+        )
 
     def track_routes(self, routes: RouteTable) -> None:
         self.registry.register(RouteCollector(routes))

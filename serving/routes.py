@@ -52,8 +52,12 @@ class RouteTable:
         return _Tracked(self.in_flight, target)
 
     def snapshot(self) -> dict[str, object]:
-        return {"aliases": dict(self.aliases), "canary_share": self.canary_share, "in_flight": dict(self.in_flight),
-                "switches": self.switches}  # fmt: skip
+        return {
+            "aliases": dict(self.aliases),
+            "canary_share": self.canary_share,
+            "in_flight": dict(self.in_flight),
+            "switches": self.switches,
+        }
 
 
 class _Tracked:

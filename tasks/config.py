@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from infra.errors import UserError
 from infra.vllm_server import VLLM_LORA_RANKS
+from tasks.base_model import check_base_model
 
 
 class ConfigError(UserError, ValueError):
@@ -177,6 +178,12 @@ class RunConfig(_Strict):
     evaluate: EvalConfig = Field(default_factory=lambda: EvalConfig(scorer="exact_match"))
     registry: RegisterConfig = Field(default_factory=RegisterConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+
+    @field_validator("base_model")
+    @classmethod
+    def _known_offline_recipe(cls, value: str) -> str:
+        check_base_model(value)  # an unknown tuneship/<recipe> fails here, when the config loads
+        return value
 
     @property
     def model_name(self) -> str:

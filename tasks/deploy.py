@@ -28,11 +28,11 @@ import httpx
 
 from infra.artifacts import ArtifactStore
 from infra.errors import UserError
+from infra.registry import get_version, set_version_tags, stored_key
 from infra.services import ServiceError
 from infra.vllm_server import complete, load_lora_adapter, unload_lora_adapter
 from tasks.config import DeployConfig
-from tasks.refs import Deployment
-from tasks.register import adapter_of, get_version, set_version_tags, stored_key
+from tasks.refs import Deployment, adapter_of
 
 
 class DeployError(UserError, RuntimeError):
@@ -132,9 +132,19 @@ def deploy(
     unused = gateway is not None and ours and previous not in gateway.routes()["aliases"].values()
     if unused and gateway.wait_drained(previous, cfg.drain_timeout_s):
         unload_lora_adapter(vllm_url, previous)
-    dep = Deployment(model_name=model_name, version=number, target=cfg.target, adapter_name=name, vllm_url=vllm_url,
-                     gateway_url=gateway_url, alias=cfg.alias if gateway else None, previous=previous,
-                     deployed_at=_now(), swap_s=time.perf_counter() - started, smoke_checked=checked)  # fmt: skip
+    dep = Deployment(
+        model_name=model_name,
+        version=number,
+        target=cfg.target,
+        adapter_name=name,
+        vllm_url=vllm_url,
+        gateway_url=gateway_url,
+        alias=cfg.alias if gateway else None,
+        previous=previous,
+        deployed_at=_now(),
+        swap_s=time.perf_counter() - started,
+        smoke_checked=checked,
+    )
     tags = {"tuneship.deployment": dep.model_dump_json(), "tuneship.deployed_at": dep.deployed_at}
     set_version_tags(model_name, number, tags, tracking_uri=tracking_uri)
     return dep
@@ -154,25 +164,43 @@ def _smoke_test(mv: Any, store: ArtifactStore, vllm_url: str, name: str, count: 
     return len(prompts)
 
 
-def render_manifests(model_name: str, version: str, cfg: DeployConfig, *, store: ArtifactStore,
-                     tracking_uri: str, out_dir: Path | None = None) -> Deployment:  # fmt: skip
+def render_manifests(
+    model_name: str,
+    version: str,
+    cfg: DeployConfig,
+    *,
+    store: ArtifactStore,
+    tracking_uri: str,
+    out_dir: Path | None = None,
+) -> Deployment:
     """Write docker-compose, Kubernetes and Modal files that serve this version; start nothing."""
-    from infra.base_model import OFFLINE_PREFIX, RECIPES
     from infra.manifests import ManifestSpec, render_all
+    from tasks.base_model import stored_base_uri
 
     mv = get_version(model_name, version, tracking_uri=tracking_uri)
     number = str(mv.version)
     adapter = adapter_of(mv, store)
     base = mv.tags.get("tuneship.base_model", "")
-    recipe = RECIPES.get(base.removeprefix(OFFLINE_PREFIX)) if base.startswith(OFFLINE_PREFIX) else None
     spec = ManifestSpec(
-        model_name=model_name, version=number, adapter_name=served_name(model_name, number),
-        adapter_uri=adapter.artifact.uri, base_model=base,
-        base_model_uri=store.ref(recipe.key).uri if recipe and store.exists(recipe.key) else None,
-        vllm_image=cfg.vllm_image, gateway_image=cfg.gateway_image, gpus=cfg.gpus, max_lora_rank=adapter.rank,
-    )  # fmt: skip
+        model_name=model_name,
+        version=number,
+        adapter_name=served_name(model_name, number),
+        adapter_uri=adapter.artifact.uri,
+        base_model=base,
+        base_model_uri=stored_base_uri(base, store),
+        vllm_image=cfg.vllm_image,
+        gateway_image=cfg.gateway_image,
+        gpus=cfg.gpus,
+        max_lora_rank=adapter.rank,
+    )
     files = render_all(spec, out_dir or Path(cfg.manifests_dir))
-    dep = Deployment(model_name=model_name, version=number, target="manifests", adapter_name=spec.adapter_name,
-                     deployed_at=_now(), manifests=[str(f) for f in files])  # fmt: skip
+    dep = Deployment(
+        model_name=model_name,
+        version=number,
+        target="manifests",
+        adapter_name=spec.adapter_name,
+        deployed_at=_now(),
+        manifests=[str(f) for f in files],
+    )
     set_version_tags(model_name, number, {"tuneship.manifests": dep.model_dump_json()}, tracking_uri=tracking_uri)
     return dep

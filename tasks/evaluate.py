@@ -1,6 +1,6 @@
 """Evaluate stage: perplexity, task accuracy through vLLM, paired bootstrap comparisons, train/serve parity.
 
-    report = evaluate(cfg, adapter, data, base=resolved, store=store, tracker=tracker,
+    report = evaluate(cfg.evaluate, adapter, data, base=resolved, store=store, tracker=tracker,
                       server_url="http://127.0.0.1:8000", served_base="base", workdir=work, champion=None)
 
 The test prompts go to the vLLM server (the engine that will serve the adapter) in batches at temperature
@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.artifacts import ArtifactStore
-from infra.base_model import ResolvedModel
+from infra.artifacts import ARTIFACT_SCHEME, ArtifactStore, local_path
 from infra.errors import UserError
 from infra.tracking import MlflowTracker
 from infra.vllm_server import complete, load_lora_adapter, unload_lora_adapter
-from tasks.config import EvalConfig, RunConfig
+from tasks.base_model import ResolvedModel
+from tasks.config import EvalConfig
 from tasks.generation import greedy_generate
 from tasks.preprocess import load_splits
 from tasks.refs import AdapterRef, Comparison, DatasetRef, EvalReport
@@ -77,9 +77,13 @@ def sql_execution_scorer(database: Path, *, timeout_s: float) -> Scorer:
     return score
 
 
-def build_scorer(cfg: EvalConfig) -> Scorer:
+def build_scorer(cfg: EvalConfig, store: ArtifactStore | None = None) -> Scorer:
+    """The scorer ``cfg`` names; ``evaluate.database`` may be an ``artifact://`` path in ``store``."""
     if cfg.scorer == "sql_execution":
-        return sql_execution_scorer(Path(cfg.database or ""), timeout_s=cfg.sql_timeout_s)
+        database = cfg.database or ""
+        if store is not None and database.startswith(ARTIFACT_SCHEME):
+            database = str(local_path(database, store, what="evaluate.database"))
+        return sql_execution_scorer(Path(database), timeout_s=cfg.sql_timeout_s)
     if cfg.scorer == "exact_match":
         return lambda prediction, reference: Score(prediction.strip() == reference.strip())
     if cfg.scorer == "regex":
@@ -110,8 +114,9 @@ def paired_bootstrap(
     return float(a.mean() - b.mean()), float(low), float(high)
 
 
-def perplexity(model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]], *, window: int, stride: int,
-               batch_size: int = 16) -> tuple[float, int]:  # fmt: skip
+def perplexity(
+    model: Any, rows: Sequence[tuple[Sequence[int], Sequence[int]]], *, window: int, stride: int, batch_size: int = 16
+) -> tuple[float, int]:
     """Token-weighted perplexity of ``rows`` (input ids, labels with -100 for unscored tokens).
 
     Each row longer than ``window`` is covered by windows ``stride`` apart; a window scores only the tokens
@@ -205,7 +210,7 @@ def _summary(metrics: dict[str, float], comparisons: dict[str, Comparison], pari
 
 
 def evaluate(
-    cfg: RunConfig,
+    cfg: EvalConfig,
     adapter: AdapterRef,
     data: DatasetRef,
     *,
@@ -222,14 +227,14 @@ def evaluate(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ev = cfg.evaluate
+    ev = cfg
     test = load_splits(data, store)["test"]
     if len(test) == 0:
         raise EvaluateError(f"{data.artifact.uri}: the test split is empty")
     if ev.max_examples:
         test = test.select(range(min(ev.max_examples, len(test))))
     prompts, references = list(test["prompt"]), list(test["response"])
-    scorer = build_scorer(ev)
+    scorer = build_scorer(ev, store)
 
     # 1. Generation through vLLM: the base and every adapter answer the same prompts, greedily.
     models = {"base": served_base}
@@ -276,24 +281,33 @@ def evaluate(
         f"error_rate_{role}": sum(s.error is not None for s in role_scores) / n for role, role_scores in scores.items()
     }
     metrics |= {
-        "perplexity_base": ppl_base, "perplexity_candidate": ppl_candidate, "perplexity_tokens": float(n_tokens),
-        "parity_agreement": sum(agree) / len(agree), "parity_examples": float(len(agree)), "examples": float(n),
+        "perplexity_base": ppl_base,
+        "perplexity_candidate": ppl_candidate,
+        "perplexity_tokens": float(n_tokens),
+        "parity_agreement": sum(agree) / len(agree),
+        "parity_examples": float(len(agree)),
+        "examples": float(n),
         "max_new_tokens": float(ev.max_new_tokens),
-    }  # fmt: skip
+    }
     comparisons = {}
     for other in [r for r in ("base", "champion") if r in correct]:
         diff, low, high = paired_bootstrap(correct["candidate"], correct[other], samples=ev.bootstrap_samples)
         comparisons[other] = Comparison(
-            against=other, accuracy_diff=diff, ci_low=low, ci_high=high,
+            against=other,
+            accuracy_diff=diff,
+            ci_low=low,
+            ci_high=high,
             regressions=[i for i in range(n) if correct[other][i] and not correct["candidate"][i]],
             fixes=[i for i in range(n) if correct["candidate"][i] and not correct[other][i]],
-        )  # fmt: skip
+        )
         metrics |= {f"accuracy_diff_vs_{other}": diff, f"ci_low_vs_{other}": low, f"ci_high_vs_{other}": high}
 
     # 4. The report: per-example JSONL, markdown summary, bar chart, metrics — in the store and in MLflow.
     settings_hash = hashlib.sha256(json.dumps(ev.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
-    key = (f"evals/{adapter.sha256[:16]}-vs-{champion.sha256[:16] if champion else 'none'}-{data.fingerprint[:12]}"
-           f"-{settings_hash}")  # fmt: skip
+    key = (
+        f"evals/{adapter.sha256[:16]}-vs-{champion.sha256[:16] if champion else 'none'}-{data.fingerprint[:12]}"
+        f"-{settings_hash}"
+    )
     out = workdir / key.replace("/", "-")
     out.mkdir(parents=True, exist_ok=True)
     with (out / "examples.jsonl").open("w") as fh:

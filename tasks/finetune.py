@@ -1,6 +1,7 @@
 """Fine-tune stage: a LoRA or QLoRA adapter trained with transformers + PEFT (+ bitsandbytes), resumable.
 
-    adapter = finetune(cfg, data, base=resolved, store=store, tracker=tracker, workdir=Path(".tuneship/work"))
+    adapter = finetune(cfg.finetune, data, name=cfg.name, base=resolved, store=store, tracker=tracker,
+                       workdir=Path(".tuneship/work"))
 
 Reads top to bottom: pick the device and precision, estimate memory (and stop early if it cannot fit),
 load the base (4-bit NF4 or 8-bit for QLoRA), wrap it with LoRA, train with the loss on the response only
@@ -21,10 +22,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from infra.artifacts import ArtifactStore
-from infra.base_model import ResolvedModel
 from infra.errors import UserError
 from infra.tracking import MlflowTracker
-from tasks.config import FinetuneConfig, LoraSettings, RunConfig, TrainSettings
+from tasks.base_model import ResolvedModel
+from tasks.config import FinetuneConfig, LoraSettings, TrainSettings
 from tasks.preprocess import load_splits
 from tasks.refs import AdapterRef, DatasetRef
 
@@ -206,10 +207,10 @@ def estimate_memory(
 # ---------------------------------------------------------------------------------- the stage
 
 
-def default_run_id(cfg: RunConfig, data: DatasetRef, base: ResolvedModel) -> str:
-    """Same config, data and base → same run id: a re-run resumes or reuses instead of starting over."""
-    blob = json.dumps([cfg.finetune.model_dump(mode="json"), data.fingerprint, base.id, base.revision], sort_keys=True)
-    return f"{cfg.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+def default_run_id(name: str, cfg: FinetuneConfig, data: DatasetRef, base: ResolvedModel) -> str:
+    """Same name, config, data and base → same run id: a re-run resumes or reuses instead of starting over."""
+    blob = json.dumps([cfg.model_dump(mode="json"), data.fingerprint, base.id, base.revision], sort_keys=True)
+    return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
 def _latest_checkpoint(store: ArtifactStore, run_id: str) -> tuple[int, Path] | None:
@@ -283,22 +284,26 @@ def _peak_memory_gib(device: str) -> float:
 
 
 def finetune(
-    cfg: RunConfig,
+    cfg: FinetuneConfig,
     data: DatasetRef,
     *,
+    name: str,
     base: ResolvedModel,
     store: ArtifactStore,
     tracker: MlflowTracker,
     workdir: Path,
     run_id: str | None = None,
 ) -> AdapterRef:
-    """Train a LoRA/QLoRA adapter on ``data`` and store it; resume if ``run_id`` has checkpoints."""
+    """Train a LoRA/QLoRA adapter on ``data`` and store it; resume if ``run_id`` has checkpoints.
+
+    ``name`` (the run's name) prefixes the run id, which defaults to a hash of ``cfg``, the data and the base.
+    """
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer
 
-    ft = cfg.finetune
-    run_id = run_id or default_run_id(cfg, data, base)
+    ft = cfg
+    run_id = run_id or default_run_id(name, cfg, data, base)
     adapter_key = f"adapters/{run_id}"
     if store.exists(adapter_key):  # finished before: the stage is idempotent
         saved = json.loads((store.get_dir(adapter_key) / "tuneship_adapter.json").read_text())
@@ -323,7 +328,13 @@ def finetune(
 
     with tracker.run(run_id, stage="finetune", tags={"tuneship.dataset_fingerprint": data.fingerprint}) as mlflow_run:
         tracker.log_params(
-            {"run_id": run_id, "base_model": base.id, "base_revision": base.revision, **cfg.model_dump(mode="json")}
+            {
+                "run_id": run_id,
+                "name": name,
+                "base_model": base.id,
+                "base_revision": base.revision,
+                "finetune": cfg.model_dump(mode="json"),
+            }
         )
         tracker.log_metrics({"memory_estimate_gib": estimate.total_gib, "train_rows": len(train_set)})
         tracker.set_tags({"tuneship.memory_estimate": estimate.describe()})

@@ -22,8 +22,8 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from infra.artifacts import open_store
-        from infra.base_model import resolve_base_model
         from infra.settings import load_settings
+        from tasks.base_model import resolve_base_model
 
         config = context.model_config
         settings = load_settings()

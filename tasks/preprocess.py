@@ -1,6 +1,6 @@
 """Preprocess stage: raw rows in, a validated, tokenised, split dataset out — and every rejected row kept.
 
-    ref = preprocess(cfg, base=resolved_base_model, store=store, workdir=Path(".tuneship/work"))
+    ref = preprocess(cfg.preprocess, cfg.data, name=cfg.name, base=resolved, store=store, workdir=Path("work"))
 
 Reads JSONL, CSV, Parquet or a saved Hugging Face dataset, from disk or from the artifact store
 (``artifact://KEY/PATH``). Each row is validated; a rejected row goes to ``rejects.jsonl`` with its
@@ -15,6 +15,7 @@ first malformed or non-UTF-8 line instead of naming and keeping it.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import shutil
@@ -24,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.artifacts import ArtifactStore
-from infra.base_model import ResolvedModel
+from infra.artifacts import ArtifactNotFoundError, ArtifactStore, local_path
 from infra.errors import UserError
 from infra.prompts import alpaca_prompt
-from tasks.config import DataConfig, RunConfig
+from tasks.base_model import ResolvedModel
+from tasks.config import DataConfig, PreprocessConfig
 from tasks.refs import DatasetRef, DatasetStats
 
 SPLITS = ("train", "eval", "test")
@@ -59,16 +60,10 @@ class Example:
 
 
 def _resolve_source(source: str, store: ArtifactStore) -> Path:
-    if source.startswith("artifact://"):
-        rest = source.removeprefix("artifact://")
-        for ref in sorted(store.list(), key=lambda r: -len(r.key)):
-            if rest == ref.key or rest.startswith(ref.key + "/"):
-                return store.get_dir(ref) / rest[len(ref.key) :].lstrip("/")
-        raise PreprocessError(f"{source}: no artifact holds this path")
-    path = Path(source)
-    if not path.exists():
-        raise PreprocessError(f"{source}: no such file or directory")
-    return path
+    try:
+        return local_path(source, store, what="data")
+    except ArtifactNotFoundError as exc:
+        raise PreprocessError(str(exc)) from None
 
 
 def _format_of(path: Path, declared: str) -> str:
@@ -89,6 +84,8 @@ def _read_jsonl(path: Path, label: str) -> Iterator[RawRow]:
             where = f"{label}:{number}"
             if not line.strip():
                 continue  # blank lines are not rows
+            if number == 1 and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8) :]  # a byte-order mark some exporters write: not part of the row
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -123,6 +120,7 @@ def _read_jsonl(path: Path, label: str) -> Iterator[RawRow]:
 
 def _read_with_datasets(path: Path, fmt: str, label: str) -> Iterator[RawRow]:
     import datasets
+    from datasets.exceptions import DatasetGenerationError
 
     if fmt == "hf":
         loaded = datasets.load_from_disk(str(path))
@@ -134,7 +132,7 @@ def _read_with_datasets(path: Path, fmt: str, label: str) -> Iterator[RawRow]:
     else:
         try:
             parts = [(label, datasets.load_dataset(fmt, data_files=str(path), split="train"))]
-        except Exception as exc:  # the loaders raise many types; name the file either way
+        except (ValueError, OSError, DatasetGenerationError) as exc:  # pyarrow's errors are ValueErrors
             raise PreprocessError(f"{path}: cannot read as {fmt}: {exc}") from None
     first_line = 2 if fmt == "csv" else 1  # CSV: line 1 is the header
     for part_label, ds in parts:
@@ -216,7 +214,9 @@ def tokenize_example(tokenizer: Any, prompt: str, response: str) -> tuple[list[i
     Prompt and response are tokenised separately, exactly as serving sees them: the server gets the
     prompt and generates the response after it.
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    # A chat template that writes the BOS token itself (Llama 3's, the offline base's) must not get a second one.
+    has_bos = bool(tokenizer.bos_token) and prompt.startswith(tokenizer.bos_token)
+    prompt_ids = tokenizer(prompt, add_special_tokens=not has_bos)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return prompt_ids + response_ids, [-100] * len(prompt_ids) + response_ids
 
@@ -240,19 +240,21 @@ def _percentile(sorted_values: list[int], q: float) -> float:
 # ------------------------------------------------------------------------------------------ the stage
 
 
-def preprocess(cfg: RunConfig, *, base: ResolvedModel, store: ArtifactStore, workdir: Path) -> DatasetRef:
-    """Validate, format, tokenise and split ``cfg.data``; store it with its rejects and stats; return its ref."""
+def preprocess(
+    cfg: PreprocessConfig, data: DataConfig, *, name: str, base: ResolvedModel, store: ArtifactStore, workdir: Path
+) -> DatasetRef:
+    """Validate, format, tokenise and split ``data``; store it under ``name`` with its rejects and stats."""
     import datasets
     from transformers import AutoTokenizer
 
-    data, pre = cfg.data, cfg.preprocess
+    pre = cfg
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     if data.template == "chat" and not tokenizer.chat_template:
         raise PreprocessError(
             f"data.template: 'chat' but the tokenizer of {base.id} has no chat template; use 'alpaca'"
         )
 
-    out = workdir / f"preprocess-{cfg.name}"
+    out = workdir / f"preprocess-{name}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     rejects: list[dict[str, str]] = []
@@ -301,9 +303,10 @@ def preprocess(cfg: RunConfig, *, base: ResolvedModel, store: ArtifactStore, wor
     )
     if not kept["train"]:
         raise PreprocessError(
-            f"{data.source}: no training rows kept out of {rows_in}" + (f"; rejects: {worst}" if rejects else "")
+            f"{data.source}: no training rows kept out of {rows_in}"
+            + (f"; rejects: {worst}" if rejects else "")
             + f"; all rejects with reasons in {rejects_path}"
-        )  # fmt: skip
+        )
     if rows_in and len(rejects) / rows_in > pre.max_reject_rate:
         raise PreprocessError(
             f"{data.source}: {len(rejects)} of {rows_in} rows rejected ({len(rejects) / rows_in:.0%} > "
@@ -323,12 +326,15 @@ def preprocess(cfg: RunConfig, *, base: ResolvedModel, store: ArtifactStore, wor
         reject_reasons=dict(reasons),
         splits={split: len(kept[split]) for split in SPLITS},
         token_length={
-            "p50": _percentile(lengths, 50), "p90": _percentile(lengths, 90), "p99": _percentile(lengths, 99),
-            "max": float(lengths[-1]), "mean": sum(lengths) / len(lengths),
+            "p50": _percentile(lengths, 50),
+            "p90": _percentile(lengths, 90),
+            "p99": _percentile(lengths, 99),
+            "max": float(lengths[-1]),
+            "mean": sum(lengths) / len(lengths),
         },
-    )  # fmt: skip
+    )
 
-    key = f"datasets/{cfg.name}-{digest[:16]}"
+    key = f"datasets/{name}-{digest[:16]}"
     if not store.exists(key):
         dataset = datasets.DatasetDict(
             {

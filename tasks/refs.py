@@ -5,9 +5,13 @@ Bytes stay in the artifact store; refs are cheap to pass through Prefect, log to
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
-from infra.artifacts import ArtifactRef
+from infra.artifacts import ArtifactRef, ArtifactStore
+from infra.registry import adapter_key, champion_version, client
 
 
 class _Ref(BaseModel):
@@ -119,3 +123,16 @@ class Deployment(_Ref):
     swap_s: float | None = Field(default=None, description="load + smoke test + switch + drain, seconds")
     smoke_checked: int = 0
     manifests: list[str] = Field(default_factory=list)
+
+
+def adapter_of(mv: Any, store: ArtifactStore) -> AdapterRef:
+    """The adapter ref of model version ``mv``, read back from the artifact store through its lineage tag."""
+    key = adapter_key(mv, store)
+    saved = json.loads((store.get_dir(key) / "tuneship_adapter.json").read_text())
+    return AdapterRef(artifact=store.ref(key), **saved)
+
+
+def champion_adapter(name: str, *, tracking_uri: str, store: ArtifactStore) -> AdapterRef | None:
+    """The current champion's adapter ref, or None when ``name`` has no champion (or is not registered)."""
+    champion = champion_version(client(tracking_uri), name)
+    return None if champion is None else adapter_of(champion, store)

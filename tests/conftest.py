@@ -56,8 +56,8 @@ def mlflow_server(services_dir: Path, s3_server) -> Iterator[object]:
 def _base_model(recipe_name: str, tmp_path_factory: pytest.TempPathFactory):
     """A base model from the per-user cache (built there on first use, ≈7 min for sql-small on 2 cores)."""
     from infra.artifacts import ArtifactStore, LocalBackend
-    from infra.base_model import RECIPES, ensure_base_model
     from infra.settings import load_settings
+    from offline.base_model import RECIPES, ensure_base_model
 
     store = ArtifactStore(LocalBackend(tmp_path_factory.mktemp("store")), tmp_path_factory.mktemp("cache"))
     return ensure_base_model(RECIPES[recipe_name], store=store, cache_dir=load_settings().cache_dir)
@@ -77,7 +77,7 @@ def base_model(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def demo_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from infra.demo_task import build_demo_task
+    from offline.demo_task import build_demo_task
 
     out = tmp_path_factory.mktemp("demo-task")
     build_demo_task(out)
@@ -125,7 +125,7 @@ def demo_config(demo_task: Path):
 
 @pytest.fixture(scope="session")
 def demo_base(base_model):
-    from infra.base_model import ResolvedModel
+    from tasks.base_model import ResolvedModel
 
     return ResolvedModel("tuneship/sql-small", str(base_model.path), base_model.ref.sha256)
 
@@ -134,7 +134,10 @@ def demo_base(base_model):
 def demo_dataset(demo_task: Path, demo_base, demo_store, tmp_path_factory: pytest.TempPathFactory):
     from tasks.preprocess import preprocess
 
-    return preprocess(_demo_config(demo_task), base=demo_base, store=demo_store, workdir=tmp_path_factory.mktemp("w"))
+    cfg = _demo_config(demo_task)
+    return preprocess(
+        cfg.preprocess, cfg.data, name=cfg.name, base=demo_base, store=demo_store, workdir=tmp_path_factory.mktemp("w")
+    )
 
 
 @pytest.fixture(scope="session")
@@ -144,8 +147,16 @@ def demo_adapter(demo_task: Path, demo_base, demo_store, demo_dataset, mlflow_se
     from tasks.finetune import finetune
 
     tracker = MlflowTracker(mlflow_server.tracking_uri, system_metrics=False)
-    return finetune(_demo_config(demo_task), demo_dataset, base=demo_base, store=demo_store, tracker=tracker,
-                    workdir=tmp_path_factory.mktemp("w"))  # fmt: skip
+    cfg = _demo_config(demo_task)
+    return finetune(
+        cfg.finetune,
+        demo_dataset,
+        name=cfg.name,
+        base=demo_base,
+        store=demo_store,
+        tracker=tracker,
+        workdir=tmp_path_factory.mktemp("w"),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -155,8 +166,16 @@ def weak_adapter(demo_config, demo_base, demo_store, demo_dataset, mlflow_server
     from tasks.finetune import finetune
 
     tracker = MlflowTracker(mlflow_server.tracking_uri, system_metrics=False)
-    return finetune(demo_config("finetune.train.max_steps=300"), demo_dataset, base=demo_base, store=demo_store,
-                    tracker=tracker, workdir=tmp_path_factory.mktemp("w"))  # fmt: skip
+    cfg = demo_config("finetune.train.max_steps=300")
+    return finetune(
+        cfg.finetune,
+        demo_dataset,
+        name=cfg.name,
+        base=demo_base,
+        store=demo_store,
+        tracker=tracker,
+        workdir=tmp_path_factory.mktemp("w"),
+    )
 
 
 @pytest.fixture(scope="session")

@@ -32,11 +32,27 @@ from typing import Any
 DATASHEET_BF16_PEAK = 989e12  # H100 / H200 SXM, dense bf16
 GOAL = 0.40
 
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                tie_word_embeddings=True)  # fmt: skip
-TINY = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=True)  # fmt: skip
+LLAMA_1B = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    tie_word_embeddings=True,
+)
+TINY = dict(
+    hidden_size=128,
+    intermediate_size=352,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    vocab_size=512,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
 
 
 def model_flops_per_token(n_matmul_params: int, layers: int, hidden: int, seq: int, *, lora_params: int = 0) -> float:
@@ -75,8 +91,16 @@ def run_variant(torch: Any, shape: dict[str, Any], variant: str, batch: int, seq
     if variant.startswith("lora"):
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
-                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))  # fmt: skip
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=16,
+                lora_alpha=32,
+                lora_dropout=0.05,
+                task_type="CAUSAL_LM",
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            ),
+        )
         lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device == "cuda")
@@ -104,25 +128,43 @@ def run_variant(torch: Any, shape: dict[str, Any], variant: str, batch: int, seq
     elapsed = time.perf_counter() - started
     tokens_per_s = timed * batch * seq / elapsed
     flops = model_flops_per_token(n_matmul, config.num_hidden_layers, config.hidden_size, seq, lora_params=lora_params)
-    result = {"variant": variant, "batch": batch, "seq": seq, "params": n_matmul, "lora_params": lora_params,
-              "step_s": elapsed / timed, "warmup_s": warmup_s, "tokens_per_s": tokens_per_s,
-              "model_tflops_per_s": tokens_per_s * flops / 1e12, "mfu": tokens_per_s * flops / DATASHEET_BF16_PEAK,
-              "final_loss": float(loss.detach())}  # fmt: skip
+    result = {
+        "variant": variant,
+        "batch": batch,
+        "seq": seq,
+        "params": n_matmul,
+        "lora_params": lora_params,
+        "step_s": elapsed / timed,
+        "warmup_s": warmup_s,
+        "tokens_per_s": tokens_per_s,
+        "model_tflops_per_s": tokens_per_s * flops / 1e12,
+        "mfu": tokens_per_s * flops / DATASHEET_BF16_PEAK,
+        "final_loss": float(loss.detach()),
+    }
     if device == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 1024**3
     return result
 
 
-def measure(*, tiny: bool = False, variants: tuple[str, ...] = ("full_eager", "full_compiled", "lora_eager"),
-            batch: int = 8, seq: int = 2048) -> dict[str, Any]:  # fmt: skip
+def measure(
+    *,
+    tiny: bool = False,
+    variants: tuple[str, ...] = ("full_eager", "full_compiled", "lora_eager"),
+    batch: int = 8,
+    seq: int = 2048,
+) -> dict[str, Any]:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not tiny:
         return {"skipped": "no CUDA device on this machine", "goal": f">= {GOAL:.2f} MFU on H100/H200", "met": None}
     shape, batch, seq = (TINY, 2, 64) if tiny else (LLAMA_1B, batch, seq)
-    result: dict[str, Any] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                              "torch": torch.__version__, "goal": f">= {GOAL:.2f}", "variants": {}}  # fmt: skip
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "goal": f">= {GOAL:.2f}",
+        "variants": {},
+    }
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         ceiling = matmul_ceiling(torch)

@@ -22,8 +22,9 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from infra.artifacts import ArtifactStore, LocalBackend  # noqa: E402
-from infra.base_model import RECIPES, ResolvedModel, ensure_base_model  # noqa: E402
 from infra.settings import load_settings  # noqa: E402
+from offline.base_model import RECIPES, ensure_base_model  # noqa: E402
+from tasks.base_model import ResolvedModel  # noqa: E402
 
 RESULTS = REPO / "bench-results"
 BENCHES: dict[str, Callable[[Path], dict[str, Any]]] = {}
@@ -41,7 +42,7 @@ def _base(workdir: Path) -> tuple[ResolvedModel, ArtifactStore]:
 
 
 def _demo_config(workdir: Path, *overrides: str) -> Any:
-    from infra.demo_task import build_demo_task
+    from offline.demo_task import build_demo_task
     from tasks.config import load_run_config
 
     task = workdir / "demo-task"
@@ -61,9 +62,18 @@ def _demo_adapter(workdir: Path) -> Path:
 
     base, store = _base(workdir)
     cfg = _demo_config(workdir)
-    data = preprocess(cfg, base=base, store=store, workdir=workdir / "work")
+    data = preprocess(cfg.preprocess, cfg.data, name=cfg.name, base=base, store=store, workdir=workdir / "work")
     tracker = MlflowTracker(f"sqlite:///{workdir / 'mlflow.db'}", system_metrics=False)
-    adapter = finetune(cfg, data, base=base, store=store, tracker=tracker, workdir=workdir / "work", run_id="demo")
+    adapter = finetune(
+        cfg.finetune,
+        data,
+        name=cfg.name,
+        base=base,
+        store=store,
+        tracker=tracker,
+        workdir=workdir / "work",
+        run_id="demo",
+    )
     return store.get_dir(adapter.artifact)
 
 
@@ -76,12 +86,20 @@ def finetune_throughput(workdir: Path) -> dict[str, Any]:
 
     base, store = _base(workdir)
     tracker = MlflowTracker(f"sqlite:///{workdir / 'mlflow.db'}", system_metrics=False)
-    data = preprocess(_demo_config(workdir), base=base, store=store, workdir=workdir / "work")
+    demo = _demo_config(workdir)
+    data = preprocess(demo.preprocess, demo.data, name=demo.name, base=base, store=store, workdir=workdir / "work")
     rates = {}
     for batching in ("padded", "group_by_length"):
         cfg = _demo_config(workdir, f"finetune.train.batching={batching}", "finetune.train.max_steps=60")
         adapter = finetune(
-            cfg, data, base=base, store=store, tracker=tracker, workdir=workdir / "work", run_id=f"bench-{batching}"
+            cfg.finetune,
+            data,
+            name=cfg.name,
+            base=base,
+            store=store,
+            tracker=tracker,
+            workdir=workdir / "work",
+            run_id=f"bench-{batching}",
         )
         rates[batching] = adapter.metrics["tokens_per_s"]
     return {
@@ -214,15 +232,17 @@ def gateway_overhead(workdir: Path) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {"direct": [], "gateway": []}
     gateway_cpu_s, gateway_requests = 0.0, 0
     with start_vllm(VllmLaunch(model=Path(base.path)), python=settings.vllm_python, workdir=workdir) as server:
-        proc, gateway = start_gateway_process(workdir, vllm_url=server.base_url,
-                                              env={"TUNESHIP_GATEWAY_ALIASES": '{"champion": "base"}'})  # fmt: skip
+        proc, gateway = start_gateway_process(
+            workdir, vllm_url=server.base_url, env={"TUNESHIP_GATEWAY_ALIASES": '{"champion": "base"}'}
+        )
         cpu = psutil.Process(proc.proc.pid)
         with proc:
             targets = {"direct": (server.base_url, "base"), "gateway": (gateway, "champion")}
             for _ in range(9):  # alternate, so drift on a noisy machine hits both sides alike
                 for side, (url, model) in targets.items():
-                    spec = LoadSpec(url=url, model=model, concurrency=16, requests=96, warmup=16, max_tokens=32,
-                                    ignore_eos=True)  # fmt: skip
+                    spec = LoadSpec(
+                        url=url, model=model, concurrency=16, requests=96, warmup=16, max_tokens=32, ignore_eos=True
+                    )
                     before = sum(cpu.cpu_times()[:2])
                     runs[side].append(asyncio.run(run_load(spec, prompts)).summary())
                     if side == "gateway":
@@ -234,13 +254,19 @@ def gateway_overhead(workdir: Path) -> dict[str, Any]:
     ratios = [g["output_tokens_per_s"] / d["output_tokens_per_s"] for d, g in pairs]
     added_ms = [(g["latency_s"]["p50"] - d["latency_s"]["p50"]) * 1000 for d, g in pairs]
     ratio, added_p50_ms = statistics.median(ratios), statistics.median(added_ms)
-    return {"runs": runs, "ratio": ratio, "added_p50_ms": added_p50_ms, "round_ratios": ratios,
-            "round_added_p50_ms": added_ms,
-            "gateway_cpu_ms_per_request": gateway_cpu_s / gateway_requests * 1000,
-            "errors": sum(r["errors"] for v in runs.values() for r in v),
-            "note": "on 2 cores the gateway process takes CPU from vLLM itself; its own CPU per request is the "
-                    "machine-independent cost",
-            "goal": ">= 0.95 throughput, added p50 <= 5 ms", "met": ratio >= 0.95 and added_p50_ms <= 5}  # fmt: skip
+    return {
+        "runs": runs,
+        "ratio": ratio,
+        "added_p50_ms": added_p50_ms,
+        "round_ratios": ratios,
+        "round_added_p50_ms": added_ms,
+        "gateway_cpu_ms_per_request": gateway_cpu_s / gateway_requests * 1000,
+        "errors": sum(r["errors"] for v in runs.values() for r in v),
+        "note": "on 2 cores the gateway process takes CPU from vLLM itself; its own CPU per request is the "
+        "machine-independent cost",
+        "goal": ">= 0.95 throughput, added p50 <= 5 ms",
+        "met": ratio >= 0.95 and added_p50_ms <= 5,
+    }
 
 
 @bench
@@ -266,8 +292,13 @@ def serving_vs_naive(workdir: Path) -> dict[str, Any]:
     with torch.inference_mode():
         for prompt in prompts:  # one request at a time, as a handler calling model.generate would serve them
             ids = tokenizer(prompt, return_tensors="pt")
-            out = model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)  # fmt: skip
+            out = model.generate(
+                **ids,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
             generated += out.shape[1] - ids["input_ids"].shape[1]
     naive_tps = generated / (time.perf_counter() - started)
     settings = load_settings()
@@ -275,16 +306,30 @@ def serving_vs_naive(workdir: Path) -> dict[str, Any]:
     with start_vllm(VllmLaunch(model=Path(base.path)), python=settings.vllm_python, workdir=workdir) as server:
         for _ in range(3):  # alternate: on 2 cores vLLM's own processes sometimes starve each other for a round
             for mode in rates:
-                spec = LoadSpec(url=server.base_url, model="base", concurrency=64, requests=64, warmup=8,
-                                max_tokens=new_tokens, ignore_eos=True, stream=mode == "streamed")  # fmt: skip
+                spec = LoadSpec(
+                    url=server.base_url,
+                    model="base",
+                    concurrency=64,
+                    requests=64,
+                    warmup=8,
+                    max_tokens=new_tokens,
+                    ignore_eos=True,
+                    stream=mode == "streamed",
+                )
                 rates[mode].append(asyncio.run(run_load(spec, prompts)).summary()["output_tokens_per_s"])
     whole, streamed = statistics.median(rates["whole"]), statistics.median(rates["streamed"])
-    return {"naive_generate_tokens_per_s": naive_tps, "vllm_tokens_per_s": whole,
-            "vllm_streamed_tokens_per_s": streamed, "rounds_tokens_per_s": rates,
-            "ratio": whole / naive_tps, "ratio_streamed": streamed / naive_tps, "goal": ">= 10",
-            "met": whole / naive_tps >= 10,
-            "note": "ratio: whole completions, as the naive handler returns them; ratio_streamed: SSE, one event "
-                    "per token through vLLM's API server"}  # fmt: skip
+    return {
+        "naive_generate_tokens_per_s": naive_tps,
+        "vllm_tokens_per_s": whole,
+        "vllm_streamed_tokens_per_s": streamed,
+        "rounds_tokens_per_s": rates,
+        "ratio": whole / naive_tps,
+        "ratio_streamed": streamed / naive_tps,
+        "goal": ">= 10",
+        "met": whole / naive_tps >= 10,
+        "note": "ratio: whole completions, as the naive handler returns them; ratio_streamed: SSE, one event "
+        "per token through vLLM's API server",
+    }
 
 
 @bench
@@ -308,28 +353,53 @@ def hot_swap(workdir: Path) -> dict[str, Any]:
     tracker = MlflowTracker(uri, system_metrics=False)
 
     def config(steps: int) -> Any:
-        return _demo_config(workdir, "registry.model_name=bench-swap", "evaluate.max_examples=16",
-                            "evaluate.parity_sample=4", f"evaluate.database={workdir / 'demo-task' / 'retail.db'}",
-                            f"finetune.train.max_steps={steps}")  # fmt: skip
+        return _demo_config(
+            workdir,
+            "registry.model_name=bench-swap",
+            "evaluate.max_examples=16",
+            "evaluate.parity_sample=4",
+            f"evaluate.database={workdir / 'demo-task' / 'retail.db'}",
+            f"finetune.train.max_steps={steps}",
+        )
 
-    data = preprocess(config(20), base=base, store=store, workdir=workdir / "work")
+    first = config(20)
+    data = preprocess(first.preprocess, first.data, name=first.name, base=base, store=store, workdir=workdir / "work")
     settings = load_settings()
     launch = VllmLaunch(model=Path(base.path))
     with start_vllm(launch, python=settings.vllm_python, workdir=workdir) as server:
         versions, adapters = [], []
         for steps in (20, 40):  # two short runs: two different adapters
             cfg = config(steps)
-            adapter = finetune(cfg, data, base=base, store=store, tracker=tracker, workdir=workdir / "work")
-            report = evaluate(cfg, adapter, data, base=base, store=store, tracker=tracker, workdir=workdir / "work",
-                              server_url=server.base_url, served_base="base")  # fmt: skip
+            adapter = finetune(
+                cfg.finetune, data, name=cfg.name, base=base, store=store, tracker=tracker, workdir=workdir / "work"
+            )
+            report = evaluate(
+                cfg.evaluate,
+                adapter,
+                data,
+                base=base,
+                store=store,
+                tracker=tracker,
+                workdir=workdir / "work",
+                server_url=server.base_url,
+                served_base="base",
+            )
             versions.append(register(cfg, adapter, report, data, store=store, tracking_uri=uri))
             adapters.append(adapter)
         app = create_app(GatewayConfig(aliases={"base": "base"}, admin_keys=["bench"]), VllmUpstream(server.base_url))
         with serve_in_thread(app, port=free_port()) as gateway:
             swaps = []
             for version in versions + versions:
-                dep = deploy("bench-swap", version.version, DeployConfig(), store=store, tracking_uri=uri,
-                             vllm_url=server.base_url, gateway_url=gateway, admin_key="bench")  # fmt: skip
+                dep = deploy(
+                    "bench-swap",
+                    version.version,
+                    DeployConfig(),
+                    store=store,
+                    tracking_uri=uri,
+                    vllm_url=server.base_url,
+                    gateway_url=gateway,
+                    admin_key="bench",
+                )
                 swaps.append(dep.swap_s)
     started = time.perf_counter()  # the alternative: restart vLLM and load the adapter into the fresh server
     with start_vllm(launch, python=settings.vllm_python, workdir=workdir) as server:
@@ -337,8 +407,14 @@ def hot_swap(workdir: Path) -> dict[str, Any]:
         restart_s = time.perf_counter() - started
     later = sorted(swaps[1:])  # the first deploy also warms the path up
     swap_s = later[len(later) // 2]
-    return {"swap_s": swaps, "median_swap_s": swap_s, "restart_s": restart_s, "ratio": swap_s / restart_s,
-            "goal": "swap <= 5 s (vs a restart ≈ 60 s)", "met": swap_s <= 5}  # fmt: skip
+    return {
+        "swap_s": swaps,
+        "median_swap_s": swap_s,
+        "restart_s": restart_s,
+        "ratio": swap_s / restart_s,
+        "goal": "swap <= 5 s (vs a restart ≈ 60 s)",
+        "met": swap_s <= 5,
+    }
 
 
 @bench
@@ -347,19 +423,36 @@ def flow_cache_rerun(workdir: Path) -> dict[str, Any]:
     import os
     import subprocess
 
-    env = {**os.environ, "TUNESHIP_HOME": str(workdir / "home"), "PREFECT_HOME": str(workdir / "prefect"),
-           "TUNESHIP_VLLM_URL": "local"}  # fmt: skip
+    env = {
+        **os.environ,
+        "TUNESHIP_HOME": str(workdir / "home"),
+        "PREFECT_HOME": str(workdir / "prefect"),
+        "TUNESHIP_VLLM_URL": "local",
+    }
     for key in ("PREFECT_API_URL", "TUNESHIP_GATEWAY_URL", "TUNESHIP_ARTIFACT_ROOT", "TUNESHIP_MLFLOW_TRACKING_URI"):
         env.pop(key, None)
-    argv = [sys.executable, "-m", "flows.retrain", "--no-deploy", "--set", "finetune.train.max_steps=300",
-            "--set", "evaluate.max_examples=100"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "flows.retrain",
+        "--no-deploy",
+        "--set",
+        "finetune.train.max_steps=300",
+        "--set",
+        "evaluate.max_examples=100",
+    ]
     times = []
     for _ in range(2):
         started = time.perf_counter()
         subprocess.run(argv, cwd=REPO, env=env, check=True, capture_output=True)
         times.append(time.perf_counter() - started)
-    return {"first_s": times[0], "second_s": times[1], "ratio": times[1] / times[0], "goal": "<= 0.10",
-            "met": times[1] / times[0] <= 0.10}  # fmt: skip
+    return {
+        "first_s": times[0],
+        "second_s": times[1],
+        "ratio": times[1] / times[0],
+        "goal": "<= 0.10",
+        "met": times[1] / times[0] <= 0.10,
+    }
 
 
 @bench

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -13,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from infra.base_model import RECIPES, ensure_base_model, init_model
-from infra.sql_corpus import corpus, generate_example
+from offline.base_model import RECIPES, ensure_base_model, init_model
+from offline.sql_corpus import corpus, generate_example
 from tasks.generation import greedy_generate, instruction_prompt
 from tasks.sql_exec import connect_readonly, execute_sql, is_ordered, results_match
 
@@ -133,6 +134,33 @@ def test_second_build_reuses_the_cache(base_model, tmp_path: Path) -> None:
     started = time.perf_counter()
     again = ensure_base_model(RECIPES["sql-small"], store=store, cache_dir=load_settings().cache_dir)
     print(f"second build: reused in {time.perf_counter() - started:.1f} s")
-    assert not again.built
+    assert again.source == "cache"
     assert again.ref.sha256 == base_model.ref.sha256
     assert ensure_base_model(RECIPES["sql-small"], store=store, cache_dir=tmp_path / "empty").ref == again.ref
+
+
+def test_a_fresh_machine_loads_the_pinned_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No store, no cache: the default base comes from the repository's checkpoint, verified, never pre-trained."""
+    from infra.artifacts import ArtifactStore, LocalBackend, tree_sha256
+    from offline import base_model as offline_base
+    from tasks.base_model import resolve_base_model
+
+    def no_pretraining(*args: object, **kwargs: object) -> None:
+        raise AssertionError("pre-trained although a pinned checkpoint exists")
+
+    monkeypatch.setattr(offline_base, "pretrain", no_pretraining)
+    checkpoint = offline_base.verified_checkpoint(RECIPES["sql-small"])
+    assert checkpoint is not None and tree_sha256(checkpoint) == offline_base.PINNED[checkpoint.name]
+    store = ArtifactStore(LocalBackend(tmp_path / "store"), tmp_path / "store-cache")
+    resolved = resolve_base_model("tuneship/sql-small", store=store, cache_dir=tmp_path / "cache")
+    assert resolved.revision == offline_base.PINNED[checkpoint.name]  # the revision a run records is the pin
+    model, tokenizer = load(Path(resolved.path))  # the loader path every stage uses
+    assert model.config.num_hidden_layers == RECIPES["sql-small"].arch.num_layers
+    assert tokenizer.chat_template and "### Instruction:" in tokenizer.chat_template
+
+    corrupted = tmp_path / "checkpoints" / checkpoint.name
+    shutil.copytree(checkpoint, corrupted)
+    (corrupted / "config.json").write_text((corrupted / "config.json").read_text().replace("silu", "gelu"))
+    monkeypatch.setattr(offline_base, "CHECKPOINTS", tmp_path / "checkpoints")
+    with pytest.raises(offline_base.CheckpointError, match=rf"{corrupted}: sha256 .* does not match its pin"):
+        resolve_base_model("tuneship/sql-small", store=store, cache_dir=tmp_path / "other-cache")

@@ -10,10 +10,19 @@ from pathlib import Path
 from infra.services import LOCAL_S3_CREDENTIALS, free_port
 
 SETTINGS_VARS = [
-    "TUNESHIP_HOME", "TUNESHIP_ARTIFACT_ROOT", "TUNESHIP_CACHE_DIR", "TUNESHIP_S3_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "TUNESHIP_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI",
-    "TUNESHIP_VLLM_URL", "TUNESHIP_VLLM_PYTHON", "TUNESHIP_VLLM_DEVICE", "TUNESHIP_API_KEYS",
-]  # fmt: skip
+    "TUNESHIP_HOME",
+    "TUNESHIP_ARTIFACT_ROOT",
+    "TUNESHIP_CACHE_DIR",
+    "TUNESHIP_S3_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "TUNESHIP_MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_URI",
+    "TUNESHIP_VLLM_URL",
+    "TUNESHIP_VLLM_PYTHON",
+    "TUNESHIP_VLLM_DEVICE",
+    "TUNESHIP_API_KEYS",
+]
 
 
 def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -86,3 +95,21 @@ def test_cli_round_trip_through_s3(s3_server, s3_bucket: str, tmp_path: Path) ->
     got = run_cli("artifacts", "get", "demo/one", env=env, cwd=tmp_path)
     assert got.returncode == 0, got.stderr
     assert (Path(got.stdout.strip()) / "f.txt").read_text() == "hello"
+
+
+def test_output_that_is_not_a_terminal_is_not_wrapped(tmp_path: Path) -> None:
+    cache = tmp_path / ("a-long-directory-name-" * 8) / "cache"  # a table cell far wider than 80 columns
+    env = {"TUNESHIP_HOME": str(tmp_path), "TUNESHIP_CACHE_DIR": str(cache), "TUNESHIP_VLLM_URL": "http://127.0.0.1:9"}
+    result = run_cli("doctor", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if "cache" in line and "│" in line]
+    assert len(rows) == 1 and str(cache) in rows[0], result.stdout  # the whole path in one table row
+
+
+def test_retrain_is_a_command(tmp_path: Path) -> None:
+    result = run_cli("retrain", "--help", env={}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for option in ("config", "--set", "--no-deploy", "--max-eval-examples"):
+        assert option in result.stdout
+    missing = run_cli("retrain", env={}, cwd=tmp_path)
+    assert missing.returncode == 2 and "Missing argument" in missing.stderr  # the run config is required

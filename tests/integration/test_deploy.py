@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from infra.registry import get_version
 from infra.services import free_port
 from infra.tracking import MlflowTracker
 from serving.app import GatewayConfig, create_app
@@ -24,7 +25,7 @@ from serving.upstream import VllmUpstream
 from tasks.config import DeployConfig
 from tasks.deploy import DeployError, deploy, render_manifests
 from tasks.evaluate import evaluate
-from tasks.register import get_version, register
+from tasks.register import register
 
 pytestmark = pytest.mark.slow
 ADMIN = f"admin-{uuid.uuid4().hex}"
@@ -32,8 +33,17 @@ PROBE = "### Instruction:\nHow many customers are there in each city?\n\n### Res
 
 
 @pytest.fixture(scope="module")
-def versions(demo_config, demo_base, demo_store, demo_dataset, demo_adapter, weak_adapter, vllm_server, mlflow_server,
-             tmp_path_factory):  # fmt: skip
+def versions(
+    demo_config,
+    demo_base,
+    demo_store,
+    demo_dataset,
+    demo_adapter,
+    weak_adapter,
+    vllm_server,
+    mlflow_server,
+    tmp_path_factory,
+):
     """v1 = the weak adapter, v2 = the strong one, v3 = the weak adapter whose recorded evaluation outputs were
     altered (so its smoke test must fail). Small evaluations: the deploy only needs their recorded outputs."""
     name = f"deploy-{uuid.uuid4().hex[:6]}"
@@ -43,16 +53,34 @@ def versions(demo_config, demo_base, demo_store, demo_dataset, demo_adapter, wea
     uri = mlflow_server.tracking_uri
 
     def eval_and_register(adapter):
-        report = evaluate(cfg, adapter, demo_dataset, base=demo_base, store=demo_store, tracker=tracker,
-                                    workdir=work, server_url=vllm_server.base_url, served_base="base")  # fmt: skip
+        report = evaluate(
+            cfg.evaluate,
+            adapter,
+            demo_dataset,
+            base=demo_base,
+            store=demo_store,
+            tracker=tracker,
+            workdir=work,
+            server_url=vllm_server.base_url,
+            served_base="base",
+        )
         return register(cfg, adapter, report, demo_dataset, store=demo_store, tracking_uri=uri), report
 
     v1, _ = eval_and_register(weak_adapter)
     v2, _ = eval_and_register(demo_adapter)
     # v3: the weak adapter again, but its recorded evaluation outputs no longer match what it serves.
     cfg = demo_config(f"registry.model_name={name}", "evaluate.max_examples=12", "evaluate.parity_sample=4")
-    report = evaluate(cfg, weak_adapter, demo_dataset, base=demo_base, store=demo_store, tracker=tracker, workdir=work,
-                      server_url=vllm_server.base_url, served_base="base")  # fmt: skip
+    report = evaluate(
+        cfg.evaluate,
+        weak_adapter,
+        demo_dataset,
+        base=demo_base,
+        store=demo_store,
+        tracker=tracker,
+        workdir=work,
+        server_url=vllm_server.base_url,
+        served_base="base",
+    )
     tampered = work / "tampered"
     shutil.copytree(demo_store.get_dir(report.artifact), tampered)
     rows = [json.loads(line) for line in (tampered / "examples.jsonl").read_text().splitlines()]
@@ -65,15 +93,25 @@ def versions(demo_config, demo_base, demo_store, demo_dataset, demo_adapter, wea
 
 @pytest.fixture(scope="module")
 def gateway(vllm_server):
-    app = create_app(GatewayConfig(aliases={"base": "base"}, admin_keys=[ADMIN], max_tokens_cap=512),
-                     VllmUpstream(vllm_server.base_url))  # fmt: skip
+    app = create_app(
+        GatewayConfig(aliases={"base": "base"}, admin_keys=[ADMIN], max_tokens_cap=512),
+        VllmUpstream(vllm_server.base_url),
+    )
     with serve_in_thread(app, port=free_port()) as url:
         yield url
 
 
 def ship(versions, vllm_server, gateway, version: str, **cfg: object):
-    return deploy(versions["name"], version, DeployConfig(**cfg), store=versions["store"], tracking_uri=versions["uri"],
-                  vllm_url=vllm_server.base_url, gateway_url=gateway, admin_key=ADMIN)  # fmt: skip
+    return deploy(
+        versions["name"],
+        version,
+        DeployConfig(**cfg),
+        store=versions["store"],
+        tracking_uri=versions["uri"],
+        vllm_url=vllm_server.base_url,
+        gateway_url=gateway,
+        admin_key=ADMIN,
+    )
 
 
 def greedy(url: str, model: str, prompt: str = PROBE) -> str:
@@ -159,8 +197,13 @@ def test_manifests_from_a_local_store_are_refused_with_the_reason(versions) -> N
     from infra.manifests import ManifestError
 
     with pytest.raises(ManifestError, match="the artifact store must be S3"):
-        render_manifests(versions["name"], versions["v"][1].version, DeployConfig(target="manifests"),
-                         store=versions["store"], tracking_uri=versions["uri"])  # fmt: skip
+        render_manifests(
+            versions["name"],
+            versions["v"][1].version,
+            DeployConfig(target="manifests"),
+            store=versions["store"],
+            tracking_uri=versions["uri"],
+        )
 
 
 def vllm_gauge(vllm_url: str, name: str) -> float:
@@ -174,8 +217,15 @@ def test_client_disconnect_mid_stream_stops_generation_upstream(vllm_server, gat
     enough to still be running when the client goes."""
     url = vllm_server.base_url
     tokens_before = vllm_gauge(url, "vllm:generation_tokens_total")
-    body = {"model": "base", "prompt": "SELECT", "max_tokens": 480, "n": 32, "temperature": 0.8, "ignore_eos": True,
-            "stream": True}  # fmt: skip
+    body = {
+        "model": "base",
+        "prompt": "SELECT",
+        "max_tokens": 480,
+        "n": 32,
+        "temperature": 0.8,
+        "ignore_eos": True,
+        "stream": True,
+    }
     with httpx.stream("POST", f"{gateway}/v1/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
         lines = response.iter_lines()  # kept alive: leaving a for-loop over it would close the stream already

@@ -20,9 +20,16 @@ def report(
 ):
     tracker = MlflowTracker(mlflow_server.tracking_uri, system_metrics=False)
     return evaluate(
-        demo_config(), demo_adapter, demo_dataset, base=demo_base, store=demo_store, tracker=tracker,
-        server_url=vllm_server.base_url, served_base="base", workdir=tmp_path_factory.mktemp("eval"),
-    )  # fmt: skip
+        demo_config().evaluate,
+        demo_adapter,
+        demo_dataset,
+        base=demo_base,
+        store=demo_store,
+        tracker=tracker,
+        server_url=vllm_server.base_url,
+        served_base="base",
+        workdir=tmp_path_factory.mktemp("eval"),
+    )
 
 
 def test_fine_tune_beats_base_with_a_real_margin(report) -> None:
@@ -55,16 +62,34 @@ def test_report_files(report, demo_store) -> None:
     assert "| base |" in (local / "summary.md").read_text()
 
 
-def test_champion_comparison_is_paired(report, demo_config, demo_base, demo_store, demo_dataset, demo_adapter,
-                                       vllm_server, mlflow_server, tmp_path: Path) -> None:  # fmt: skip
+def test_champion_comparison_is_paired(
+    report, demo_config, demo_base, demo_store, demo_dataset, demo_adapter, vllm_server, mlflow_server, tmp_path: Path
+) -> None:
     from tasks.finetune import finetune
 
     tracker = MlflowTracker(mlflow_server.tracking_uri, system_metrics=False)
-    weaker = finetune(demo_config("finetune.train.max_steps=40"), demo_dataset, base=demo_base,
-                      store=demo_store, tracker=tracker, workdir=tmp_path)  # fmt: skip
+    weaker = finetune(
+        demo_config("finetune.train.max_steps=40").finetune,
+        demo_dataset,
+        name="demo",
+        base=demo_base,
+        store=demo_store,
+        tracker=tracker,
+        workdir=tmp_path,
+    )
     cfg = demo_config("evaluate.max_examples=120", "evaluate.parity_sample=8")
-    vs = evaluate(cfg, demo_adapter, demo_dataset, base=demo_base, store=demo_store, tracker=tracker,
-                  server_url=vllm_server.base_url, served_base="base", workdir=tmp_path, champion=weaker)  # fmt: skip
+    vs = evaluate(
+        cfg.evaluate,
+        demo_adapter,
+        demo_dataset,
+        base=demo_base,
+        store=demo_store,
+        tracker=tracker,
+        server_url=vllm_server.base_url,
+        served_base="base",
+        workdir=tmp_path,
+        champion=weaker,
+    )
     champ = vs.comparisons["champion"]
     assert vs.champion_sha256 == weaker.sha256 and vs.n_examples == 120
     assert vs.metrics["accuracy_candidate"] > vs.metrics["accuracy_champion"]

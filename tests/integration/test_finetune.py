@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from infra.artifacts import ArtifactStore, S3Backend, make_s3_client
-from infra.base_model import ResolvedModel
 from infra.tracking import MlflowTracker
+from tasks.base_model import ResolvedModel
 from tasks.config import load_run_config
 from tasks.finetune import FinetuneError, finetune
 from tasks.generation import instruction_prompt
@@ -68,7 +68,10 @@ def eval_loss(model, dataset) -> float:
 
 @pytest.fixture(scope="module")
 def dataset(demo_task: Path, base: ResolvedModel, s3_store: ArtifactStore, tmp_path_factory: pytest.TempPathFactory):
-    return preprocess(config(demo_task), base=base, store=s3_store, workdir=tmp_path_factory.mktemp("work"))
+    cfg = config(demo_task)
+    return preprocess(
+        cfg.preprocess, cfg.data, name=cfg.name, base=base, store=s3_store, workdir=tmp_path_factory.mktemp("work")
+    )
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4", "int8"])
@@ -81,7 +84,9 @@ def test_adapter_trains_and_base_stays(
 
     cfg = config(demo_task, f"finetune.quantization={quantization}", "finetune.train.max_steps=60")
     tracker = MlflowTracker(mlflow_server.tracking_uri, experiment=f"test-{uuid.uuid4().hex[:6]}", system_metrics=False)
-    adapter = finetune(cfg, dataset, base=base, store=s3_store, tracker=tracker, workdir=tmp_path)
+    adapter = finetune(
+        cfg.finetune, dataset, name=cfg.name, base=base, store=s3_store, tracker=tracker, workdir=tmp_path
+    )
     assert adapter.quantization == quantization and adapter.rank == 16
     assert adapter.artifact.uri.startswith("s3://") and adapter.metrics["global_step"] == 60
 
@@ -116,7 +121,9 @@ def test_vllm_serves_the_adapter_and_it_changes_the_output(
 ) -> None:
     cfg = config(demo_task, "finetune.train.max_steps=80")
     tracker = MlflowTracker(mlflow_server.tracking_uri, system_metrics=False)
-    adapter = finetune(cfg, dataset, base=base, store=s3_store, tracker=tracker, workdir=tmp_path)
+    adapter = finetune(
+        cfg.finetune, dataset, name=cfg.name, base=base, store=s3_store, tracker=tracker, workdir=tmp_path
+    )
     path = s3_store.get_dir(adapter.artifact)
     load = httpx.post(
         f"{vllm_server.base_url}/v1/load_lora_adapter", json={"lora_name": "retail", "lora_path": str(path)}, timeout=60
@@ -142,7 +149,15 @@ def test_vllm_serves_the_adapter_and_it_changes_the_output(
 def test_memory_estimate_stops_a_run_that_cannot_fit(demo_task, base, s3_store, dataset, tmp_path) -> None:
     cfg = config(demo_task, "finetune.memory_limit_gib=0.01")
     with pytest.raises(FinetuneError, match=r"will not fit: .* Lower finetune.train.micro_batch_size"):
-        finetune(cfg, dataset, base=base, store=s3_store, tracker=MlflowTracker("unused"), workdir=tmp_path)
+        finetune(
+            cfg.finetune,
+            dataset,
+            name=cfg.name,
+            base=base,
+            store=s3_store,
+            tracker=MlflowTracker("unused"),
+            workdir=tmp_path,
+        )
 
 
 def test_killed_run_resumes_from_its_checkpoint(
@@ -160,11 +175,24 @@ def test_killed_run_resumes_from_its_checkpoint(
         "AWS_EC2_METADATA_DISABLED": "true",
     }
     args = [
-        sys.executable, "-m", "flows.cli", "train", str(TINY_CPU), "--run-id", "resume-test",
-        "--set", f"data.source={demo_task / 'train.jsonl'}", "--set", f"data.test_file={demo_task / 'test.jsonl'}",
-        "--set", "finetune.train.save_strategy=steps", "--set", "finetune.train.save_steps=15",
-        "--set", "finetune.train.max_steps=45",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "train",
+        str(TINY_CPU),
+        "--run-id",
+        "resume-test",
+        "--set",
+        f"data.source={demo_task / 'train.jsonl'}",
+        "--set",
+        f"data.test_file={demo_task / 'test.jsonl'}",
+        "--set",
+        "finetune.train.save_strategy=steps",
+        "--set",
+        "finetune.train.save_steps=15",
+        "--set",
+        "finetune.train.max_steps=45",
+    ]
     first = subprocess.Popen(
         args, env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

@@ -64,8 +64,9 @@ def test_generate_streams_deltas_then_usage_then_done(start_gateway, vllm_server
 def test_batch_keeps_order_and_reports_errors_per_item(start_gateway) -> None:
     url = start_gateway(max_prompt_chars=500)
     prompts = [PROMPT, "x" * 600, PROMPT.replace("ships", "books")]
-    results = httpx.post(f"{url}/generate/batch", json={"prompts": prompts, "max_tokens": 24, "temperature": 0},
-                         timeout=120).json()["results"]  # fmt: skip
+    results = httpx.post(
+        f"{url}/generate/batch", json={"prompts": prompts, "max_tokens": 24, "temperature": 0}, timeout=120
+    ).json()["results"]
     assert len(results) == 3 and "600 characters" in results[1]["error"]
     for prompt, result in zip(prompts[::2], results[::2], strict=True):
         one = httpx.post(

@@ -64,10 +64,31 @@ def test_tuneship_bench_against_the_gateway_prints_the_table_and_writes_the_file
     app = create_app(GatewayConfig(aliases={"champion": "base"}), VllmUpstream(vllm_server.base_url))
     with serve_in_thread(app, port=free_port()) as gateway:
         result = subprocess.run(
-            [sys.executable, "-m", "flows.cli", "bench", "--url", gateway, "--model", "champion", "--concurrency", "4",
-             "--requests", "24", "--warmup", "2", "--max-tokens", "16", "--out", str(tmp_path)],
-            capture_output=True, text=True, timeout=300, env={**os.environ, "TUNESHIP_HOME": str(tmp_path)},
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "bench",
+                "--url",
+                gateway,
+                "--model",
+                "champion",
+                "--concurrency",
+                "4",
+                "--requests",
+                "24",
+                "--warmup",
+                "2",
+                "--max-tokens",
+                "16",
+                "--out",
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "TUNESHIP_HOME": str(tmp_path)},
+        )
         metrics = httpx.get(f"{gateway}/metrics").text
     assert result.returncode == 0, result.stdout + result.stderr
     assert "| end-to-end latency |" in result.stdout and "per 1M output tokens" in result.stdout
@@ -85,8 +106,16 @@ def test_load_without_streaming_counts_whole_completions(vllm_server) -> None:
 
     from serving.loadgen import LoadSpec, run_load
 
-    spec = LoadSpec(url=vllm_server.base_url, model="base", concurrency=4, requests=12, warmup=0, max_tokens=8,
-                    ignore_eos=True, stream=False)  # fmt: skip
+    spec = LoadSpec(
+        url=vllm_server.base_url,
+        model="base",
+        concurrency=4,
+        requests=12,
+        warmup=0,
+        max_tokens=8,
+        ignore_eos=True,
+        stream=False,
+    )
     report = asyncio.run(run_load(spec, ["SELECT", "How many orders"]))
     assert [(s.ok, s.output_tokens, s.ttft) for s in report.samples] == [(True, 8, None)] * 12
     summary = report.summary()

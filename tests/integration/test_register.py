@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from infra.registry import RegistryError, list_versions, rollback
 from infra.tracking import MlflowTracker
 from tasks.evaluate import evaluate
 from tasks.refs import Comparison
-from tasks.register import RegistryError, list_versions, promote, promote_by_hand, register, rollback
+from tasks.register import promote, promote_by_hand, register
 
 pytestmark = pytest.mark.slow
 SECRET_KEY = "tuneship-local-secret"  # the S3 secret these services use; must never be logged
@@ -23,24 +24,55 @@ API_KEY = f"sk-test-{uuid.uuid4().hex}"
 
 
 @pytest.fixture(scope="module")
-def env(demo_config, demo_base, demo_store, demo_dataset, demo_adapter, weak_adapter, vllm_server, mlflow_server,
-        tmp_path_factory):  # fmt: skip
+def env(
+    demo_config,
+    demo_base,
+    demo_store,
+    demo_dataset,
+    demo_adapter,
+    weak_adapter,
+    vllm_server,
+    mlflow_server,
+    tmp_path_factory,
+):
     os.environ["TUNESHIP_API_KEYS"] = API_KEY  # present in the environment while registering
     name = f"retail-sql-{uuid.uuid4().hex[:6]}"
     # The short run still writes some broken SQL (≈40 % of its answers fail to execute): allow that here so it
     # can be a first champion, which the strong run then replaces.
-    cfg = demo_config(f"registry.model_name={name}", "evaluate.max_examples=150", "evaluate.parity_sample=16",
-                      "registry.rules.max_error_rate=0.5")  # fmt: skip
+    cfg = demo_config(
+        f"registry.model_name={name}",
+        "evaluate.max_examples=150",
+        "evaluate.parity_sample=16",
+        "registry.rules.max_error_rate=0.5",
+    )
     tracker = MlflowTracker(mlflow_server.tracking_uri, system_metrics=False)
     work = tmp_path_factory.mktemp("reg")
     weak = weak_adapter
 
     def run_eval(adapter, champion=None):
-        return evaluate(cfg, adapter, demo_dataset, base=demo_base, store=demo_store, tracker=tracker, workdir=work,
-                        server_url=vllm_server.base_url, served_base="base", champion=champion)  # fmt: skip
+        return evaluate(
+            cfg.evaluate,
+            adapter,
+            demo_dataset,
+            base=demo_base,
+            store=demo_store,
+            tracker=tracker,
+            workdir=work,
+            server_url=vllm_server.base_url,
+            served_base="base",
+            champion=champion,
+        )
 
-    yield {"cfg": cfg, "name": name, "uri": mlflow_server.tracking_uri, "weak": weak, "strong": demo_adapter,
-           "eval": run_eval, "store": demo_store, "data": demo_dataset}  # fmt: skip
+    yield {
+        "cfg": cfg,
+        "name": name,
+        "uri": mlflow_server.tracking_uri,
+        "weak": weak,
+        "strong": demo_adapter,
+        "eval": run_eval,
+        "store": demo_store,
+        "data": demo_dataset,
+    }
     os.environ.pop("TUNESHIP_API_KEYS", None)
 
 
@@ -50,13 +82,13 @@ def history(env):
     cfg, uri, store, data = env["cfg"], env["uri"], env["store"], env["data"]
     weak_report = env["eval"](env["weak"])
     v1 = register(cfg, env["weak"], weak_report, data, store=store, tracking_uri=uri, flow_run_id="flow-1")
-    d1 = promote(cfg, v1, weak_report, tracking_uri=uri)
+    d1 = promote(cfg.registry.rules, v1, weak_report, tracking_uri=uri)
     strong_report = env["eval"](env["strong"], champion=env["weak"])
     v2 = register(cfg, env["strong"], strong_report, data, store=store, tracking_uri=uri)
-    d2 = promote(cfg, v2, strong_report, tracking_uri=uri)
+    d2 = promote(cfg.registry.rules, v2, strong_report, tracking_uri=uri)
     worse_report = env["eval"](env["weak"], champion=env["strong"])
     v3 = register(cfg, env["weak"], worse_report, data, store=store, tracking_uri=uri)
-    d3 = promote(cfg, v3, worse_report, tracking_uri=uri)
+    d3 = promote(cfg.registry.rules, v3, worse_report, tracking_uri=uri)
     return {"v": [v1, v2, v3], "d": [d1, d2, d3], "reports": [weak_report, strong_report, worse_report]}
 
 
@@ -91,10 +123,11 @@ def test_gate_promotes_better_and_refuses_worse(env, history) -> None:
 def test_ci_crossing_zero_is_refused(env, history) -> None:
     v2_report = history["reports"][1]
     tie = Comparison(against="champion", accuracy_diff=0.01, ci_low=-0.02, ci_high=0.04)
-    report = v2_report.model_copy(update={"comparisons": {**v2_report.comparisons, "champion": tie},
-                                          "champion_sha256": env["strong"].sha256})  # fmt: skip
+    report = v2_report.model_copy(
+        update={"comparisons": {**v2_report.comparisons, "champion": tie}, "champion_sha256": env["strong"].sha256}
+    )
     v4 = register(env["cfg"], env["strong"], report, env["data"], store=env["store"], tracking_uri=env["uri"])
-    decision = promote(env["cfg"], v4, report, tracking_uri=env["uri"])
+    decision = promote(env["cfg"].registry.rules, v4, report, tracking_uri=env["uri"])
     assert not decision.promoted
     tags = client(env["uri"]).get_model_version(env["name"], v4.version).tags
     assert tags["tuneship.gate.beats_champion"].startswith("fail: diff +0.0100, CI [-0.0200, +0.0400]")
@@ -106,8 +139,12 @@ def test_registered_model_reproduces_the_evaluation_outputs(env, history) -> Non
 
     mlflow.set_tracking_uri(env["uri"])
     mlflow.set_registry_uri(env["uri"])
-    rows = [json.loads(line) for line in (env["store"].get_dir(history["reports"][1].artifact) / "examples.jsonl")
-            .read_text().splitlines()[:12]]  # fmt: skip
+    rows = [
+        json.loads(line)
+        for line in (env["store"].get_dir(history["reports"][1].artifact) / "examples.jsonl")
+        .read_text()
+        .splitlines()[:12]
+    ]
     model = mlflow.pyfunc.load_model(f"models:/{env['name']}@champion")
     assert model.predict([r["prompt"] for r in rows]) == [r["candidate"]["output"] for r in rows]
 
@@ -120,8 +157,12 @@ def test_rollback_walks_back_and_the_alias_loads_the_older_adapter(env, history)
     c = client(env["uri"])
     champion = c.get_model_version_by_alias(env["name"], "champion")
     assert champion.version == v1.version and champion.tags["tuneship.adapter_sha256"] == env["weak"].sha256
-    rows = [json.loads(line) for line in (env["store"].get_dir(history["reports"][0].artifact) / "examples.jsonl")
-            .read_text().splitlines()[:8]]  # fmt: skip
+    rows = [
+        json.loads(line)
+        for line in (env["store"].get_dir(history["reports"][0].artifact) / "examples.jsonl")
+        .read_text()
+        .splitlines()[:8]
+    ]
     mlflow.set_tracking_uri(env["uri"])
     mlflow.set_registry_uri(env["uri"])
     model = mlflow.pyfunc.load_model(f"models:/{env['name']}@champion")
@@ -191,7 +232,7 @@ def test_a_champion_on_another_base_is_kept_until_promoted_by_hand(env, history)
     other = env["strong"].model_copy(update={"base_model_revision": "0" * 64})
     report = history["reports"][0].model_copy(update={"candidate_sha256": other.sha256})
     version = register(env["cfg"], other, report, env["data"], store=env["store"], tracking_uri=env["uri"])
-    decision = promote(env["cfg"], version, report, tracking_uri=env["uri"])
+    decision = promote(env["cfg"].registry.rules, version, report, tracking_uri=env["uri"])
     assert not decision.promoted
     assert "was trained on another base (tuneship/sql-small@" in decision.rules["beats_champion"].value
     assert c.get_model_version_by_alias(env["name"], "champion").version == before

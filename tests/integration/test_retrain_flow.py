@@ -25,9 +25,15 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 ADMIN = f"admin-{uuid.uuid4().hex}"
 MODEL = f"flow-{uuid.uuid4().hex[:6]}"
+CONFIG = "deployments/configs/tiny-cpu.yaml"  # its data: artifact://data/retail-sql/ (flow_env publishes it)
 # A short fine-tune and a small evaluation keep the flow ≈2 min on 2 cores; the gate accepts this weaker run.
-OVERRIDES = [f"registry.model_name={MODEL}", "finetune.train.max_steps=300", "evaluate.max_examples=40",
-             "evaluate.parity_sample=8", "registry.rules.max_error_rate=0.6"]  # fmt: skip
+OVERRIDES = [
+    f"registry.model_name={MODEL}",
+    "finetune.train.max_steps=300",
+    "evaluate.max_examples=40",
+    "evaluate.parity_sample=8",
+    "registry.rules.max_error_rate=0.6",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +44,7 @@ def gateway(vllm_server):
 
 
 @pytest.fixture(scope="module")
-def flow_env(prefect_server, s3_server, mlflow_server, vllm_server, gateway, tmp_path_factory):
+def flow_env(prefect_server, s3_server, mlflow_server, vllm_server, gateway, demo_task, tmp_path_factory):
     """The environment a worker (or this process) runs the flow in: every service is a real one on loopback."""
     bucket = f"flow-{uuid.uuid4().hex[:8]}"
     s3_server.create_bucket(bucket)
@@ -58,10 +64,15 @@ def flow_env(prefect_server, s3_server, mlflow_server, vllm_server, gateway, tmp
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    from infra.artifacts import open_store
+    from infra.settings import load_settings
+
+    open_store(load_settings()).put_dir(demo_task, "data/retail-sql")  # where the run config reads its data
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"],
-                             PREFECT_LOCAL_STORAGE_PATH: env["PREFECT_LOCAL_STORAGE_PATH"]}):  # fmt: skip
+    with temporary_settings(
+        {PREFECT_API_URL: env["PREFECT_API_URL"], PREFECT_LOCAL_STORAGE_PATH: env["PREFECT_LOCAL_STORAGE_PATH"]}
+    ):
         yield env
     for key, value in saved.items():
         if value is None:
@@ -74,7 +85,7 @@ def run_flow(**params):
     from flows.retrain import RetrainParams, retrain
 
     started = time.perf_counter()
-    state = retrain(RetrainParams(**params), return_state=True)
+    state = retrain(RetrainParams(config=CONFIG, **params), return_state=True)
     return state, time.perf_counter() - started
 
 
@@ -100,8 +111,13 @@ def test_flow_registers_a_champion_that_answers_through_the_gateway(first_run, v
     print(f"\nfirst run {seconds:.0f} s: v{summary.version} {summary.reasons}")
     assert summary.promoted and summary.deployment is not None
     assert summary.deployment.adapter_name == f"{MODEL}-v{summary.version}"
-    body = {"prompt": "### Instruction:\nHow many stores are there?\n\n### Response:\n", "max_tokens": 48,
-            "temperature": 0, "model": "champion", "stream": False}  # fmt: skip
+    body = {
+        "prompt": "### Instruction:\nHow many stores are there?\n\n### Response:\n",
+        "max_tokens": 48,
+        "temperature": 0,
+        "model": "champion",
+        "stream": False,
+    }
     through_gateway = httpx.post(f"{gateway}/generate", json=body, timeout=60).json()["text"]
     direct = {"model": summary.deployment.adapter_name, "prompt": body["prompt"], "max_tokens": 48, "temperature": 0}
     served = httpx.post(f"{vllm_server.base_url}/v1/completions", json=direct, timeout=60).json()["choices"][0]["text"]
@@ -135,7 +151,7 @@ def test_rerun_with_unchanged_inputs_hits_every_cache(first_run) -> None:
 
 
 def test_a_failing_stage_names_itself_and_leaves_the_champion(first_run, flow_env) -> None:
-    from tasks.register import get_version
+    from infra.registry import get_version
 
     champion = get_version(MODEL, "champion", tracking_uri=flow_env["TUNESHIP_MLFLOW_TRACKING_URI"]).version
     state, _ = run_flow(overrides=[*OVERRIDES, "finetune.memory_limit_gib=0.01"])
@@ -158,8 +174,9 @@ def test_a_transient_s3_outage_is_retried_and_the_flow_completes(first_run, flow
 
     late = threading.Thread(target=come_up_late)
     saved = {k: os.environ[k] for k in ("TUNESHIP_S3_ENDPOINT_URL", "TUNESHIP_ARTIFACT_ROOT")}
-    os.environ.update({"TUNESHIP_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-                       "TUNESHIP_ARTIFACT_ROOT": f"s3://{bucket}/tuneship"})  # fmt: skip
+    os.environ.update(
+        {"TUNESHIP_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "TUNESHIP_ARTIFACT_ROOT": f"s3://{bucket}/tuneship"}
+    )
     try:
         late.start()
         overrides = [*OVERRIDES, f"registry.model_name={MODEL}-late", "finetune.train.max_steps=20"]
@@ -194,8 +211,14 @@ def stop(worker: subprocess.Popen) -> None:
 
 def test_ci_script_registers_deployments_and_a_worker_runs_a_ui_style_run(first_run, flow_env) -> None:
     env = {**flow_env, "PREFECT": str(Path(sys.executable).parent / "prefect")}
-    result = subprocess.run(["bash", "deployments/ci-deploy.sh"], env={**os.environ, **env}, capture_output=True,
-                            text=True, cwd=REPO, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        ["bash", "deployments/ci-deploy.sh"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     api = httpx.Client(base_url=flow_env["PREFECT_API_URL"], timeout=30)
     deployments = {d["name"]: d for d in api.post("/deployments/filter", json={}).json()}
@@ -210,20 +233,26 @@ def test_ci_script_registers_deployments_and_a_worker_runs_a_ui_style_run(first_
 
     retrain_id = deployments["retrain"]["id"]
     bad = api.post(
-        f"/deployments/{retrain_id}/create_flow_run", json={"parameters": {"params": {"max_eval_examples": -3}}}
+        f"/deployments/{retrain_id}/create_flow_run",
+        json={"parameters": {"params": {"config": CONFIG, "max_eval_examples": -3}}},
     )
     assert bad.status_code in (409, 422), bad.text
     assert "max_eval_examples" in bad.text
 
     # What the UI's "Run" form sends; the same parameters as the first run, so its stages come from the cache.
-    params = {"params": {"overrides": OVERRIDES, "deploy": False}}
+    params = {"params": {"config": CONFIG, "overrides": OVERRIDES, "deploy": False}}
     created = api.post(f"/deployments/{retrain_id}/create_flow_run", json={"parameters": params})
     assert created.status_code == 201, created.text
     run_id = created.json()["id"]
     with contextlib.suppress(subprocess.TimeoutExpired):
-        worker = subprocess.Popen([Path(sys.executable).parent / "prefect", "worker", "start", "--pool",
-                                   "tuneship-cpu", "--run-once"], env={**os.environ, **flow_env}, cwd=REPO,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        worker = subprocess.Popen(
+            [Path(sys.executable).parent / "prefect", "worker", "start", "--pool", "tuneship-cpu", "--run-once"],
+            env={**os.environ, **flow_env},
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         output, _ = worker.communicate(timeout=600)
     state = api.get(f"/flow_runs/{run_id}").json()["state"]
     assert state["type"] == "COMPLETED", f"{state}\n{output[-4000:]}"
@@ -235,18 +264,25 @@ def test_fine_tune_placed_on_another_work_pool_runs_there(first_run, flow_env) -
     api = httpx.Client(base_url=flow_env["PREFECT_API_URL"], timeout=30)
     if not any(d["name"] == "finetune-stage" for d in api.post("/deployments/filter", json={}).json()):
         pytest.skip("needs the deployments the CI-script test registers")
-    worker = subprocess.Popen([Path(sys.executable).parent / "prefect", "worker", "start", "--pool", "tuneship-gpu"],
-                              env={**os.environ, **flow_env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    worker = subprocess.Popen(
+        [Path(sys.executable).parent / "prefect", "worker", "start", "--pool", "tuneship-gpu"],
+        env={**os.environ, **flow_env, "PREFECT_WORKER_QUERY_SECONDS": "2"},
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        state, seconds = run_flow(overrides=OVERRIDES, deploy=False,
-                                  placement={"fine-tune": "finetune-stage/finetune-stage"})  # fmt: skip
+        state, seconds = run_flow(
+            overrides=OVERRIDES, deploy=False, placement={"fine-tune": "finetune-stage/finetune-stage"}
+        )
     finally:
         stop(worker)
     assert state.is_completed(), state.message
     assert state.result().adapter == first_run[0].result().adapter  # same inputs, same adapter
-    children = api.post("/flow_runs/filter", json={"flow_runs": {"parent_flow_run_id": {"any_": [
-        str(state.state_details.flow_run_id)]}}}).json()  # fmt: skip
+    children = api.post(
+        "/flow_runs/filter",
+        json={"flow_runs": {"parent_flow_run_id": {"any_": [str(state.state_details.flow_run_id)]}}},
+    ).json()
     placed = [c for c in children if c["name"] and c.get("work_pool_name") == "tuneship-gpu"]
     print(f"\nplaced run {seconds:.0f} s; child runs: {[(c['name'], c.get('work_pool_name')) for c in children]}")
     assert placed and all(c["state_type"] == "COMPLETED" for c in placed)
@@ -271,16 +307,27 @@ def test_a_worker_killed_mid_fine_tune_resumes_from_its_checkpoint_on_retry(firs
         pytest.skip("needs the deployments the CI-script test registers")
     store = open_store(load_settings())
     before = {ref.key for ref in store.list("runs/")}
-    overrides = [*OVERRIDES, f"registry.model_name={MODEL}-kill", "finetune.train.seed=7",
-                 "finetune.train.save_strategy=steps", "finetune.train.save_steps=40"]  # fmt: skip
-    created = api.post(f"/deployments/{retrain_id}/create_flow_run",
-                       json={"parameters": {"params": {"overrides": overrides, "deploy": False}}})  # fmt: skip
+    overrides = [
+        *OVERRIDES,
+        f"registry.model_name={MODEL}-kill",
+        "finetune.train.seed=7",
+        "finetune.train.save_strategy=steps",
+        "finetune.train.save_steps=40",
+    ]
+    created = api.post(
+        f"/deployments/{retrain_id}/create_flow_run",
+        json={"parameters": {"params": {"config": CONFIG, "overrides": overrides, "deploy": False}}},
+    )
     assert created.status_code == 201, created.text
     run_id = created.json()["id"]
     log = Path(flow_env["TUNESHIP_HOME"]) / "kill-worker.log"
-    worker = subprocess.Popen([Path(sys.executable).parent / "prefect", "worker", "start", "--pool", "tuneship-cpu"],
-                              env={**os.environ, **flow_env, "PREFECT_WORKER_QUERY_SECONDS": "2"}, cwd=REPO,
-                              stdout=log.open("w"), stderr=subprocess.STDOUT)  # fmt: skip
+    worker = subprocess.Popen(
+        [Path(sys.executable).parent / "prefect", "worker", "start", "--pool", "tuneship-cpu"],
+        env={**os.environ, **flow_env, "PREFECT_WORKER_QUERY_SECONDS": "2"},
+        cwd=REPO,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
 
     def state() -> str:
         return api.get(f"/flow_runs/{run_id}").json()["state"]["type"]
@@ -298,8 +345,10 @@ def test_a_worker_killed_mid_fine_tune_resumes_from_its_checkpoint_on_retry(firs
         while state() != "CRASHED" or "prefect.flow_runs.worker - Check whether" not in log.read_text():
             assert time.monotonic() < deadline, state()
             time.sleep(0.5)
-        retried = api.post(f"/flow_runs/{run_id}/set_state", json={"state": {"type": "SCHEDULED",
-                           "name": "AwaitingRetry"}, "force": True})  # fmt: skip
+        retried = api.post(
+            f"/flow_runs/{run_id}/set_state",
+            json={"state": {"type": "SCHEDULED", "name": "AwaitingRetry"}, "force": True},
+        )
         assert retried.status_code in (200, 201) and retried.json()["status"] == "ACCEPT", retried.text
         deadline = time.monotonic() + 600
         while (current := state()) != "COMPLETED":

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from infra.artifacts import ArtifactStore, LocalBackend
-from infra.base_model import RECIPES, BaseRecipe, LlamaArch, ensure_base_model, pretrain
+from offline.base_model import RECIPES, BaseRecipe, LlamaArch, ensure_base_model, pretrain
 
 MICRO = BaseRecipe(
     name="micro",
@@ -49,5 +49,5 @@ def test_tiny_recipe_trains_and_is_reused(tiny_base, tmp_path: Path) -> None:
     store = ArtifactStore(LocalBackend(tmp_path / "store"), tmp_path / "cache")
     calls = []
     again = ensure_base_model(RECIPES["sql-tiny"], store=store, cache_dir=tiny_base.path.parents[1], log=calls.append)
-    assert not again.built and calls == []  # nothing was trained
+    assert again.source == "cache" and calls == []  # nothing was trained
     assert again.ref.sha256 == tiny_base.ref.sha256

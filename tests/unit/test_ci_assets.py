@@ -14,8 +14,9 @@ REPO = Path(__file__).resolve().parents[2]
 def test_deploy_workflow_matches_the_github_workflow_schema() -> None:
     checker = Path(sys.executable).parent / "check-jsonschema"
     workflow = REPO / ".github" / "workflows" / "deploy.yml"
-    result = subprocess.run([checker, "--builtin-schema", "vendor.github-workflows", workflow], capture_output=True,
-                            text=True)  # fmt: skip
+    result = subprocess.run(
+        [checker, "--builtin-schema", "vendor.github-workflows", workflow], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     jobs = yaml.safe_load(workflow.read_text())["jobs"]
     assert jobs["deploy"]["needs"] == "test"

@@ -24,8 +24,9 @@ def test_training_cost_is_wall_clock_times_the_hourly_price() -> None:
 
 def test_serving_cost_per_request_per_token_and_break_even() -> None:
     prices = load_prices()
-    cost = serving_cost(prices, "aws-g5.xlarge", requests_per_s=2.0, output_tokens_per_s=100.0,
-                        api="openai-gpt-4o-mini")  # fmt: skip
+    cost = serving_cost(
+        prices, "aws-g5.xlarge", requests_per_s=2.0, output_tokens_per_s=100.0, api="openai-gpt-4o-mini"
+    )
     assert cost.usd_per_1k_requests == pytest.approx(1.006 / 7200 * 1000)
     assert cost.usd_per_1m_output_tokens == pytest.approx(1.006 / 360000 * 1e6)  # ≈ $2.79
     # $1.006/h × 730 h = $734.38 a month buys 1,223.97M tokens at $0.60 per 1M.

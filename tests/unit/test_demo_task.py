@@ -8,8 +8,8 @@ import re
 import sqlite3
 from pathlib import Path
 
-from infra.demo_task import build_demo_task
-from infra.sql_corpus import generate_example
+from offline.demo_task import build_demo_task
+from offline.sql_corpus import generate_example
 from tasks.sql_exec import connect_readonly, execute_sql
 
 DEMO_TABLES = {"customers", "products", "stores", "employees", "orders", "order_items"}
@@ -49,8 +49,22 @@ def test_splits_share_no_question(demo_task: Path) -> None:
 
 def test_covers_joins_aggregates_filters_ordering(demo_task: Path) -> None:
     sql = [r["response"] for r in load(demo_task / "train.jsonl")]
-    for construct in (" JOIN ", "COUNT(*)", "SUM(", "AVG(", "MAX(", "MIN(", " WHERE ", " AND ", " GROUP BY ",
-                      " ORDER BY ", " LIMIT ", "DISTINCT", " > ", " < "):  # fmt: skip
+    for construct in (
+        " JOIN ",
+        "COUNT(*)",
+        "SUM(",
+        "AVG(",
+        "MAX(",
+        "MIN(",
+        " WHERE ",
+        " AND ",
+        " GROUP BY ",
+        " ORDER BY ",
+        " LIMIT ",
+        "DISTINCT",
+        " > ",
+        " < ",
+    ):
         share = sum(construct in s for s in sql) / len(sql)
         assert share > 0.01, f"{construct!r} in only {share:.1%} of the train queries"
 

@@ -22,8 +22,11 @@ def test_percentiles_match_linear_interpolation_on_a_known_set() -> None:
 
 
 def test_report_counts_errors_and_derives_rates_and_time_per_token() -> None:
-    samples = [Sample(True, latency=1.0, ttft=0.1, output_tokens=10), Sample(True, latency=2.0, ttft=0.2,
-               output_tokens=19), Sample(False, latency=0.01, error="429: overloaded")]  # fmt: skip
+    samples = [
+        Sample(True, latency=1.0, ttft=0.1, output_tokens=10),
+        Sample(True, latency=2.0, ttft=0.2, output_tokens=19),
+        Sample(False, latency=0.01, error="429: overloaded"),
+    ]
     report = LoadReport(LoadSpec(url="http://x", concurrency=2), samples, wall_s=4.0)
     s = report.summary()
     assert s["requests"] == 3 and s["errors"] == 1 and s["error_rate"] == pytest.approx(1 / 3)

@@ -19,10 +19,16 @@ BIN = Path(sys.executable).parent
 
 
 def spec(**overrides: object) -> ManifestSpec:
-    values = dict(model_name="retail-sql", version="3", adapter_name="retail-sql-v3",
-                  adapter_uri="s3://artifacts/tuneship/adapters/abc", base_model="tuneship/sql-small",
-                  base_model_uri="s3://artifacts/tuneship/base-models/sql-small-0123",
-                  vllm_image="vllm/vllm-openai:v0.33.0", gateway_image="ghcr.io/tuneship/gateway:0.1.0")  # fmt: skip
+    values = dict(
+        model_name="retail-sql",
+        version="3",
+        adapter_name="retail-sql-v3",
+        adapter_uri="s3://artifacts/tuneship/adapters/abc",
+        base_model="tuneship/sql-small",
+        base_model_uri="s3://artifacts/tuneship/base-models/sql-small-0123",
+        vllm_image="vllm/vllm-openai:v0.33.0",
+        gateway_image="ghcr.io/tuneship/gateway:0.1.0",
+    )
     return ManifestSpec(**{**values, **overrides})
 
 
@@ -33,8 +39,9 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_kubernetes_manifests_validate_strictly_against_the_api_schemas(rendered: dict[str, Path]) -> None:
-    result = subprocess.run([BIN / "kubernetes-validate", "--strict", rendered["kubernetes.yaml"]],
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [BIN / "kubernetes-validate", "--strict", rendered["kubernetes.yaml"]], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     kinds = [d["kind"] for d in yaml.safe_load_all(rendered["kubernetes.yaml"].read_text())]
     assert kinds == ["ConfigMap", "Deployment", "Service", "Deployment", "Service"]
@@ -90,8 +97,11 @@ def test_compose_services_images_ports_and_volumes_are_consistent(rendered: dict
 
 def test_modal_app_compiles_and_serves_the_same_arguments(rendered: dict[str, Path]) -> None:
     tree = ast.parse(rendered["modal_app.py"].read_text())
-    values = {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body
-              if isinstance(n, ast.Assign) and n.targets[0].id in ("FETCHES", "VLLM_ARGS")}  # fmt: skip
+    values = {
+        n.targets[0].id: ast.literal_eval(n.value)
+        for n in tree.body
+        if isinstance(n, ast.Assign) and n.targets[0].id in ("FETCHES", "VLLM_ARGS")
+    }
     assert values["VLLM_ARGS"] == spec().vllm_args
     assert [tuple(f) for f in values["FETCHES"]] == spec().fetches
 
@@ -114,7 +124,8 @@ def test_manifests_need_the_adapter_in_s3() -> None:
 
 def test_the_gateway_dockerfile_passes_hadolint() -> None:
     dockerfile = REPO / "infra" / "docker" / "gateway.Dockerfile"
-    result = subprocess.run([BIN / "hadolint", "--failure-threshold", "info", dockerfile], capture_output=True,
-                            text=True)  # fmt: skip
+    result = subprocess.run(
+        [BIN / "hadolint", "--failure-threshold", "info", dockerfile], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert 'ENTRYPOINT ["tuneship", "serve", "--no-deploy"]' in dockerfile.read_text()

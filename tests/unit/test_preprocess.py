@@ -4,12 +4,14 @@ splits are stable, and the prompt is masked out of the labels."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from infra.artifacts import ArtifactStore, LocalBackend
-from infra.base_model import ResolvedModel
+from infra.prompts import alpaca_prompt
+from tasks.base_model import ResolvedModel
 from tasks.config import load_run_config
 from tasks.preprocess import PreprocessError, load_splits, preprocess
 
@@ -46,7 +48,7 @@ def write_jsonl(path: Path, lines: list[object]) -> Path:
 
 def run(path: Path | str, base: ResolvedModel, store: ArtifactStore, tmp_path: Path, *overrides: str):
     cfg = load_run_config(None, list(overrides), name="t", base_model=base.id, data={"source": str(path)})
-    return preprocess(cfg, base=base, store=store, workdir=tmp_path / "work")
+    return preprocess(cfg.preprocess, cfg.data, name=cfg.name, base=base, store=store, workdir=tmp_path / "work")
 
 
 def rejects_of(ref, store: ArtifactStore) -> list[dict[str, str]]:
@@ -84,6 +86,16 @@ def test_bad_rows_are_rejected_with_file_line_and_reason(base, store, tmp_path: 
     assert all(r["where"].startswith(str(path)) and r["raw"] for r in by_line.values())  # nothing lost
     codes = ("malformed_json", "missing_field", "empty_field", "wrong_type", "not_utf8", "too_long", "duplicate")
     assert stats.reject_reasons == dict.fromkeys((*codes, "not_an_object"), 1)
+
+
+def test_a_utf8_byte_order_mark_keeps_the_first_row(base, store, tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "bom.jsonl", good_rows(40))
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # as spreadsheet and Windows exporters write it
+    ref = run(path, base, store, tmp_path)
+    assert ref.stats.rows_in == 40 and ref.stats.kept == 40 and ref.stats.rejected == 0, ref.stats
+    splits = load_splits(ref, store)
+    prompts = [row["prompt"] for name in splits for row in splits[name]]
+    assert sum(good_rows(1)[0]["instruction"] in p for p in prompts) == 1  # the row after the mark, intact
 
 
 def test_empty_file_fails_naming_it(base, store, tmp_path: Path) -> None:
@@ -143,7 +155,7 @@ def test_csv_parquet_hf_and_artifact_sources(base, store, tmp_path: Path) -> Non
     ]
     for source in sources:
         cfg = load_run_config(None, [], name="t", base_model=base.id, data={"source": source})
-        ref = preprocess(cfg, base=base, store=store, workdir=tmp_path / "work")
+        ref = preprocess(cfg.preprocess, cfg.data, name=cfg.name, base=base, store=store, workdir=tmp_path / "work")
         assert ref.stats.kept == 30, source
         fingerprints.add(ref.fingerprint)
     assert len(fingerprints) == 1  # same rows, same dataset, whatever the container
@@ -162,6 +174,8 @@ def test_csv_rejects_name_the_csv_line(base, store, tmp_path: Path) -> None:
 
 
 def test_chat_messages_rows(base, store, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
     rows = [
         {"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["response"]}]}
         for r in good_rows(20)
@@ -169,5 +183,24 @@ def test_chat_messages_rows(base, store, tmp_path: Path) -> None:
     rows.append({"messages": [{"role": "user", "content": "no answer"}]})
     ref = run(write_jsonl(tmp_path / "chat.jsonl", rows), base, store, tmp_path)
     assert ref.stats.kept == 20 and ref.stats.reject_reasons == {"bad_messages": 1}
+    # The offline tokenizer's chat template renders the seed's format: the same tokens, one BOS.
+    chat = run(tmp_path / "chat.jsonl", base, store, tmp_path, "data.template=chat")
+    assert chat.stats.kept == 20 and chat.stats.token_length == ref.stats.token_length  # one BOS, not two
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "q?"}], tokenize=False)
+    assert rendered == tokenizer.bos_token + alpaca_prompt("q?")
+
+
+def test_chat_template_needs_a_tokenizer_that_has_one(base, store, tmp_path: Path) -> None:
+    plain = tmp_path / "no-template"
+    shutil.copytree(base.path, plain)
+    (plain / "chat_template.jinja").unlink()
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
     with pytest.raises(PreprocessError, match="data.template: 'chat' but the tokenizer"):
-        run(tmp_path / "chat.jsonl", base, store, tmp_path, "data.template=chat")
+        run(
+            write_jsonl(tmp_path / "c.jsonl", rows),
+            ResolvedModel("plain", str(plain), "x"),
+            store,
+            tmp_path,
+            "data.template=chat",
+        )

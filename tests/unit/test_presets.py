@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.base_model import RECIPES, ResolvedModel
+from offline.base_model import RECIPES
+from tasks.base_model import ResolvedModel
 from tasks.config import ConfigError, load_run_config
 from tasks.finetune import build_bnb_config, build_lora_config, build_training_args, estimate_memory
 
@@ -33,21 +34,40 @@ def architecture_dir(model_id: str, tmp_path: Path) -> Path:
 
     if model_id.startswith("tuneship/"):
         arch = RECIPES[model_id.removeprefix("tuneship/")].arch
-        spec = ("llama", arch.hidden_size, arch.intermediate_size, arch.num_layers, arch.num_heads, arch.num_heads,
-                arch.vocab_size)  # fmt: skip
+        spec = (
+            "llama",
+            arch.hidden_size,
+            arch.intermediate_size,
+            arch.num_layers,
+            arch.num_heads,
+            arch.num_heads,
+            arch.vocab_size,
+        )
     else:
         spec = ARCHITECTURES[model_id]
     model_type, hidden, intermediate, layers, heads, kv_heads, vocab = spec
-    kwargs = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab)  # fmt: skip
+    kwargs = dict(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+    )
     AutoConfig.for_model(model_type, **kwargs).save_pretrained(tmp_path)
     return tmp_path
 
 
 def test_presets_are_shipped() -> None:
     names = {c.name for c in CONFIGS}
-    assert {"tiny-cpu.yaml", "llama3-8b-qlora.yaml", "llama3-70b-qlora.yaml", "mistral-7b-qlora.yaml",
-            "phi3-mini-lora.yaml", "codellama-7b-sql.yaml"} <= names  # fmt: skip
+    assert {
+        "tiny-cpu.yaml",
+        "llama3-8b-qlora.yaml",
+        "llama3-70b-qlora.yaml",
+        "mistral-7b-qlora.yaml",
+        "phi3-mini-lora.yaml",
+        "codellama-7b-sql.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from infra.errors import UserError
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -96,8 +98,11 @@ def init_model(arch: LlamaArch, tokenizer: Any, *, seed: int) -> Any:
 
 def save_model(model: Any, tokenizer: Any, out_dir: Path) -> Path:
     """Save model and tokenizer in Hugging Face format (safetensors) and return ``out_dir``."""
+    from infra.prompts import ALPACA_CHAT_TEMPLATE
+
     out_dir.mkdir(parents=True, exist_ok=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.chat_template = ALPACA_CHAT_TEMPLATE
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -189,7 +194,7 @@ def pretrain(recipe: BaseRecipe, out_dir: Path, *, log: Any = print) -> dict[str
 
     import torch
 
-    from infra.sql_corpus import corpus
+    from offline.sql_corpus import corpus
 
     torch.set_num_threads(os.cpu_count() or 1)
     started = time.perf_counter()
@@ -249,22 +254,57 @@ def pretrain(recipe: BaseRecipe, out_dir: Path, *, log: Any = print) -> dict[str
     return metrics
 
 
+# --------------------------------------------------------------------------------------------------
+# Checkpoints kept in the repository: a fresh machine loads the default base instead of pre-training it
+# (≈9–18 min on 2 cores). Each is pinned by the sha256 its directory gets as an artifact
+# (``infra.artifacts.tree_sha256``); ``tuneship base build --rebuild`` retrains it from its recipe and
+# compares the files, and ``--rebuild --out offline/checkpoints/NAME`` writes a new one and prints its pin.
+
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+PINNED: dict[str, str] = {}
+
+
+class CheckpointError(UserError):
+    """A checkpoint in the repository does not match its pinned sha256."""
+
+
+def checkpoint_path(recipe: BaseRecipe) -> Path:
+    return CHECKPOINTS / recipe.key.removeprefix("base-models/")
+
+
+def verified_checkpoint(recipe: BaseRecipe) -> Path | None:
+    """The repository's checkpoint of ``recipe`` after checking it against its pin, or None if there is none."""
+    from infra.artifacts import tree_sha256
+
+    path = checkpoint_path(recipe)
+    pin = PINNED.get(path.name)
+    if pin is None or not path.is_dir():
+        return None
+    have = tree_sha256(path)
+    if have != pin:
+        raise CheckpointError(
+            f"{path}: sha256 {have[:16]} does not match its pin {pin[:16]} (offline/base_model.py PINNED); "
+            f"restore it with `git checkout -- {path}` or rebuild it with `tuneship base build --rebuild`"
+        )
+    return path
+
+
 @dataclass(frozen=True)
 class BaseModel:
-    """A built base model: its ref in the artifact store and a verified local directory."""
+    """A base model: its ref in the artifact store, a verified local directory, and where it came from."""
 
     recipe: BaseRecipe
     ref: Any  # infra.artifacts.ArtifactRef
     path: Path
-    built: bool  # False when it came from a cache
+    source: Literal["store", "cache", "checkpoint", "built"]
 
 
 def ensure_base_model(recipe: BaseRecipe, *, store: Any, cache_dir: Path, log: Any = print) -> BaseModel:
-    """Return the base model for ``recipe``, building it only if neither the store nor the cache has it.
+    """Return the base model for ``recipe``, pre-training it only if nothing already holds it.
 
-    Looked up by the recipe's digest: first in the artifact store, then in the per-user cache (outside
-    the checkout, so fresh clones on the same machine reuse it), and built last. A build lands in the
-    cache by an atomic rename and is then uploaded to the store.
+    Looked up by the recipe's digest: the artifact store, then the per-user cache (outside the checkout, so
+    fresh clones on the same machine reuse it), then the repository's pinned checkpoint, and built last.
+    What lands in the cache gets there by an atomic rename and is then uploaded to the store.
     """
     import shutil
     import tempfile
@@ -273,48 +313,37 @@ def ensure_base_model(recipe: BaseRecipe, *, store: Any, cache_dir: Path, log: A
     if store.exists(recipe.key):
         ref = store.ref(recipe.key)
         path = local if local.is_dir() else store.get_dir(ref)
-        return BaseModel(recipe, ref, path, built=False)
-    built = False
+        return BaseModel(recipe, ref, path, "store")
+    source: Literal["cache", "checkpoint", "built"] = "cache"
     if not local.is_dir():
         local.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=local.parent, prefix=".build-"))
         try:
-            pretrain(recipe, staging, log=log)
+            checkpoint = verified_checkpoint(recipe)
+            if checkpoint is not None:
+                shutil.copytree(checkpoint, staging, dirs_exist_ok=True)
+                source = "checkpoint"
+            else:
+                pretrain(recipe, staging, log=log)
+                source = "built"
             staging.rename(local)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        built = True
     ref = store.put_dir(local, recipe.key)
-    return BaseModel(recipe, ref, local, built=built)
+    return BaseModel(recipe, ref, local, source)
 
 
-# --------------------------------------------------------------------------------------------------
-# Resolving a run config's `base_model` to something transformers can load.
+def rebuild(recipe: BaseRecipe, out_dir: Path, *, log: Any = print) -> dict[str, bool]:
+    """Pre-train ``recipe`` into ``out_dir`` and compare each file with the pinned checkpoint, if any.
 
-OFFLINE_PREFIX = "tuneship/"
+    Returns ``{file: identical}`` for the files that define the model (weights, config, tokenizer);
+    ``pretrain_metrics.json`` holds timings and is left out. Empty when the recipe has no checkpoint.
+    """
+    from infra.artifacts import file_sha256s
 
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """A base model ready for ``from_pretrained``: a local directory or a hub id, with a revision."""
-
-    id: str  # what the run config said, e.g. "tuneship/sql-small" or "meta-llama/Meta-Llama-3-8B"
-    path: str  # what from_pretrained gets
-    revision: str  # sha256 of the offline build, or the hub revision
-
-
-def resolve_base_model(name: str, *, store: Any, cache_dir: Path, log: Any = print) -> ResolvedModel:
-    """Map ``tuneship/<recipe>`` to a built offline model, a directory to itself, anything else to a hub id."""
-    if name.startswith(OFFLINE_PREFIX):
-        recipe = name.removeprefix(OFFLINE_PREFIX)
-        if recipe not in RECIPES:
-            raise ValueError(f"base_model {name!r}: no such offline recipe; choose one of {sorted(RECIPES)}")
-        built = ensure_base_model(RECIPES[recipe], store=store, cache_dir=cache_dir, log=log)
-        return ResolvedModel(name, str(built.path), built.ref.sha256)
-    if Path(name).is_dir():
-        import hashlib
-
-        config = Path(name) / "config.json"
-        revision = hashlib.sha256(config.read_bytes()).hexdigest() if config.exists() else "local"
-        return ResolvedModel(name, str(Path(name).resolve()), revision)
-    return ResolvedModel(name, name, "main")
+    pretrain(recipe, out_dir, log=log)
+    checkpoint = verified_checkpoint(recipe)
+    if checkpoint is None:
+        return {}
+    want, have = file_sha256s(checkpoint), file_sha256s(out_dir)
+    return {name: have.get(name) == sha for name, sha in sorted(want.items()) if name != "pretrain_metrics.json"}

@@ -40,14 +40,70 @@ CREATE TABLE order_items (order_id INTEGER NOT NULL REFERENCES orders(order_id),
   product_id INTEGER NOT NULL REFERENCES products(product_id), quantity INTEGER NOT NULL);
 """
 
-FIRST = ["Ada", "Ben", "Cleo", "Dev", "Eva", "Finn", "Gia", "Hal", "Isla", "Jon", "Kai", "Lea", "Max", "Nia",
-         "Otto", "Pia", "Raj", "Sara", "Tom", "Uma", "Vik", "Wes", "Xia", "Yara", "Zack"]  # fmt: skip
-LAST = ["Stone", "Reyes", "Kim", "Novak", "Okafor", "Silva", "Berg", "Moreau", "Tanaka", "Walsh", "Costa",
-        "Fischer", "Haddad", "Ivanova", "Larsen", "Mendes", "Nair", "Price", "Quinn", "Rossi"]  # fmt: skip
+FIRST = [
+    "Ada",
+    "Ben",
+    "Cleo",
+    "Dev",
+    "Eva",
+    "Finn",
+    "Gia",
+    "Hal",
+    "Isla",
+    "Jon",
+    "Kai",
+    "Lea",
+    "Max",
+    "Nia",
+    "Otto",
+    "Pia",
+    "Raj",
+    "Sara",
+    "Tom",
+    "Uma",
+    "Vik",
+    "Wes",
+    "Xia",
+    "Yara",
+    "Zack",
+]
+LAST = [
+    "Stone",
+    "Reyes",
+    "Kim",
+    "Novak",
+    "Okafor",
+    "Silva",
+    "Berg",
+    "Moreau",
+    "Tanaka",
+    "Walsh",
+    "Costa",
+    "Fischer",
+    "Haddad",
+    "Ivanova",
+    "Larsen",
+    "Mendes",
+    "Nair",
+    "Price",
+    "Quinn",
+    "Rossi",
+]
 CITIES = ["Paris", "Lagos", "Tokyo", "Lima", "Oslo", "Cairo", "Dublin", "Austin", "Madrid", "Seoul", "Porto", "Boston"]
-REGIONS = {"Paris": "West", "Dublin": "West", "Porto": "West", "Madrid": "South", "Lagos": "South",
-           "Cairo": "South", "Lima": "South", "Tokyo": "East", "Seoul": "East", "Oslo": "North",
-           "Austin": "Central", "Boston": "North"}  # fmt: skip
+REGIONS = {
+    "Paris": "West",
+    "Dublin": "West",
+    "Porto": "West",
+    "Madrid": "South",
+    "Lagos": "South",
+    "Cairo": "South",
+    "Lima": "South",
+    "Tokyo": "East",
+    "Seoul": "East",
+    "Oslo": "North",
+    "Austin": "Central",
+    "Boston": "North",
+}
 SEGMENTS = ["consumer", "business", "student"]
 CATEGORIES = {
     "electronics": ["Solar Lamp", "Pocket Radio", "Smart Plug", "Desk Fan", "Power Bank", "Ear Buds", "Web Camera"],
@@ -85,8 +141,16 @@ def build_database(path: Path, seed: int = 7) -> None:
     ]
     orders, items = [], []
     for oid in range(1, 2601):
-        orders.append((oid, rng.randint(1, len(customers)), rng.randint(1, len(stores)), rng.choice(YEARS),
-                       rng.randint(1, 12), rng.choices(STATUSES, weights=[5, 8, 2, 1, 1])[0]))  # fmt: skip
+        orders.append(
+            (
+                oid,
+                rng.randint(1, len(customers)),
+                rng.randint(1, len(stores)),
+                rng.choice(YEARS),
+                rng.randint(1, 12),
+                rng.choices(STATUSES, weights=[5, 8, 2, 1, 1])[0],
+            )
+        )
         for product in rng.sample(range(1, len(products) + 1), rng.randint(1, 4)):
             items.append((oid, product, rng.randint(1, 6)))
     db.executemany("INSERT INTO customers VALUES (?,?,?,?,?)", customers)
@@ -105,8 +169,20 @@ PRODUCTS = ["products", "items", "articles"]
 STORES = ["stores", "shops", "branches"]
 STAFF = ["employees", "staff members", "workers"]
 ORDERS = ["orders", "purchases"]
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December"]  # fmt: skip
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 
 
 def singular(plural: str) -> str:
@@ -127,22 +203,35 @@ class Ctx:
 
 def q_customers_in_city(c: Ctx) -> tuple[str, str]:
     city, who = c.pick("SELECT DISTINCT city FROM customers"), c.rng.choice(CUSTOMERS)
-    q = c.rng.choice([f"How many {who} live in {city}?", f"Count the {who} based in {city}.",
-                      f"What is the number of {who} from {city}?"])  # fmt: skip
+    q = c.rng.choice(
+        [
+            f"How many {who} live in {city}?",
+            f"Count the {who} based in {city}.",
+            f"What is the number of {who} from {city}?",
+        ]
+    )
     return q, f"SELECT COUNT(*) FROM customers WHERE city = '{city}';"
 
 
 def q_customer_names_segment_year(c: Ctx) -> tuple[str, str]:
     seg, year, who = c.rng.choice(SEGMENTS), c.rng.choice(YEARS[:-1]), c.rng.choice(CUSTOMERS)
-    q = c.rng.choice([f"List the names of {seg} {who} who joined after {year}.",
-                      f"Which {seg} {who} signed up after {year}? Give their names."])  # fmt: skip
+    q = c.rng.choice(
+        [
+            f"List the names of {seg} {who} who joined after {year}.",
+            f"Which {seg} {who} signed up after {year}? Give their names.",
+        ]
+    )
     return q, f"SELECT full_name FROM customers WHERE segment = '{seg}' AND joined_year > {year};"
 
 
 def q_customers_joined_in(c: Ctx) -> tuple[str, str]:
     year, city, who = c.rng.choice(YEARS), c.pick("SELECT DISTINCT city FROM customers"), c.rng.choice(CUSTOMERS)
-    q = c.rng.choice([f"Which {who} from {city} joined in {year}? Show their names.",
-                      f"Give the names of {who} in {city} who signed up in {year}."])  # fmt: skip
+    q = c.rng.choice(
+        [
+            f"Which {who} from {city} joined in {year}? Show their names.",
+            f"Give the names of {who} in {city} who signed up in {year}.",
+        ]
+    )
     return q, f"SELECT full_name FROM customers WHERE city = '{city}' AND joined_year = {year};"
 
 
@@ -152,8 +241,9 @@ def q_products_cheaper(c: Ctx) -> tuple[str, str]:
         c.rng.choice([50, 100, 150, 200, 250, 300]),
         c.rng.choice(PRODUCTS),
     )
-    q = c.rng.choice([f"Which {cat} {what} cost less than {price} dollars?",
-                      f"List the {cat} {what} priced under {price}."])  # fmt: skip
+    q = c.rng.choice(
+        [f"Which {cat} {what} cost less than {price} dollars?", f"List the {cat} {what} priced under {price}."]
+    )
     return q, f"SELECT title FROM products WHERE category = '{cat}' AND unit_price < {price};"
 
 
@@ -192,8 +282,12 @@ def q_orders_status_year(c: Ctx) -> tuple[str, str]:
 
 def q_orders_month(c: Ctx) -> tuple[str, str]:
     year, month, what = c.rng.choice(YEARS), c.rng.randint(1, 12), c.rng.choice(ORDERS)
-    q = c.rng.choice([f"How many {what} were placed in {MONTHS[month - 1]} {year}?",
-                      f"Count the {what} made in {MONTHS[month - 1]} of {year}."])  # fmt: skip
+    q = c.rng.choice(
+        [
+            f"How many {what} were placed in {MONTHS[month - 1]} {year}?",
+            f"Count the {what} made in {MONTHS[month - 1]} of {year}.",
+        ]
+    )
     return q, f"SELECT COUNT(*) FROM orders WHERE order_year = {year} AND order_month = {month};"
 
 
@@ -247,8 +341,12 @@ def q_staff_at_store(c: Ctx) -> tuple[str, str]:
         c.rng.choice(STAFF),
         c.rng.choice(STORES),
     )  # noqa: E501
-    q = c.rng.choice([f"Who are the {who} at the {city} {singular(shop)}? Give their names.",
-                      f"List the names of {who} working in the {city} {singular(shop)}."])  # fmt: skip
+    q = c.rng.choice(
+        [
+            f"Who are the {who} at the {city} {singular(shop)}? Give their names.",
+            f"List the names of {who} working in the {city} {singular(shop)}.",
+        ]
+    )
     return q, (
         "SELECT employees.full_name FROM employees JOIN stores ON employees.store_id = stores.store_id "
         f"WHERE stores.city = '{city}';"
@@ -324,8 +422,12 @@ def q_distinct(c: Ctx) -> tuple[str, str]:
     choice = c.rng.randrange(4)
     if choice == 0:
         w, price = c.rng.choice(PRODUCTS), c.rng.choice([20, 40, 60, 80, 100, 150])
-        q = c.rng.choice([f"Which categories have {w} under {price} dollars?",
-                          f"List the distinct categories of {w} cheaper than {price}."])  # fmt: skip
+        q = c.rng.choice(
+            [
+                f"Which categories have {w} under {price} dollars?",
+                f"List the distinct categories of {w} cheaper than {price}.",
+            ]
+        )
         return q, f"SELECT DISTINCT category FROM products WHERE unit_price < {price};"
     if choice == 1:
         w, seg = c.rng.choice(CUSTOMERS), c.rng.choice(SEGMENTS)
@@ -333,12 +435,17 @@ def q_distinct(c: Ctx) -> tuple[str, str]:
         return q, f"SELECT DISTINCT city FROM customers WHERE segment = '{seg}';"
     if choice == 2:
         w, year = c.rng.choice(ORDERS), c.rng.choice(YEARS)
-        q = c.rng.choice([f"Which statuses did {w} from {year} end up in?",
-                          f"List the distinct statuses of {year} {w}."])  # fmt: skip
+        q = c.rng.choice(
+            [f"Which statuses did {w} from {year} end up in?", f"List the distinct statuses of {year} {w}."]
+        )
         return q, f"SELECT DISTINCT status FROM orders WHERE order_year = {year};"
     city, who, shop = c.pick("SELECT city FROM stores"), c.rng.choice(STAFF), c.rng.choice(STORES)
-    q = c.rng.choice([f"Which roles do the {who} of the {city} {singular(shop)} have?",
-                      f"List the distinct roles at the {city} {singular(shop)}."])  # fmt: skip
+    q = c.rng.choice(
+        [
+            f"Which roles do the {who} of the {city} {singular(shop)} have?",
+            f"List the distinct roles at the {city} {singular(shop)}.",
+        ]
+    )
     return q, (
         "SELECT DISTINCT employees.role FROM employees JOIN stores ON employees.store_id = stores.store_id "
         f"WHERE stores.city = '{city}';"
@@ -346,11 +453,26 @@ def q_distinct(c: Ctx) -> tuple[str, str]:
 
 
 TEMPLATES: list[Callable[[Ctx], tuple[str, str]]] = [
-    q_customers_in_city, q_customer_names_segment_year, q_customers_joined_in, q_products_cheaper, q_top_priced,
-    q_cheapest_in_category, q_price_stat, q_orders_status_year, q_orders_month, q_group_counts, q_stores_in_region,
-    q_salary, q_staff_at_store, q_orders_by_customer_city, q_orders_per_store, q_quantity_sold, q_distinct,
-    q_staff_count, q_segment_orders_year,
-]  # fmt: skip
+    q_customers_in_city,
+    q_customer_names_segment_year,
+    q_customers_joined_in,
+    q_products_cheaper,
+    q_top_priced,
+    q_cheapest_in_category,
+    q_price_stat,
+    q_orders_status_year,
+    q_orders_month,
+    q_group_counts,
+    q_stores_in_region,
+    q_salary,
+    q_staff_at_store,
+    q_orders_by_customer_city,
+    q_orders_per_store,
+    q_quantity_sold,
+    q_distinct,
+    q_staff_count,
+    q_segment_orders_year,
+]
 
 
 def _usable(db: sqlite3.Connection, sql: str) -> bool:

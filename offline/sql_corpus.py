@@ -2,7 +2,7 @@
 
 Every example invents a small schema from word pools (tables that link by ``<table>_id`` columns),
 asks a question in English and answers with SQLite SQL in the seed's instruction format. The schemas
-are generic on purpose: the demo task's retail schema (``infra/demo_task.py``) is never generated here,
+are generic on purpose: the demo task's retail schema (``offline/demo_task.py``) is never generated here,
 so a fine-tune has something real to teach. The corpus does cover every SQL construct and value shape
 the demo uses (COUNT/SUM/AVG/MIN/MAX, JOIN, AND, comparisons, GROUP BY, ORDER BY … LIMIT, DISTINCT,
 quoted strings, integers, decimals, snake_case names): with tied embeddings a LoRA cannot teach tokens
@@ -20,77 +20,331 @@ from infra.prompts import alpaca_prompt
 # Table nouns (singular, plural). The demo's tables (customers, products, stores, orders, order_items,
 # employees) are deliberately absent.
 NOUNS = [
-    ("book", "books"), ("author", "authors"), ("ship", "ships"), ("planet", "planets"), ("student", "students"),
-    ("course", "courses"), ("teacher", "teachers"), ("hospital", "hospitals"), ("patient", "patients"),
-    ("doctor", "doctors"), ("team", "teams"), ("player", "players"), ("match", "matches"), ("city", "cities"),
-    ("country", "countries"), ("river", "rivers"), ("museum", "museums"), ("painting", "paintings"),
-    ("artist", "artists"), ("album", "albums"), ("song", "songs"), ("band", "bands"), ("movie", "movies"),
-    ("actor", "actors"), ("studio", "studios"), ("airline", "airlines"), ("flight", "flights"),
-    ("airport", "airports"), ("train", "trains"), ("station", "stations"), ("hotel", "hotels"),
-    ("room", "rooms"), ("guest", "guests"), ("farm", "farms"), ("animal", "animals"), ("plant", "plants"),
-    ("garden", "gardens"), ("school", "schools"), ("club", "clubs"), ("member", "members"),
-    ("event", "events"), ("venue", "venues"), ("ticket", "tickets"), ("library", "libraries"),
-    ("loan", "loans"), ("account", "accounts"), ("bank", "banks"), ("branch", "branches"),
-    ("device", "devices"), ("sensor", "sensors"), ("reading", "readings"), ("vehicle", "vehicles"),
-    ("driver", "drivers"), ("route", "routes"), ("project", "projects"), ("task", "tasks"),
-    ("repository", "repositories"), ("issue", "issues"), ("recipe", "recipes"), ("ingredient", "ingredients"),
-    ("restaurant", "restaurants"), ("dish", "dishes"), ("volunteer", "volunteers"), ("shelter", "shelters"),
-    ("park", "parks"), ("trail", "trails"), ("mountain", "mountains"), ("lake", "lakes"), ("island", "islands"),
-    ("festival", "festivals"), ("warehouse", "warehouses"), ("shipment", "shipments"), ("supplier", "suppliers"),
-    ("contract", "contracts"), ("invoice", "invoices"), ("vendor", "vendors"), ("machine", "machines"),
-    ("factory", "factories"), ("worker", "workers"), ("shift", "shifts"), ("game", "games"),
-    ("tournament", "tournaments"), ("coach", "coaches"), ("satellite", "satellites"), ("mission", "missions"),
-    ("telescope", "telescopes"), ("galaxy", "galaxies"), ("podcast", "podcasts"), ("episode", "episodes"),
-    ("journal", "journals"), ("article", "articles"), ("editor", "editors"), ("bridge", "bridges"),
-    ("building", "buildings"), ("tenant", "tenants"), ("apartment", "apartments"), ("pet", "pets"),
-    ("clinic", "clinics"), ("vaccine", "vaccines"), ("batch", "batches"), ("course_unit", "course_units"),
-    ("user", "users"), ("session", "sessions"), ("page", "pages"), ("campaign", "campaigns"), ("donor", "donors"),
-    ("grant", "grants"), ("lab", "labs"), ("experiment", "experiments"), ("sample", "samples"),
-]  # fmt: skip
+    ("book", "books"),
+    ("author", "authors"),
+    ("ship", "ships"),
+    ("planet", "planets"),
+    ("student", "students"),
+    ("course", "courses"),
+    ("teacher", "teachers"),
+    ("hospital", "hospitals"),
+    ("patient", "patients"),
+    ("doctor", "doctors"),
+    ("team", "teams"),
+    ("player", "players"),
+    ("match", "matches"),
+    ("city", "cities"),
+    ("country", "countries"),
+    ("river", "rivers"),
+    ("museum", "museums"),
+    ("painting", "paintings"),
+    ("artist", "artists"),
+    ("album", "albums"),
+    ("song", "songs"),
+    ("band", "bands"),
+    ("movie", "movies"),
+    ("actor", "actors"),
+    ("studio", "studios"),
+    ("airline", "airlines"),
+    ("flight", "flights"),
+    ("airport", "airports"),
+    ("train", "trains"),
+    ("station", "stations"),
+    ("hotel", "hotels"),
+    ("room", "rooms"),
+    ("guest", "guests"),
+    ("farm", "farms"),
+    ("animal", "animals"),
+    ("plant", "plants"),
+    ("garden", "gardens"),
+    ("school", "schools"),
+    ("club", "clubs"),
+    ("member", "members"),
+    ("event", "events"),
+    ("venue", "venues"),
+    ("ticket", "tickets"),
+    ("library", "libraries"),
+    ("loan", "loans"),
+    ("account", "accounts"),
+    ("bank", "banks"),
+    ("branch", "branches"),
+    ("device", "devices"),
+    ("sensor", "sensors"),
+    ("reading", "readings"),
+    ("vehicle", "vehicles"),
+    ("driver", "drivers"),
+    ("route", "routes"),
+    ("project", "projects"),
+    ("task", "tasks"),
+    ("repository", "repositories"),
+    ("issue", "issues"),
+    ("recipe", "recipes"),
+    ("ingredient", "ingredients"),
+    ("restaurant", "restaurants"),
+    ("dish", "dishes"),
+    ("volunteer", "volunteers"),
+    ("shelter", "shelters"),
+    ("park", "parks"),
+    ("trail", "trails"),
+    ("mountain", "mountains"),
+    ("lake", "lakes"),
+    ("island", "islands"),
+    ("festival", "festivals"),
+    ("warehouse", "warehouses"),
+    ("shipment", "shipments"),
+    ("supplier", "suppliers"),
+    ("contract", "contracts"),
+    ("invoice", "invoices"),
+    ("vendor", "vendors"),
+    ("machine", "machines"),
+    ("factory", "factories"),
+    ("worker", "workers"),
+    ("shift", "shifts"),
+    ("game", "games"),
+    ("tournament", "tournaments"),
+    ("coach", "coaches"),
+    ("satellite", "satellites"),
+    ("mission", "missions"),
+    ("telescope", "telescopes"),
+    ("galaxy", "galaxies"),
+    ("podcast", "podcasts"),
+    ("episode", "episodes"),
+    ("journal", "journals"),
+    ("article", "articles"),
+    ("editor", "editors"),
+    ("bridge", "bridges"),
+    ("building", "buildings"),
+    ("tenant", "tenants"),
+    ("apartment", "apartments"),
+    ("pet", "pets"),
+    ("clinic", "clinics"),
+    ("vaccine", "vaccines"),
+    ("batch", "batches"),
+    ("course_unit", "course_units"),
+    ("user", "users"),
+    ("session", "sessions"),
+    ("page", "pages"),
+    ("campaign", "campaigns"),
+    ("donor", "donors"),
+    ("grant", "grants"),
+    ("lab", "labs"),
+    ("experiment", "experiments"),
+    ("sample", "samples"),
+]
 
 # Text columns (name, value pool) and numeric columns (name, kind, low, high).
 TEXT_COLUMNS = [
-    ("name", "names"), ("title", "titles"), ("city", "cities"), ("country", "countries"), ("color", "colors"),
-    ("status", "statuses"), ("kind", "kinds"), ("region", "regions"), ("genre", "genres"), ("level", "levels"),
-    ("category", "categories"), ("home_city", "cities"), ("brand", "names"), ("label", "titles"),
-    ("segment", "kinds"), ("language", "languages"), ("owner_name", "names"), ("full_name", "names"),
-    ("role", "roles"), ("state", "statuses"), ("tier", "levels"), ("zone", "regions"), ("code_name", "titles"),
-]  # fmt: skip
+    ("name", "names"),
+    ("title", "titles"),
+    ("city", "cities"),
+    ("country", "countries"),
+    ("color", "colors"),
+    ("status", "statuses"),
+    ("kind", "kinds"),
+    ("region", "regions"),
+    ("genre", "genres"),
+    ("level", "levels"),
+    ("category", "categories"),
+    ("home_city", "cities"),
+    ("brand", "names"),
+    ("label", "titles"),
+    ("segment", "kinds"),
+    ("language", "languages"),
+    ("owner_name", "names"),
+    ("full_name", "names"),
+    ("role", "roles"),
+    ("state", "statuses"),
+    ("tier", "levels"),
+    ("zone", "regions"),
+    ("code_name", "titles"),
+]
 NUM_COLUMNS = [
-    ("price", "real", 1, 500), ("age", "int", 1, 90), ("year", "int", 1990, 2025), ("rating", "real", 1, 10),
-    ("capacity", "int", 10, 5000), ("weight", "real", 1, 900), ("score", "int", 0, 100), ("budget", "int", 1000, 90000),
-    ("salary", "int", 20000, 150000), ("quantity", "int", 1, 60), ("length", "real", 1, 300), ("height", "int", 1, 400),
-    ("unit_cost", "real", 1, 250), ("unit_price", "real", 1, 400), ("total_amount", "real", 5, 3000),
-    ("birth_year", "int", 1940, 2010), ("founded_year", "int", 1850, 2024), ("joined_year", "int", 2010, 2025),
-    ("order_year", "int", 2015, 2025), ("start_month", "int", 1, 12), ("max_speed", "int", 10, 900),
-    ("population", "int", 100, 900000), ("distance", "real", 1, 2000), ("duration", "int", 1, 240),
-    ("discount", "int", 0, 50), ("stock", "int", 0, 500), ("visits", "int", 0, 10000), ("cost", "real", 1, 999),
-]  # fmt: skip
+    ("price", "real", 1, 500),
+    ("age", "int", 1, 90),
+    ("year", "int", 1990, 2025),
+    ("rating", "real", 1, 10),
+    ("capacity", "int", 10, 5000),
+    ("weight", "real", 1, 900),
+    ("score", "int", 0, 100),
+    ("budget", "int", 1000, 90000),
+    ("salary", "int", 20000, 150000),
+    ("quantity", "int", 1, 60),
+    ("length", "real", 1, 300),
+    ("height", "int", 1, 400),
+    ("unit_cost", "real", 1, 250),
+    ("unit_price", "real", 1, 400),
+    ("total_amount", "real", 5, 3000),
+    ("birth_year", "int", 1940, 2010),
+    ("founded_year", "int", 1850, 2024),
+    ("joined_year", "int", 2010, 2025),
+    ("order_year", "int", 2015, 2025),
+    ("start_month", "int", 1, 12),
+    ("max_speed", "int", 10, 900),
+    ("population", "int", 100, 900000),
+    ("distance", "real", 1, 2000),
+    ("duration", "int", 1, 240),
+    ("discount", "int", 0, 50),
+    ("stock", "int", 0, 500),
+    ("visits", "int", 0, 10000),
+    ("cost", "real", 1, 999),
+]
 
 VALUES = {
-    "names": ["Alice", "Bruno", "Chen", "Dara", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kira", "Liam",
-              "Maya", "Noor", "Oscar", "Priya", "Quinn", "Rosa", "Sami", "Tara", "Umar", "Vera", "Wen", "Yusuf",
-              "Zoe", "Anna Berg", "Marco Rossi", "Lena Park", "Omar Haddad", "Sofia Diaz", "Ivan Petrov"],
-    "titles": ["Blue Sky", "Iron Road", "Silver Leaf", "Red Door", "North Star", "Deep Water", "Green Hill",
-               "Quiet Storm", "Golden Gate", "Night Train", "Open Field", "Stone Bridge", "Bright Path"],
-    "cities": ["Paris", "Lagos", "Tokyo", "Lima", "Oslo", "Cairo", "Dublin", "Austin", "Denver", "Madrid",
-               "Seoul", "Lyon", "Porto", "Boston", "Chicago", "Nairobi", "Perth", "Quito", "Riga", "Turin",
-               "Berlin", "Vienna", "Mumbai", "Toronto", "Seattle", "Milan", "Leeds", "Kyoto", "Athens", "Bogota"],
-    "countries": ["France", "Japan", "Peru", "Norway", "Egypt", "Ireland", "Spain", "Kenya", "Chile", "Brazil",
-                  "Canada", "India", "Italy", "Mexico", "Poland", "Ghana", "Vietnam", "Germany", "Austria"],
+    "names": [
+        "Alice",
+        "Bruno",
+        "Chen",
+        "Dara",
+        "Elena",
+        "Farid",
+        "Grace",
+        "Hugo",
+        "Ines",
+        "Jonas",
+        "Kira",
+        "Liam",
+        "Maya",
+        "Noor",
+        "Oscar",
+        "Priya",
+        "Quinn",
+        "Rosa",
+        "Sami",
+        "Tara",
+        "Umar",
+        "Vera",
+        "Wen",
+        "Yusuf",
+        "Zoe",
+        "Anna Berg",
+        "Marco Rossi",
+        "Lena Park",
+        "Omar Haddad",
+        "Sofia Diaz",
+        "Ivan Petrov",
+    ],
+    "titles": [
+        "Blue Sky",
+        "Iron Road",
+        "Silver Leaf",
+        "Red Door",
+        "North Star",
+        "Deep Water",
+        "Green Hill",
+        "Quiet Storm",
+        "Golden Gate",
+        "Night Train",
+        "Open Field",
+        "Stone Bridge",
+        "Bright Path",
+    ],
+    "cities": [
+        "Paris",
+        "Lagos",
+        "Tokyo",
+        "Lima",
+        "Oslo",
+        "Cairo",
+        "Dublin",
+        "Austin",
+        "Denver",
+        "Madrid",
+        "Seoul",
+        "Lyon",
+        "Porto",
+        "Boston",
+        "Chicago",
+        "Nairobi",
+        "Perth",
+        "Quito",
+        "Riga",
+        "Turin",
+        "Berlin",
+        "Vienna",
+        "Mumbai",
+        "Toronto",
+        "Seattle",
+        "Milan",
+        "Leeds",
+        "Kyoto",
+        "Athens",
+        "Bogota",
+    ],
+    "countries": [
+        "France",
+        "Japan",
+        "Peru",
+        "Norway",
+        "Egypt",
+        "Ireland",
+        "Spain",
+        "Kenya",
+        "Chile",
+        "Brazil",
+        "Canada",
+        "India",
+        "Italy",
+        "Mexico",
+        "Poland",
+        "Ghana",
+        "Vietnam",
+        "Germany",
+        "Austria",
+    ],
     "colors": ["red", "blue", "green", "black", "white", "yellow", "orange", "purple", "grey", "silver"],
-    "statuses": ["active", "closed", "pending", "shipped", "cancelled", "returned", "open", "paused", "done",
-                 "delivered", "draft", "archived", "failed", "approved"],
-    "kinds": ["basic", "premium", "standard", "business", "consumer", "student", "retail", "public", "private",
-              "casual", "pro", "senior", "junior"],
+    "statuses": [
+        "active",
+        "closed",
+        "pending",
+        "shipped",
+        "cancelled",
+        "returned",
+        "open",
+        "paused",
+        "done",
+        "delivered",
+        "draft",
+        "archived",
+        "failed",
+        "approved",
+    ],
+    "kinds": [
+        "basic",
+        "premium",
+        "standard",
+        "business",
+        "consumer",
+        "student",
+        "retail",
+        "public",
+        "private",
+        "casual",
+        "pro",
+        "senior",
+        "junior",
+    ],
     "regions": ["North", "South", "East", "West", "Central", "Coastal", "Mountain", "Island"],
     "genres": ["jazz", "rock", "drama", "comedy", "horror", "science", "history", "poetry", "pop", "folk"],
     "levels": ["low", "medium", "high", "gold", "silver", "bronze", "entry", "expert"],
     "languages": ["English", "French", "Spanish", "German", "Hindi", "Arabic", "Korean", "Swahili"],
     "roles": ["manager", "clerk", "cashier", "engineer", "analyst", "nurse", "pilot", "chef", "guide", "driver"],
-    "categories": ["electronics", "garden", "toys", "books", "sports", "kitchen", "music", "office", "beauty",
-                   "outdoor", "tools", "games", "food", "clothing"],
-}  # fmt: skip
+    "categories": [
+        "electronics",
+        "garden",
+        "toys",
+        "books",
+        "sports",
+        "kitchen",
+        "music",
+        "office",
+        "beauty",
+        "outdoor",
+        "tools",
+        "games",
+        "food",
+        "clothing",
+    ],
+}
 
 
 @dataclass(frozen=True)
@@ -167,11 +421,14 @@ def t_select_where_num(rng: random.Random, t: Table, _: Table) -> tuple[str, str
     )
     vq, vs = value(rng, n)
     w = rng.choice(word)
-    q = _pick(rng, [
-        f"List the {words(c.name)} of every {t.singular.replace('_', ' ')} whose {words(n.name)} is {w} {vq}.",
-        f"Which {words(t.name)} have a {words(n.name)} {w} {vq}? Give their {words(c.name)}.",
-        f"Show the {words(c.name)} of {words(t.name)} with {words(n.name)} {w} {vq}.",
-    ])  # fmt: skip
+    q = _pick(
+        rng,
+        [
+            f"List the {words(c.name)} of every {t.singular.replace('_', ' ')} whose {words(n.name)} is {w} {vq}.",
+            f"Which {words(t.name)} have a {words(n.name)} {w} {vq}? Give their {words(c.name)}.",
+            f"Show the {words(c.name)} of {words(t.name)} with {words(n.name)} {w} {vq}.",
+        ],
+    )
     return q, f"SELECT {c.name} FROM {t.name} WHERE {n.name} {op} {vs};"
 
 
@@ -180,16 +437,23 @@ def t_count_where(rng: random.Random, t: Table, _: Table) -> tuple[str, str] | N
         return None
     c = rng.choice(t.text_cols())
     vq, vs = value(rng, c)
-    q = _pick(rng, [
-        f"How many {words(t.name)} have {words(c.name)} {vq}?",
-        f"Count the {words(t.name)} whose {words(c.name)} is {vq}.",
-        f"What is the number of {words(t.name)} with {words(c.name)} {vq}?",
-    ])  # fmt: skip
+    q = _pick(
+        rng,
+        [
+            f"How many {words(t.name)} have {words(c.name)} {vq}?",
+            f"Count the {words(t.name)} whose {words(c.name)} is {vq}.",
+            f"What is the number of {words(t.name)} with {words(c.name)} {vq}?",
+        ],
+    )
     return q, f"SELECT COUNT(*) FROM {t.name} WHERE {c.name} = {vs};"
 
 
-AGGS = [("AVG", ["average", "mean"]), ("SUM", ["total", "sum of the"]), ("MAX", ["highest", "largest", "maximum"]),
-        ("MIN", ["lowest", "smallest", "minimum"])]  # fmt: skip
+AGGS = [
+    ("AVG", ["average", "mean"]),
+    ("SUM", ["total", "sum of the"]),
+    ("MAX", ["highest", "largest", "maximum"]),
+    ("MIN", ["lowest", "smallest", "minimum"]),
+]
 
 
 def t_agg_where(rng: random.Random, t: Table, _: Table) -> tuple[str, str] | None:
@@ -199,10 +463,13 @@ def t_agg_where(rng: random.Random, t: Table, _: Table) -> tuple[str, str] | Non
     fn, names = rng.choice(AGGS)
     w = rng.choice(names)
     vq, vs = value(rng, c)
-    q = _pick(rng, [
-        f"What is the {w} {words(n.name)} of {words(t.name)} with {words(c.name)} {vq}?",
-        f"Find the {w} {words(n.name)} among {words(t.name)} whose {words(c.name)} is {vq}.",
-    ])  # fmt: skip
+    q = _pick(
+        rng,
+        [
+            f"What is the {w} {words(n.name)} of {words(t.name)} with {words(c.name)} {vq}?",
+            f"Find the {w} {words(n.name)} among {words(t.name)} whose {words(c.name)} is {vq}.",
+        ],
+    )
     return q, f"SELECT {fn}({n.name}) FROM {t.name} WHERE {c.name} = {vs};"
 
 
@@ -229,10 +496,13 @@ def t_top_k(rng: random.Random, t: Table, _: Table) -> tuple[str, str] | None:
     k = rng.randint(1, 10)
     desc = rng.random() < 0.6
     w = rng.choice(["highest", "largest", "top"] if desc else ["lowest", "smallest"])
-    q = _pick(rng, [
-        f"Show the {words(c.name)} of the {k} {words(t.name)} with the {w} {words(n.name)}.",
-        f"Which {k} {words(t.name)} have the {w} {words(n.name)}? List their {words(c.name)}.",
-    ])  # fmt: skip
+    q = _pick(
+        rng,
+        [
+            f"Show the {words(c.name)} of the {k} {words(t.name)} with the {w} {words(n.name)}.",
+            f"Which {k} {words(t.name)} have the {w} {words(n.name)}? List their {words(c.name)}.",
+        ],
+    )
     order = "DESC" if desc else "ASC"
     return q, f"SELECT {c.name} FROM {t.name} ORDER BY {n.name} {order} LIMIT {k};"
 
@@ -304,11 +574,15 @@ def t_and(rng: random.Random, t: Table, _: Table) -> tuple[str, str] | None:
     vq, vs = value(rng, c)
     nq, ns = value(rng, n)
     op, w = rng.choice([(">", "above"), ("<", "below"), (">=", "at least"), ("<=", "at most")])
-    q = _pick(rng, [
-        f"List the {words(out.name)} of {words(t.name)} whose {words(c.name)} is {vq} "
-        f"and whose {words(n.name)} is {w} {nq}.",
-        f"Which {words(t.name)} have {words(c.name)} {vq} and {words(n.name)} {w} {nq}? Show their {words(out.name)}.",
-    ])  # fmt: skip
+    q = _pick(
+        rng,
+        [
+            f"List the {words(out.name)} of {words(t.name)} whose {words(c.name)} is {vq} "
+            f"and whose {words(n.name)} is {w} {nq}.",
+            f"Which {words(t.name)} have {words(c.name)} {vq} and {words(n.name)} {w} {nq}? "
+            f"Show their {words(out.name)}.",
+        ],
+    )
     return q, f"SELECT {out.name} FROM {t.name} WHERE {c.name} = {vs} AND {n.name} {op} {ns};"
 
 
@@ -317,11 +591,14 @@ def t_join_filter(rng: random.Random, child: Table, parent: Table) -> tuple[str,
         return None
     c, p = rng.choice(child.text_cols()), rng.choice(parent.text_cols())
     vq, vs = value(rng, p)
-    q = _pick(rng, [
-        f"List the {words(c.name)} of {words(child.name)} whose {words(parent.singular)} has {words(p.name)} {vq}.",
-        f"Show the {words(c.name)} of every {words(child.singular)} linked to a {words(parent.singular)} "
-        f"with {words(p.name)} {vq}.",
-    ])  # fmt: skip
+    q = _pick(
+        rng,
+        [
+            f"List the {words(c.name)} of {words(child.name)} whose {words(parent.singular)} has {words(p.name)} {vq}.",
+            f"Show the {words(c.name)} of every {words(child.singular)} linked to a {words(parent.singular)} "
+            f"with {words(p.name)} {vq}.",
+        ],
+    )
     sql = (
         f"SELECT {child.name}.{c.name} FROM {child.name} JOIN {parent.name} "
         f"ON {child.name}.{parent.singular}_id = {parent.name}.id WHERE {parent.name}.{p.name} = {vs};"
@@ -372,8 +649,18 @@ def t_join_count(rng: random.Random, child: Table, parent: Table) -> tuple[str, 
     return q, sql
 
 
-SINGLE_TABLE: list[Template] = [t_select_where_num, t_count_where, t_agg_where, t_agg_all, t_top_k, t_group_count,
-                                t_group_agg, t_group_order, t_distinct, t_and]  # fmt: skip
+SINGLE_TABLE: list[Template] = [
+    t_select_where_num,
+    t_count_where,
+    t_agg_where,
+    t_agg_all,
+    t_top_k,
+    t_group_count,
+    t_group_agg,
+    t_group_order,
+    t_distinct,
+    t_and,
+]
 JOINED: list[Template] = [t_join_filter, t_join_group, t_join_count]
 
 
@@ -417,10 +704,16 @@ def plain_text(rng: random.Random) -> str:
     """A sentence of plain English, so that the base is a language model and not only a SQL generator."""
     a, b = rng.choice(NOUNS)[1], rng.choice(NOUNS)[1]
     return rng.choice(SENTENCES).format(
-        a=a, b=b, city=rng.choice(VALUES["cities"]), color=rng.choice(VALUES["colors"]), n=rng.randint(2, 900),
-        n2=rng.randint(2, 90), year=rng.randint(1990, 2025), price=f"{rng.uniform(1, 500):.2f}",
+        a=a,
+        b=b,
+        city=rng.choice(VALUES["cities"]),
+        color=rng.choice(VALUES["colors"]),
+        n=rng.randint(2, 900),
+        n2=rng.randint(2, 90),
+        year=rng.randint(1990, 2025),
+        price=f"{rng.uniform(1, 500):.2f}",
         role=rng.choice(VALUES["roles"]),
-    )  # fmt: skip
+    )
 
 
 def format_example(ex: SqlExample, eos: str) -> str:
