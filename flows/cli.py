@@ -441,11 +441,16 @@ def bench_cmd(
 
 
 @app.command()
-def demo() -> None:
+def demo(
+    overrides: Overrides = None,
+    compare: Annotated[
+        bool, typer.Option(help="End with the serving comparison (base / runtime LoRA / merged) and the costs.")
+    ] = True,
+) -> None:
     """Run the pipeline on embedded defaults (what `make demo` runs)."""
     from flows.demo import run_demo
 
-    run_demo(load_settings(), say=console.print)
+    run_demo(load_settings(), overrides=overrides, compare=compare, say=console.print)
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -72,8 +72,18 @@ def _env(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def run_demo(settings: Settings, *, say: Callable[[str], None] = print) -> dict[str, object]:
-    """Run the demo end to end and return what it measured."""
+def run_demo(
+    settings: Settings,
+    *,
+    overrides: list[str] | None = None,
+    compare: bool = True,
+    say: Callable[[str], None] = print,
+) -> dict[str, object]:
+    """Run the demo end to end and return what it measured.
+
+    ``overrides`` are dotted run-config overrides (e.g. a shorter fine-tune); ``compare=False`` leaves out the
+    serving comparison and cost report (a second vLLM server with the merged weights).
+    """
     from flows.retrain import RetrainParams, retrain
 
     store = open_store(settings)
@@ -96,7 +106,7 @@ def run_demo(settings: Settings, *, say: Callable[[str], None] = print) -> dict[
             say(f"gateway: {gw}")
             serving = {"TUNESHIP_VLLM_URL": vllm_url, "TUNESHIP_GATEWAY_URL": gw, "TUNESHIP_ADMIN_KEYS": admin_key}
             with _env(serving):
-                state = retrain(RetrainParams(config=CONFIG), return_state=True)
+                state = retrain(RetrainParams(config=CONFIG, overrides=overrides or []), return_state=True)
             if not state.is_completed():
                 raise RuntimeError(f"the retrain flow ended {state.name}: {state.message}")
             summary = state.result()
@@ -147,7 +157,7 @@ def run_demo(settings: Settings, *, say: Callable[[str], None] = print) -> dict[
             routes = httpx.get(f"{gw}/admin/routes", headers={"Authorization": f"Bearer {admin_key}"}).json()
             say(f"gateway aliases: {routes['aliases']}")
             _requests(gw, model, task_dir, say)
-            if champion is not None:
+            if champion is not None and compare:
                 comparison = _comparison(settings, store, base, champion, gw, task_dir, say)
                 _costs(summary, comparison, settings, say)
     return {"summary": summary.model_dump(mode="json"), "flow_run_id": str(state.state_details.flow_run_id)}

@@ -293,7 +293,13 @@ def register_stage(
 
     uri = services.settings.mlflow_tracking_uri
     version = register(
-        cfg, adapter, report, data, store=services.store, tracking_uri=uri, flow_run_id=str(flow_run.get_id() or "none")
+        cfg,
+        adapter,
+        report,
+        data,
+        store=services.store,
+        tracker=services.tracker,
+        flow_run_id=str(flow_run.get_id() or "none"),
     )
     decision = promote(cfg.registry.rules, version, report, tracking_uri=uri)
     verdict = "**promoted** to @champion" if decision.promoted else "**not promoted** (stays @challenger)"

@@ -25,13 +25,13 @@ class GpuCollector(Collector):
     """``tuneship_gpu_utilization_ratio`` and ``tuneship_gpu_memory_{used,total}_bytes`` per GPU, via NVML."""
 
     def __init__(self) -> None:
-        try:
-            import pynvml
+        import pynvml
 
+        try:
             pynvml.nvmlInit()
             self.nvml: Any = pynvml
             self.count = pynvml.nvmlDeviceGetCount()
-        except Exception:  # no driver, no GPU: no GPU series
+        except pynvml.NVMLError:  # no driver, no GPU: no GPU series
             self.nvml, self.count = None, 0
 
     @staticmethod

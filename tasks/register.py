@@ -15,7 +15,6 @@ import hashlib
 import json
 import subprocess
 from pathlib import Path
-from typing import Any
 
 from infra.artifacts import ArtifactStore
 from infra.registry import (
@@ -31,6 +30,7 @@ from infra.registry import (
 from infra.registry import (
     client as registry_client,
 )
+from infra.tracking import MlflowTracker
 from tasks.config import PromotionRules, RunConfig
 from tasks.refs import AdapterRef, DatasetRef, EvalReport, ModelVersionRef, PromotionDecision, RuleResult
 
@@ -56,11 +56,12 @@ def register(
     data: DatasetRef,
     *,
     store: ArtifactStore,
-    tracking_uri: str,
+    tracker: MlflowTracker,
     flow_run_id: str | None = None,
 ) -> ModelVersionRef:
-    """Log the adapter as an MLflow pyfunc with params, metrics, the eval report and lineage; register it
-    as a new version of ``cfg.model_name`` and give it the ``challenger`` alias."""
+    """Log the adapter as an MLflow pyfunc with params, metrics, the eval report and lineage (an MLflow run of
+    stage ``register`` on ``tracker``); register it as a new version of ``cfg.model_name`` and give it the
+    ``challenger`` alias. The registry is the tracker's server."""
     import mlflow
 
     from tasks.mlflow_model import AdapterModel
@@ -80,15 +81,11 @@ def register(
         "tuneship.flow_run_id": flow_run_id or "none",
         "tuneship.finetune_run_id": adapter.mlflow_run_id or "none",
     }
-    mlflow_client = registry_client(tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    experiment = mlflow.set_experiment("tuneship")
-    with mlflow.start_run(
-        experiment_id=experiment.experiment_id, run_name=f"register-{adapter.run_id}", tags=lineage
-    ) as run:
-        mlflow.log_params({k: str(v)[:6000] for k, v in _flat(cfg.model_dump(mode="json")).items()})
-        mlflow.log_metrics({k: float(v) for k, v in report.metrics.items()})
+    mlflow_client = registry_client(tracker.tracking_uri)
+    mlflow.set_registry_uri(tracker.tracking_uri)
+    with tracker.run(f"{adapter.run_id}-{report.artifact.sha256[:12]}", stage="register", tags=lineage) as run_id:
+        tracker.log_params(cfg.model_dump(mode="json"))
+        tracker.log_metrics(report.metrics)
         mlflow.log_artifacts(str(store.get_dir(report.artifact)), artifact_path="eval")
         logged = mlflow.pyfunc.log_model(
             name="model",
@@ -112,16 +109,10 @@ def register(
         name=name,
         version=version_id,
         uri=f"models:/{name}/{version_id}",
-        run_id=run.info.run_id,
+        run_id=run_id,
         adapter_sha256=adapter.sha256,
         aliases=[CHALLENGER],
     )
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    from infra.tracking import flatten
-
-    return flatten(tree, prefix)
 
 
 def _requirements() -> list[str]:

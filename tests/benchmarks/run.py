@@ -384,7 +384,7 @@ def hot_swap(workdir: Path) -> dict[str, Any]:
                 server_url=server.base_url,
                 served_base="base",
             )
-            versions.append(register(cfg, adapter, report, data, store=store, tracking_uri=uri))
+            versions.append(register(cfg, adapter, report, data, store=store, tracker=tracker))
             adapters.append(adapter)
         app = create_app(GatewayConfig(aliases={"base": "base"}, admin_keys=["bench"]), VllmUpstream(server.base_url))
         with serve_in_thread(app, port=free_port()) as gateway:

@@ -163,4 +163,5 @@ def test_a_fresh_machine_loads_the_pinned_checkpoint(tmp_path: Path, monkeypatch
     (corrupted / "config.json").write_text((corrupted / "config.json").read_text().replace("silu", "gelu"))
     monkeypatch.setattr(offline_base, "CHECKPOINTS", tmp_path / "checkpoints")
     with pytest.raises(offline_base.CheckpointError, match=rf"{corrupted}: sha256 .* does not match its pin"):
-        resolve_base_model("tuneship/sql-small", store=store, cache_dir=tmp_path / "other-cache")
+        fresh = ArtifactStore(LocalBackend(tmp_path / "other-store"), tmp_path / "other-store-cache")
+        resolve_base_model("tuneship/sql-small", store=fresh, cache_dir=tmp_path / "other-cache")

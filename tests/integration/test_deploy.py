@@ -64,7 +64,7 @@ def versions(
             server_url=vllm_server.base_url,
             served_base="base",
         )
-        return register(cfg, adapter, report, demo_dataset, store=demo_store, tracking_uri=uri), report
+        return register(cfg, adapter, report, demo_dataset, store=demo_store, tracker=tracker), report
 
     v1, _ = eval_and_register(weak_adapter)
     v2, _ = eval_and_register(demo_adapter)
@@ -87,7 +87,7 @@ def versions(
     rows[0]["candidate"]["output"] = "SELECT 'not what the adapter says'"
     (tampered / "examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     demo_store.put_dir(tampered, report.artifact.key, overwrite=True)
-    v3 = register(cfg, weak_adapter, report, demo_dataset, store=demo_store, tracking_uri=uri)
+    v3 = register(cfg, weak_adapter, report, demo_dataset, store=demo_store, tracker=tracker)
     return {"name": name, "uri": uri, "store": demo_store, "v": [v1, v2, v3]}
 
 

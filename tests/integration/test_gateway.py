@@ -88,6 +88,28 @@ def test_openai_client_through_the_gateway(start_gateway) -> None:
     assert "".join(c.choices[0].text for c in streamed if c.choices) == plain.choices[0].text
 
 
+def test_openai_chat_completions_use_the_models_chat_template(start_gateway) -> None:
+    """The `openai` client's most common call works on the offline model: its tokenizer's chat template renders
+    the seed's format, so a user turn gets exactly the completion the templated prompt gets."""
+    import openai
+
+    url = start_gateway(api_keys=["secret-key"])
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="secret-key")
+    question = "How many ships have color red?"
+    chat = client.chat.completions.create(
+        model="champion", messages=[{"role": "user", "content": question}], max_tokens=24, temperature=0
+    )
+    answer = chat.choices[0].message.content
+    assert chat.choices[0].message.role == "assistant" and answer.startswith("SELECT") and "ships" in answer
+    plain = client.completions.create(model="champion", prompt=PROMPT, max_tokens=24, temperature=0)
+    assert answer == plain.choices[0].text
+    assert chat.usage.prompt_tokens == plain.usage.prompt_tokens  # one BOS: the template's, none added twice
+    streamed = client.chat.completions.create(
+        model="champion", messages=[{"role": "user", "content": question}], max_tokens=24, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == answer
+
+
 def test_auth_and_limits(start_gateway) -> None:
     url = start_gateway(api_keys=["k1", "k2"], max_tokens_cap=64, max_batch=2)
     body = {"prompt": PROMPT, "max_tokens": 8, "stream": False}

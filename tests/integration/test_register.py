@@ -72,6 +72,7 @@ def env(
         "eval": run_eval,
         "store": demo_store,
         "data": demo_dataset,
+        "tracker": tracker,
     }
     os.environ.pop("TUNESHIP_API_KEYS", None)
 
@@ -79,15 +80,15 @@ def env(
 @pytest.fixture(scope="module")
 def history(env):
     """v1 = weak (first champion), v2 = strong (beats v1), v3 = weak again (worse than v2)."""
-    cfg, uri, store, data = env["cfg"], env["uri"], env["store"], env["data"]
+    cfg, uri, store, data, tracker = env["cfg"], env["uri"], env["store"], env["data"], env["tracker"]
     weak_report = env["eval"](env["weak"])
-    v1 = register(cfg, env["weak"], weak_report, data, store=store, tracking_uri=uri, flow_run_id="flow-1")
+    v1 = register(cfg, env["weak"], weak_report, data, store=store, tracker=tracker, flow_run_id="flow-1")
     d1 = promote(cfg.registry.rules, v1, weak_report, tracking_uri=uri)
     strong_report = env["eval"](env["strong"], champion=env["weak"])
-    v2 = register(cfg, env["strong"], strong_report, data, store=store, tracking_uri=uri)
+    v2 = register(cfg, env["strong"], strong_report, data, store=store, tracker=tracker)
     d2 = promote(cfg.registry.rules, v2, strong_report, tracking_uri=uri)
     worse_report = env["eval"](env["weak"], champion=env["strong"])
-    v3 = register(cfg, env["weak"], worse_report, data, store=store, tracking_uri=uri)
+    v3 = register(cfg, env["weak"], worse_report, data, store=store, tracker=tracker)
     d3 = promote(cfg.registry.rules, v3, worse_report, tracking_uri=uri)
     return {"v": [v1, v2, v3], "d": [d1, d2, d3], "reports": [weak_report, strong_report, worse_report]}
 
@@ -126,7 +127,7 @@ def test_ci_crossing_zero_is_refused(env, history) -> None:
     report = v2_report.model_copy(
         update={"comparisons": {**v2_report.comparisons, "champion": tie}, "champion_sha256": env["strong"].sha256}
     )
-    v4 = register(env["cfg"], env["strong"], report, env["data"], store=env["store"], tracking_uri=env["uri"])
+    v4 = register(env["cfg"], env["strong"], report, env["data"], store=env["store"], tracker=env["tracker"])
     decision = promote(env["cfg"].registry.rules, v4, report, tracking_uri=env["uri"])
     assert not decision.promoted
     tags = client(env["uri"]).get_model_version(env["name"], v4.version).tags
@@ -180,7 +181,7 @@ def test_concurrent_registrations_get_distinct_versions(env, history) -> None:
     def go() -> None:
         try:
             results.append(
-                register(env["cfg"], env["strong"], report, env["data"], store=env["store"], tracking_uri=env["uri"])
+                register(env["cfg"], env["strong"], report, env["data"], store=env["store"], tracker=env["tracker"])
             )
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
@@ -231,7 +232,7 @@ def test_a_champion_on_another_base_is_kept_until_promoted_by_hand(env, history)
     before = c.get_model_version_by_alias(env["name"], "champion").version
     other = env["strong"].model_copy(update={"base_model_revision": "0" * 64})
     report = history["reports"][0].model_copy(update={"candidate_sha256": other.sha256})
-    version = register(env["cfg"], other, report, env["data"], store=env["store"], tracking_uri=env["uri"])
+    version = register(env["cfg"], other, report, env["data"], store=env["store"], tracker=env["tracker"])
     decision = promote(env["cfg"].registry.rules, version, report, tracking_uri=env["uri"])
     assert not decision.promoted
     assert "was trained on another base (tuneship/sql-small@" in decision.rules["beats_champion"].value
