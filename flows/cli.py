@@ -23,6 +23,7 @@ Bad settings and store errors end the command with one ``tuneship: error: ...`` 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -464,6 +465,8 @@ def main() -> None:
     (vLLM, the Prefect server, the gateway) is stopped with it.
     """
     signal.signal(signal.SIGTERM, _terminate)
+    if prefect_home := os.environ.get("PREFECT_HOME"):  # Prefect creates only the last level, at import
+        Path(prefect_home).expanduser().mkdir(parents=True, exist_ok=True)
     try:
         app()
     except UserError as exc:

@@ -203,7 +203,9 @@ def resolve_stage(name: str, services: Services) -> ResolvedModel:
     return resolve_base_model(name, store=services.store, cache_dir=services.settings.cache_dir)
 
 
-@task(name="preprocess", cache_key_fn=_inputs_key, persist_result=True, **IO_RETRIES)
+# log_prints off: `datasets` fingerprints functions with dill, which disassembles them into a captured stdout
+# that Prefect's print capture would log line by line.
+@task(name="preprocess", cache_key_fn=_inputs_key, persist_result=True, log_prints=False, **IO_RETRIES)
 def preprocess_stage(
     cfg: PreprocessConfig, data: DataConfig, name: str, base: ResolvedModel, services: Services
 ) -> DatasetRef:
