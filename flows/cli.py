@@ -455,14 +455,15 @@ def demo(
 
 
 def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+    raise KeyboardInterrupt  # unwind every `with` that started a server, as Ctrl-C does
 
 
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2.
 
     SIGTERM (what systemd, Kubernetes and Docker send) unwinds like Ctrl-C, so every server a command started
-    (vLLM, the Prefect server, the gateway) is stopped with it.
+    (vLLM, the Prefect server, the gateway) is stopped with it; `tuneship serve` then exits 0, a command cut
+    short exits 130.
     """
     signal.signal(signal.SIGTERM, _terminate)
     if prefect_home := os.environ.get("PREFECT_HOME"):  # Prefect creates only the last level, at import
@@ -472,6 +473,9 @@ def main() -> None:
     except UserError as exc:
         print(f"tuneship: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("tuneship: interrupted; everything it started is stopped", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -28,6 +32,7 @@ from tasks.evaluate import evaluate
 from tasks.register import register
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
 ADMIN = f"admin-{uuid.uuid4().hex}"
 PROBE = "### Instruction:\nHow many customers are there in each city?\n\n### Response:\n"
 
@@ -297,3 +302,58 @@ def test_serving_stack_serves_the_registry_champion(versions, vllm_server) -> No
         body = {"prompt": PROBE, "max_tokens": 48, "temperature": 0, "model": "champion", "stream": False}
         answer = httpx.post(f"{stack.gateway_url}/generate", json=body, timeout=60).json()["text"]
         assert answer == greedy(vllm_server.base_url, f"{name}-v{v2.version}")
+
+
+def _listeners(port: int) -> list[int]:
+    """Pids of the processes whose command line serves on ``port`` (vLLM's `--port PORT`)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"--port" in argv and str(port).encode() in argv:
+                pids.append(int(proc.name))
+    return pids
+
+
+def test_serve_stops_its_vllm_on_sigterm(versions, tmp_path: Path) -> None:
+    """`tuneship serve` with a local vLLM, stopped the way systemd, Docker and Kubernetes stop it (SIGTERM to its
+    main process only): it exits 0 and neither the gateway nor any process of its vLLM server is left."""
+    from mlflow import MlflowClient
+
+    name, uri, v2 = versions["name"], versions["uri"], versions["v"][1]
+    MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias(name, "champion", v2.version)
+    gateway_port = free_port()
+    env = {
+        **os.environ,
+        "TUNESHIP_HOME": str(tmp_path),
+        "TUNESHIP_ARTIFACT_ROOT": versions["store"].root_uri,
+        "TUNESHIP_MLFLOW_TRACKING_URI": uri,
+        "TUNESHIP_VLLM_URL": "local",
+        "TUNESHIP_VLLM_PYTHON": str(REPO / ".venv-vllm" / "bin" / "python"),
+        "TUNESHIP_GATEWAY_PORT": str(gateway_port),
+        "TUNESHIP_ADMIN_KEYS": ADMIN,
+    }
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "serve", name], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 600
+        while f"deployed {name} v{v2.version} as champion" not in log.read_text():
+            assert cli.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        vllm_port = int(re.search(r"vLLM: http://127\.0\.0\.1:(\d+)", log.read_text()).group(1))
+        assert _listeners(vllm_port)
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(timeout=90) == 0, log.read_text()[-3000:]
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert _listeners(vllm_port) == [], "vLLM outlived `tuneship serve`"
+    for port in (vllm_port, gateway_port):
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)

@@ -160,9 +160,12 @@ def test_a_failing_stage_names_itself_and_leaves_the_champion(first_run, flow_en
     assert get_version(MODEL, "champion", tracking_uri=flow_env["TUNESHIP_MLFLOW_TRACKING_URI"]).version == champion
 
 
-def test_a_transient_s3_outage_is_retried_and_the_flow_completes(first_run, flow_env, tmp_path: Path) -> None:
-    """The artifact store's endpoint is down when the flow starts and comes up 15 s later: the stages that hit it
-    are retried (Prefect retries with backoff: 2, 10, 30 s) and the flow completes."""
+def test_a_transient_s3_outage_is_retried_and_the_flow_completes(
+    first_run, flow_env, demo_task: Path, tmp_path: Path
+) -> None:
+    """The artifact store's endpoint is down when the flow starts and comes up 15 s later (empty: the data comes
+    from local files here): the stages that hit it are retried (Prefect retries with backoff: 2, 10, 30 s) and
+    the flow completes."""
     port = free_port()
     bucket = f"late-{uuid.uuid4().hex[:8]}"
     servers = []
@@ -179,7 +182,12 @@ def test_a_transient_s3_outage_is_retried_and_the_flow_completes(first_run, flow
     )
     try:
         late.start()
-        overrides = [*OVERRIDES, f"registry.model_name={MODEL}-late", "finetune.train.max_steps=20"]
+        local = [
+            f"data.source={demo_task / 'train.jsonl'}",
+            f"data.test_file={demo_task / 'test.jsonl'}",
+            f"evaluate.database={demo_task / 'retail.db'}",
+        ]
+        overrides = [*OVERRIDES, *local, f"registry.model_name={MODEL}-late", "finetune.train.max_steps=20"]
         state, seconds = run_flow(overrides=overrides, deploy=False)
     finally:
         os.environ.update(saved)

@@ -1,0 +1,47 @@
+"""Admin routes (their own keys): what a deploy uses to switch an alias atomically and to watch it drain."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.gateway import GatewayDep, require_admin_key
+from serving.routes import RouteConflict
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_key)])
+
+
+class RouteSwitch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    target: str = Field(min_length=1, description="a model the upstream serves (base or a loaded adapter)")
+    expect: str | None = Field(default=None, description="switch only if the alias still points here")
+
+
+class CanaryShare(BaseModel):
+    share: float = Field(ge=0, le=1)
+
+
+@router.get("/routes")
+async def get_routes(gateway: GatewayDep) -> dict[str, Any]:
+    return gateway.routes.snapshot()
+
+
+@router.put("/routes/{alias}")
+async def switch_route(alias: str, req: RouteSwitch, gateway: GatewayDep) -> dict[str, Any]:
+    known = await gateway.upstream_models()
+    if req.target not in known:
+        raise gateway.refuse(422, f"{req.target!r} is not served upstream; it serves {sorted(known)}")
+    try:
+        previous = gateway.routes.switch(alias, req.target, expect=req.expect)
+    except RouteConflict as exc:
+        raise gateway.refuse(409, str(exc)) from None
+    return {"alias": alias, "target": req.target, "previous": previous}
+
+
+@router.put("/canary")
+async def set_canary(req: CanaryShare, gateway: GatewayDep) -> dict[str, Any]:
+    gateway.routes.set_canary(req.share)
+    return gateway.routes.snapshot()

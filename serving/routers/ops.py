@@ -1,0 +1,33 @@
+"""Health, readiness and Prometheus metrics: open, for load balancers and scrapers."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+
+from serving.gateway import GatewayDep, GatewayError
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(gateway: GatewayDep) -> JSONResponse:
+    try:
+        models = await gateway.upstream_models()
+    except GatewayError as exc:
+        return JSONResponse({"ready": False, "detail": exc.message}, 503)
+    missing = {a: m for a, m in gateway.routes.aliases.items() if m not in models}
+    if not models or missing:
+        return JSONResponse({"ready": False, "detail": f"not loaded upstream: {missing or 'no model'}"}, 503)
+    return JSONResponse({"ready": True, "models": sorted(models)})
+
+
+@router.get("/metrics")
+async def prometheus(gateway: GatewayDep) -> Response:
+    body, content_type = gateway.metrics.render()
+    return Response(body, media_type=content_type)
