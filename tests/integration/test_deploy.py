@@ -343,9 +343,10 @@ def test_serve_stops_its_vllm_on_sigterm(versions, tmp_path: Path) -> None:
         )
     try:
         deadline = time.monotonic() + 600
-        while f"deployed {name} v{v2.version} as champion" not in log.read_text():
+        while "(Ctrl-C stops it)" not in log.read_text():  # up: champion deployed, challenger tried
             assert cli.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(1)
+        assert f"deployed {name} v{v2.version} as champion" in log.read_text()
         vllm_port = int(re.search(r"vLLM: http://127\.0\.0\.1:(\d+)", log.read_text()).group(1))
         assert _listeners(vllm_port)
         cli.send_signal(signal.SIGTERM)
