@@ -35,7 +35,7 @@ def configured_api_url() -> str | None:
 def launch_local_server(settings: Settings) -> PrefectServer:
     """Start ``prefect server`` on loopback over ``PREFECT_HOME``'s database; don't wait for it."""
     home = Path(os.environ.get("PREFECT_HOME") or settings.home / "prefect")
-    return start_prefect(settings.home / "services", home=home, timeout=None)
+    return start_prefect(settings.home / "services", home=home, timeout=None, stop_with_parent=True)
 
 
 @contextlib.contextmanager

@@ -69,7 +69,8 @@ def local_vllm(settings: Settings, base_path: Path, *, served_name: str = "base"
         yield settings.vllm_url
         return
     launch = VllmLaunch(model=base_path, served_model_name=served_name, device=settings.vllm_device)
-    with start_vllm(launch, python=settings.vllm_python, workdir=settings.home / "services") as server:
+    workdir = settings.home / "services"
+    with start_vllm(launch, python=settings.vllm_python, workdir=workdir, stop_with_parent=True) as server:
         yield server.base_url
 
 

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,18 @@ def _tail(path: Path, lines: int = 25) -> str:
         return "(no log)"
 
 
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A pre-exec hook asking Linux to SIGTERM the child when its parent dies (``PR_SET_PDEATHSIG``); None
+    elsewhere. The libc function is bound here, in the parent, so the child only makes one C call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 @dataclass
 class ManagedProcess:
     """A server process in its own process group, with a health URL and a log file."""
@@ -64,6 +77,9 @@ class ManagedProcess:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     cwd: Path | None = None
+    # Linux: the server gets SIGTERM when the thread that started it dies, whatever killed it (even SIGKILL).
+    # Only for servers started on a long-lived (main) thread: a helper thread's exit would stop them too.
+    stop_with_parent: bool = False
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float) -> ManagedProcess:
@@ -88,6 +104,7 @@ class ManagedProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_parent_death_signal() if self.stop_with_parent else None,
             )
         return self
 
@@ -228,7 +245,12 @@ class PrefectServer(ManagedProcess):
 
 
 def start_prefect(
-    workdir: Path, *, home: Path | None = None, port: int | None = None, timeout: float | None = 180
+    workdir: Path,
+    *,
+    home: Path | None = None,
+    port: int | None = None,
+    timeout: float | None = 180,
+    stop_with_parent: bool = False,
 ) -> PrefectServer:
     """Start ``prefect server start`` on loopback with its SQLite database in ``home`` (default: a new directory
     under ``workdir``). ``timeout=None`` returns at once: call ``wait_healthy`` when the server is needed."""
@@ -248,6 +270,7 @@ def start_prefect(
             "PREFECT_UI_ENABLED": "false",
         },
         api_url=f"{url}/api",
+        stop_with_parent=stop_with_parent,
     )
     if timeout is None:
         return server.launch()

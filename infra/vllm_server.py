@@ -101,6 +101,7 @@ def start_vllm(
     workdir: Path,
     port: int | None = None,
     timeout: float = 300,
+    stop_with_parent: bool = False,
 ) -> VllmServer:
     """Start vLLM's OpenAI server for ``launch`` on loopback and wait for ``/health``."""
     if not Path(python).exists():
@@ -117,6 +118,7 @@ def start_vllm(
         env=build_vllm_env(launch),
         base_url=url,
         served_model_name=launch.served_model_name,
+        stop_with_parent=stop_with_parent,
     )
     server.start(timeout)
     return server
