@@ -35,25 +35,30 @@ class ResolvedModel:
     revision: str  # sha256 of the offline build, or the hub revision
 
 
-def offline_recipes() -> list[str]:
+def _offline_recipe(name: str) -> Any:
+    """The offline recipe ``tuneship/<recipe>`` names (an ``offline.base_model.BaseRecipe``); None for any other
+    name; :class:`BaseModelError` for an offline name whose recipe does not exist."""
+    if not name.startswith(OFFLINE_PREFIX):
+        return None
     from offline.base_model import RECIPES
 
-    return sorted(RECIPES)
+    recipe = RECIPES.get(name.removeprefix(OFFLINE_PREFIX))
+    if recipe is None:
+        raise BaseModelError(f"base_model {name!r}: no such offline recipe; choose one of {sorted(RECIPES)}")
+    return recipe
 
 
 def check_base_model(name: str) -> None:
     """Refuse a ``tuneship/<recipe>`` name whose recipe does not exist (run configs call this at load time)."""
-    if name.startswith(OFFLINE_PREFIX) and name.removeprefix(OFFLINE_PREFIX) not in offline_recipes():
-        raise BaseModelError(f"base_model {name!r}: no such offline recipe; choose one of {offline_recipes()}")
+    _offline_recipe(name)
 
 
 def resolve_base_model(name: str, *, store: ArtifactStore, cache_dir: Path, log: Any = print) -> ResolvedModel:
     """Map ``tuneship/<recipe>`` to an offline base model, a directory to itself, anything else to a hub id."""
-    if name.startswith(OFFLINE_PREFIX):
-        from offline.base_model import RECIPES, ensure_base_model
+    if recipe := _offline_recipe(name):
+        from offline.base_model import ensure_base_model
 
-        check_base_model(name)
-        built = ensure_base_model(RECIPES[name.removeprefix(OFFLINE_PREFIX)], store=store, cache_dir=cache_dir, log=log)
+        built = ensure_base_model(recipe, store=store, cache_dir=cache_dir, log=log)
         return ResolvedModel(name, str(built.path), built.ref.sha256)
     if Path(name).is_dir():
         config = Path(name) / "config.json"
@@ -64,9 +69,8 @@ def resolve_base_model(name: str, *, store: ArtifactStore, cache_dir: Path, log:
 
 def stored_base_uri(name: str, store: ArtifactStore) -> str | None:
     """The artifact-store URI of an offline base model, for deployments that fetch it from there; else None."""
-    if not name.startswith(OFFLINE_PREFIX) or name.removeprefix(OFFLINE_PREFIX) not in offline_recipes():
+    try:
+        recipe = _offline_recipe(name)
+    except BaseModelError:
         return None
-    from offline.base_model import RECIPES
-
-    key = RECIPES[name.removeprefix(OFFLINE_PREFIX)].key
-    return store.ref(key).uri if store.exists(key) else None
+    return store.ref(recipe.key).uri if recipe and store.exists(recipe.key) else None
