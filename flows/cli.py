@@ -371,15 +371,15 @@ def serve(
 
     settings = load_settings()
     if not deploy_aliases:
-        import uvicorn
-
         from serving.app import create_app
+        from serving.server import serve_forever
         from serving.upstream import VllmUpstream
 
         if settings.vllm_url == "local":
             raise SettingsError("TUNESHIP_VLLM_URL: --no-deploy serves an existing vLLM server; give its URL")
         app_ = create_app(gateway_config(settings), VllmUpstream(settings.vllm_url))
-        uvicorn.run(app_, host=settings.gateway_host, port=settings.gateway_port, log_level="info")
+        host, port, grace = settings.gateway_host, settings.gateway_port, settings.gateway_shutdown_grace_s
+        serve_forever(app_, host=host, port=port, grace_s=grace)
         return
     with serving_stack(settings, name, say=console.print) as stack:
         console.print(f"gateway: {stack.gateway_url}  (Ctrl-C stops it)")

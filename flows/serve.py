@@ -10,6 +10,7 @@ The champion (and the challenger, when there is one) go in through the same zero
 from __future__ import annotations
 
 import contextlib
+import secrets
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from infra.services import ManagedProcess, free_port
 from infra.settings import Settings
 from infra.vllm_server import VllmLaunch, start_vllm
 from serving.app import GatewayConfig, create_app
-from serving.server import serve_in_thread
+from serving.server import check_exposure, serve_in_thread
 from serving.upstream import VllmUpstream
 from tasks.base_model import resolve_base_model
 from tasks.config import DeployConfig
@@ -82,6 +83,9 @@ def gateway_config(settings: Settings, **overrides: object) -> GatewayConfig:
         "canary_share": settings.canary_share,
         "max_in_flight": settings.gateway_max_in_flight,
         "max_queue": settings.gateway_max_queue,
+        "local_admin": settings.gateway_local_admin,
+        "key_rate": settings.gateway_key_rate,
+        "key_burst": settings.gateway_key_burst,
     }
     return GatewayConfig(**{**values, **overrides})
 
@@ -103,11 +107,18 @@ def serving_stack(
     base = resolve_base_model(
         champion.tags.get("tuneship.base_model", ""), store=store, cache_dir=settings.cache_dir, log=say
     )
+    admin_key = settings.admin_key
+    if admin_key is None:  # /admin stays closed to others; this process deploys with a key of its own
+        admin_key = secrets.token_urlsafe(24)
+        say("admin routes: no TUNESHIP_ADMIN_KEYS, so only this process can switch aliases")
+    config = gateway_config(settings, admin_keys=_secret_list(settings.admin_keys) or [admin_key])
+    check_exposure(config, settings.gateway_host)  # before a vLLM server is started for nothing
     with local_vllm(settings, Path(base.path)) as vllm_url:
         say(f"vLLM: {vllm_url} serving {base.id}")
-        app = create_app(gateway_config(settings), VllmUpstream(vllm_url))
+        app = create_app(config, VllmUpstream(vllm_url))
         gw_port = port if port is not None else settings.gateway_port
-        with serve_in_thread(app, host=settings.gateway_host, port=gw_port) as gateway_url:
+        grace = settings.gateway_shutdown_grace_s
+        with serve_in_thread(app, host=settings.gateway_host, port=gw_port, grace_s=grace) as gateway_url:
             local_url = gateway_url.replace("0.0.0.0", "127.0.0.1")
             stack = ServingStack(vllm_url=vllm_url, gateway_url=local_url)
             for alias in aliases:
@@ -124,7 +135,7 @@ def serving_stack(
                         tracking_uri=uri,
                         vllm_url=vllm_url,
                         gateway_url=local_url,
-                        admin_key=settings.admin_key,
+                        admin_key=admin_key,
                     )
                 except DeployError as exc:
                     if alias == "champion":

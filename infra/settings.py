@@ -70,11 +70,20 @@ class Settings(BaseSettings):
     )
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
-        description="Comma-separated gateway API keys. Empty: the gateway is open.",
+        description="Comma-separated gateway API keys. Empty: the gateway is open, and may listen on loopback only.",
     )
     admin_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
-        description="Comma-separated keys for the gateway's /admin routes (alias switches). Empty: the API keys.",
+        description="Comma-separated keys for the gateway's /admin routes (alias switches). Empty: /admin is closed "
+        "(`tuneship serve` then makes a key for its own deploys).",
+    )
+    gateway_local_admin: bool = Field(
+        default=False, description="With no admin keys, open the gateway's /admin routes to loopback clients."
+    )
+    gateway_key_rate: float = Field(default=0.0, ge=0, description="Requests/s per API key (token bucket); 0: none.")
+    gateway_key_burst: int = Field(default=32, ge=1, description="Burst allowed per API key above its rate.")
+    gateway_shutdown_grace_s: float = Field(
+        default=10.0, ge=0, description="On SIGTERM/SIGINT, how long in-flight requests get before they are cut."
     )
     gateway_url: str | None = Field(
         default=None,
@@ -148,9 +157,8 @@ class Settings(BaseSettings):
 
     @property
     def admin_key(self) -> str | None:
-        """The key a deploy presents to the gateway's /admin routes: the first admin key, else the first API key."""
-        keys = self.admin_keys or self.api_keys
-        return keys[0].get_secret_value() if keys else None
+        """The key a deploy presents to the gateway's /admin routes: the first admin key."""
+        return self.admin_keys[0].get_secret_value() if self.admin_keys else None
 
     @property
     def artifact_root_is_s3(self) -> bool:

@@ -5,7 +5,8 @@ limits, backpressure and Prometheus metrics.
     uvicorn.run(app, host="127.0.0.1", port=8080)
 
 Routes stay thin (``serving/routers/``): validate, map the model alias to what vLLM serves, take a slot, forward.
-Their shared state and checks are ``serving.gateway.Gateway``, one per app.
+Their shared state and checks are ``serving.gateway.Gateway``, one per app; the request and error shapes are
+``serving.contract``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,14 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
+from serving.contract import openai_error
 from serving.gateway import Gateway, GatewayConfig, GatewayError
+from serving.middleware import BodyLimit
 from serving.routers import admin, generate, openai, ops
 from serving.upstream import Upstream
 
@@ -32,13 +38,49 @@ def create_app(config: GatewayConfig, upstream: Upstream) -> FastAPI:
         yield
         await upstream.aclose()
 
-    app = FastAPI(title="tuneship gateway", lifespan=lifespan)
+    app = FastAPI(title="tuneship gateway", version="1", lifespan=lifespan)
     app.state.gateway = gateway
     for router in (ops.router, generate.router, openai.router, admin.router):
         app.include_router(router)
-
-    @app.exception_handler(GatewayError)
-    async def refused(request: Request, exc: GatewayError) -> JSONResponse:
-        return JSONResponse({"detail": exc.message}, exc.status, headers=exc.headers)
-
+    app.add_exception_handler(GatewayError, refused)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, errors=gateway.metrics.errors)
     return app
+
+
+def _openai(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
+
+
+async def refused(request: Request, exc: GatewayError) -> JSONResponse:
+    content = openai_error(exc.status, exc.message, exc.param) if _openai(request) else {"detail": exc.message}
+    return JSONResponse(content, exc.status, headers=exc.headers)
+
+
+async def invalid(request: Request, exc: RequestValidationError) -> Response:
+    request.app.state.gateway.metrics.errors.labels(status="422").inc()
+    if not _openai(request):
+        return await request_validation_exception_handler(request, exc)
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"][1:] if _is_field(part)) or None
+    more = len(exc.errors()) - 1
+    message = f"{where or 'body'}: {first['msg']}" + (f" (and {more} more)" if more else "")
+    return JSONResponse(openai_error(422, message, where), 422)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _is_field(part: str | int) -> bool:
+    """A field name or list index in a validation error's location, not a union member's tag (``constrained-str``)."""
+    return isinstance(part, int) or (part.isidentifier() and part.islower() and part not in _TYPE_TAGS)
+
+
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    if exc.status_code == 400:  # FastAPI's answer to a body it cannot decode (not UTF-8): invalid, like bad JSON
+        request.app.state.gateway.metrics.errors.labels(status="422").inc()
+        exc = HTTPException(422, "the body is not JSON in UTF-8")
+    if not _openai(request):
+        return await http_exception_handler(request, exc)
+    return JSONResponse(openai_error(exc.status_code, str(exc.detail)), exc.status_code, headers=exc.headers)

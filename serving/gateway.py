@@ -2,9 +2,13 @@
 
 A :class:`Gateway` lives on ``app.state.gateway`` (built by :func:`serving.app.create_app`); routes reach it with
 the ``GatewayDep`` dependency. Each refusal is a :class:`GatewayError` (status, message, headers) counted in the
-metrics once, where it is raised; the app answers it as JSON. ``Gateway.slot`` is the one place that admits a
-request upstream and maps the upstream's failures: too many requests → 429, the engine's 4xx passed on, its
-5xx or no answer → 503.
+metrics once, where it is raised; the app answers it in the route's error shape (``serving.contract``).
+``Gateway.slot`` is the one place that admits a request upstream and maps the upstream's failures: too many
+requests → 429, a request the engine refuses (its 4xx) → 422, its 5xx or no answer → 503.
+
+Keys: API keys guard the generating routes, each key (or, on an open loopback gateway, each client address)
+with its own token bucket when ``key_rate`` is set; the admin routes need admin keys and are closed when none
+are configured, unless ``local_admin`` opens them to loopback clients.
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
+import math
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.metrics import GatewayMetrics
@@ -28,24 +35,64 @@ class GatewayConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty: open.")
-    admin_keys: list[str] = Field(default_factory=list, description="Keys for /admin; empty: api_keys.")
+    api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty: open (loopback only).")
+    admin_keys: list[str] = Field(default_factory=list, description="Keys for /admin; empty: /admin is closed.")
+    local_admin: bool = Field(default=False, description="with no admin keys, open /admin to loopback clients")
+    key_rate: float = Field(default=0.0, ge=0, description="requests/s per key (token bucket); 0: no limit")
+    key_burst: int = Field(default=32, ge=1, description="token bucket size per key")
     aliases: dict[str, str] = Field(default_factory=dict, description="alias (champion, challenger) → served model")
     canary_share: float = Field(default=0.0, ge=0, le=1, description="share of champion traffic sent to challenger")
-    max_prompt_chars: int = 8000
-    max_tokens_cap: int = 512
-    max_batch: int = 64
+    max_prompt_chars: int = Field(default=8000, gt=0, description="per prompt; for chat, all messages together")
+    max_tokens_cap: int = Field(default=512, gt=0)
+    default_max_tokens: int = Field(default=128, gt=0, description="when a request gives no max_tokens")
+    max_n: int = Field(default=4, ge=1, description="completions per prompt (OpenAI's n)")
+    max_batch: int = Field(default=64, gt=0, description="prompts in /generate/batch or a list prompt")
+    max_body_bytes: int = Field(default=1 << 20, gt=0, description="request body size limit (413 beyond)")
     max_in_flight: int = 64
     max_queue: int = 256
     batch_concurrency: int = 16
 
 
 class GatewayError(Exception):
-    """A request the gateway refuses or cannot serve: answered with ``status`` and ``{"detail": message}``."""
+    """A request the gateway refuses or cannot serve: answered with ``status`` in the route's error shape."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, headers: dict[str, str] | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
+        self.status, self.message, self.headers, self.param = status, message, headers, param
+
+
+class KeyBuckets:
+    """A token bucket per key: ``rate`` requests/s on average, bursts of up to ``burst``."""
+
+    MAX_KEYS = 100_000  # an open gateway keys by client address; forget idle ones beyond this
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.buckets: dict[str, tuple[float, float]] = {}  # key → (tokens, when)
+
+    def take(self, key: str) -> float:
+        """Take a token; returns 0, or the seconds until one is there (nothing taken)."""
+        now = time.monotonic()
+        tokens, when = self.buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - when) * self.rate)
+        if tokens < 1:
+            self.buckets[key] = (tokens, now)
+            return (1 - tokens) / self.rate
+        if len(self.buckets) >= self.MAX_KEYS and key not in self.buckets:
+            self.buckets.clear()
+        self.buckets[key] = (tokens - 1, now)
+        return 0.0
+
+
+def is_loopback(host: str | None) -> bool:
+    if host in ("localhost", "testclient"):
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
 
 
 class Limiter:
@@ -96,34 +143,66 @@ class Gateway:
         self.limiter = Limiter(config.max_in_flight, config.max_queue, self.metrics)
         self.routes = RouteTable(config.aliases, canary_share=config.canary_share)
         self.metrics.track_routes(self.routes)
+        self.buckets = KeyBuckets(config.key_rate, config.key_burst) if config.key_rate else None
 
-    def refuse(self, status: int, message: str, headers: dict[str, str] | None = None) -> GatewayError:
+    def refuse(
+        self, status: int, message: str, headers: dict[str, str] | None = None, *, param: str | None = None
+    ) -> GatewayError:
         """Count a refusal and return it, to raise."""
         self.metrics.errors.labels(status=str(status)).inc()
-        return GatewayError(status, message, headers)
+        return GatewayError(status, message, headers, param)
 
     def overloaded(self) -> GatewayError:
         return self.refuse(429, "overloaded: too many requests in flight", {"Retry-After": "1"})
 
     def upstream_failed(self, exc: UpstreamError) -> GatewayError:
-        return self.refuse(exc.status if exc.status < 500 else 503, str(exc))
+        if exc.status < 500:
+            return self.refuse(422, f"the engine refused the request: {exc}")
+        return self.refuse(503, str(exc))
+
+    @staticmethod
+    def bearer(request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        return header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
 
     def check_key(self, request: Request, keys: list[str]) -> None:
-        if not keys:
-            return
-        header = request.headers.get("authorization", "")
-        token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        token = self.bearer(request).encode()
         # Compare against every key, in constant time, so timing tells nothing about which prefix matched.
-        if not any([hmac.compare_digest(token.encode(), key.encode()) for key in keys]):  # noqa: C419
-            self.metrics.errors.labels(status="401").inc()
-            raise HTTPException(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        if not any([hmac.compare_digest(token, key.encode()) for key in keys]):  # noqa: C419
+            raise self.refuse(401, "missing or invalid API key", {"WWW-Authenticate": "Bearer"})
 
-    def check_limits(self, prompt: str, max_tokens: int) -> None:
-        if len(prompt) > self.config.max_prompt_chars:
-            limit = self.config.max_prompt_chars
-            raise self.refuse(422, f"prompt is {len(prompt)} characters; the limit is {limit}")
-        if max_tokens > self.config.max_tokens_cap:
-            raise self.refuse(422, f"max_tokens {max_tokens} is over the cap of {self.config.max_tokens_cap}")
+    def check_rate(self, request: Request) -> None:
+        if self.buckets is None:
+            return
+        key = self.bearer(request) if self.config.api_keys else (request.client.host if request.client else "-")
+        if wait := self.buckets.take(key):
+            message = f"over this key's rate of {self.config.key_rate:g} requests/s"
+            raise self.refuse(429, message, {"Retry-After": str(math.ceil(wait))})
+
+    def check_admin(self, request: Request) -> None:
+        if self.config.admin_keys:
+            self.check_key(request, self.config.admin_keys)
+        elif not (self.config.local_admin and is_loopback(request.client.host if request.client else None)):
+            raise self.refuse(403, "admin routes are closed: no admin keys are configured (TUNESHIP_ADMIN_KEYS)")
+
+    def check_prompts(self, prompts: list[str], *, param: str = "prompt") -> None:
+        limit = self.config.max_prompt_chars
+        if len(prompts) > self.config.max_batch:
+            raise self.refuse(422, f"{len(prompts)} prompts; the limit is {self.config.max_batch}", param=param)
+        for prompt in prompts:
+            if len(prompt) > limit:
+                raise self.refuse(422, f"prompt is {len(prompt)} characters; the limit is {limit}", param=param)
+
+    def max_tokens(self, asked: int | None, *, n: int = 1) -> int:
+        """The request's ``max_tokens`` (the configured default when absent), refused over the caps."""
+        if n > self.config.max_n:
+            raise self.refuse(422, f"n {n} is over the cap of {self.config.max_n}", param="n")
+        if asked is None:
+            return min(self.config.default_max_tokens, self.config.max_tokens_cap)
+        if asked > self.config.max_tokens_cap:
+            cap = self.config.max_tokens_cap
+            raise self.refuse(422, f"max_tokens {asked} is over the cap of {cap}", param="max_tokens")
+        return asked
 
     async def upstream_models(self) -> set[str]:
         try:
@@ -139,7 +218,8 @@ class Gateway:
         known = await self.upstream_models()
         if name in known:
             return name
-        raise self.refuse(422, f"unknown model {name!r}: use one of {sorted(set(self.routes.aliases) | known)}")
+        choices = sorted(set(self.routes.aliases) | known)
+        raise self.refuse(422, f"unknown model {name[:256]!r}: use one of {choices}", param="model")
 
     def admit(self) -> None:
         """Refuse a stream before it starts when the queue is full, so the client gets a 429, not an SSE error."""
@@ -159,16 +239,19 @@ class Gateway:
                 raise self.upstream_failed(exc) from None
 
 
-def get_gateway(request: Request) -> Gateway:
+# Dependencies are coroutines: FastAPI runs a plain function in a worker thread, per request.
+async def get_gateway(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
-def require_api_key(request: Request, gateway: GatewayDep) -> None:
-    gateway.check_key(request, gateway.config.api_keys)
+async def require_api_key(request: Request, gateway: GatewayDep) -> None:
+    if gateway.config.api_keys:
+        gateway.check_key(request, gateway.config.api_keys)
+    gateway.check_rate(request)
 
 
-def require_admin_key(request: Request, gateway: GatewayDep) -> None:
-    gateway.check_key(request, gateway.config.admin_keys or gateway.config.api_keys)
+async def require_admin_key(request: Request, gateway: GatewayDep) -> None:
+    gateway.check_admin(request)

@@ -1,4 +1,10 @@
-"""Running the gateway app: in the foreground (``tuneship serve``) or in a background thread (demo, tests)."""
+"""Running the gateway app: in the foreground (``tuneship serve --no-deploy``) or on a background thread (demo,
+tests, ``tuneship serve``).
+
+Both refuse to listen beyond loopback without API keys, and both stop gracefully: no new connections, in-flight
+requests and streams get ``grace_s`` seconds to finish, then are cut. uvicorn picks uvloop and httptools (both
+pinned) for its event loop and HTTP parser.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,42 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from infra.errors import UserError
+from serving.gateway import GatewayConfig, is_loopback
 
-@contextlib.contextmanager
-def serve_in_thread(app: Any, *, host: str = "127.0.0.1", port: int, timeout: float = 30) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on a background thread; yield its base URL; shut it down on exit."""
+
+class ExposedGateway(UserError):
+    """A gateway asked to listen beyond loopback with no API keys."""
+
+
+def check_exposure(config: GatewayConfig, host: str) -> None:
+    """Refuse to serve an open gateway anywhere but loopback."""
+    if not is_loopback(host) and not config.api_keys:
+        raise ExposedGateway(
+            f"the gateway would listen on {host} with no API keys: set TUNESHIP_API_KEYS, "
+            "or listen on loopback (TUNESHIP_GATEWAY_HOST=127.0.0.1)"
+        )
+
+
+def _server(app: Any, host: str, port: int, grace_s: float, log_level: str) -> Any:
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    check_exposure(app.state.gateway.config, host)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s)
+    return uvicorn.Server(config)
+
+
+def serve_forever(app: Any, *, host: str, port: int, grace_s: float = 10) -> None:
+    """Serve in the foreground until SIGTERM or SIGINT (uvicorn's handlers), then shut down gracefully."""
+    _server(app, host, port, grace_s, "info").run()
+
+
+@contextlib.contextmanager
+def serve_in_thread(
+    app: Any, *, host: str = "127.0.0.1", port: int, timeout: float = 30, grace_s: float = 10
+) -> Iterator[str]:
+    """Serve ``app`` on a background thread; yield its base URL; shut it down gracefully on exit."""
+    server = _server(app, host, port, grace_s, "warning")
     thread = threading.Thread(target=server.run, name=f"gateway-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
@@ -26,4 +61,4 @@ def serve_in_thread(app: Any, *, host: str = "127.0.0.1", port: int, timeout: fl
         yield f"http://{host}:{port}"
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
+        thread.join(timeout=grace_s + 10)

@@ -7,20 +7,28 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.contract import Problem, error_responses
 from serving.gateway import GatewayDep, require_admin_key
 from serving.routes import RouteConflict
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_key)])
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_admin_key)],
+    responses={**error_responses(Problem, 401, 403, 413, 422, 503), 409: {"model": Problem}},
+)
 
 
 class RouteSwitch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    target: str = Field(min_length=1, description="a model the upstream serves (base or a loaded adapter)")
-    expect: str | None = Field(default=None, description="switch only if the alias still points here")
+    target: str = Field(min_length=1, max_length=256, description="a model the upstream serves")
+    expect: str | None = Field(default=None, max_length=256, description="switch only if the alias still points here")
 
 
 class CanaryShare(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     share: float = Field(ge=0, le=1)
 
 

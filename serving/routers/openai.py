@@ -1,79 +1,115 @@
 """The OpenAI-compatible API: ``/v1/completions``, ``/v1/chat/completions`` and ``/v1/models``, relayed to vLLM
-with the model alias resolved and answered under the alias the client asked for."""
+with the model alias resolved and answered under the alias the client asked for.
+
+The relay is lean: the engine's bytes go out as they came in (one ``bytes.replace`` puts the alias in place of
+the served model's name), never parsed and re-encoded per chunk.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
-from fastapi.sse import EventSourceResponse, format_sse_event
+from fastapi.responses import Response, StreamingResponse
 
+from serving.contract import (
+    SSE_EVENT,
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIError,
+    OpenAIObject,
+    error_responses,
+    openai_error,
+)
 from serving.gateway import Gateway, GatewayDep, GatewayError, require_api_key
+from serving.middleware import overhead_header
 from serving.upstream import UpstreamError
 
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
+router = APIRouter(
+    prefix="/v1",
+    tags=["openai"],
+    dependencies=[Depends(require_api_key)],
+    responses=error_responses(OpenAIError, 401, 413, 422, 429, 503),
+)
+GENERATED = {
+    "response_model": OpenAIObject,
+    "responses": {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}},
+}
+COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
 
 
-async def _relay(gateway: Gateway, path: str, request: Request) -> Response:
-    body = await request.json()
-    if not isinstance(body, dict) or "model" not in body:
-        raise gateway.refuse(422, "the body must be a JSON object with a 'model'")
-    alias, max_tokens = body["model"], body.get("max_tokens") or 0
-    if not isinstance(alias, str) or not isinstance(max_tokens, int):
-        raise gateway.refuse(422, "'model' must be a string and 'max_tokens' an integer")
-    gateway.check_limits("", max_tokens)
-    body = {**body, "model": await gateway.served(alias)}
+def _renaming(served: str, alias: str) -> tuple[bytes, bytes] | None:
+    """How to put the alias in place of the served name in the engine's JSON (which vLLM writes without spaces)."""
+    if served == alias:
+        return None
+    return b'"model":' + json.dumps(served).encode(), b'"model":' + json.dumps(alias).encode()
+
+
+async def _relay(
+    gateway: Gateway, request: Request, path: str, req: CompletionRequest | ChatCompletionRequest, asked: int | None
+) -> Response:
+    body = req.model_dump(exclude_none=True, exclude={"max_completion_tokens"})
+    body["max_tokens"] = gateway.max_tokens(asked, n=req.n)
+    alias = req.model
+    served = body["model"] = await gateway.served(alias)
+    rename = _renaming(served, alias)
     started = time.perf_counter()
-    if not body.get("stream"):
-        async with gateway.slot(body["model"]):
-            result = await gateway.upstream.complete(path, body)
-        tokens = (result.get("usage") or {}).get("completion_tokens", 0)
-        gateway.metrics.observe(alias, time.perf_counter() - started, None, tokens)
-        return JSONResponse({**result, "model": alias})
+    if not req.stream:
+        async with gateway.slot(served):
+            answer = await gateway.upstream.complete(path, body)
+        elapsed = time.perf_counter() - started
+        tokens = COMPLETION_TOKENS.search(answer)
+        gateway.metrics.observe(alias, elapsed, None, int(tokens.group(1)) if tokens else 0)
+        content = answer.replace(*rename) if rename else answer
+        return Response(content, media_type="application/json", headers=overhead_header(request.scope, elapsed))
     gateway.admit()
-
-    async def relay() -> AsyncIterator[bytes]:
-        first, tokens = None, 0
-        try:
-            async with gateway.slot(body["model"]):
-                async for chunk in gateway.upstream.stream(
-                    path, {k: v for k, v in body.items() if k != "stream_options"}
-                ):
-                    if chunk.get("choices"):
-                        first = first or time.perf_counter()
-                        tokens += 1
-                    yield format_sse_event(data_str=json.dumps({**chunk, "model": alias}))
-            elapsed, ttft = time.perf_counter() - started, (first or time.perf_counter()) - started
-            gateway.metrics.observe(alias, elapsed, ttft, tokens)
-        except GatewayError as exc:
-            yield format_sse_event(data_str=json.dumps({"error": {"message": exc.message, "code": exc.status}}))
-        yield format_sse_event(data_str="[DONE]")
-
-    return EventSourceResponse(relay())
+    return StreamingResponse(_stream(gateway, path, body, alias, rename, started), media_type="text/event-stream")
 
 
-@router.post("/completions")
-async def completions(request: Request, gateway: GatewayDep) -> Response:
-    return await _relay(gateway, "/v1/completions", request)
-
-
-@router.post("/chat/completions")
-async def chat_completions(request: Request, gateway: GatewayDep) -> Response:
-    return await _relay(gateway, "/v1/chat/completions", request)
-
-
-@router.get("/models")
-async def models(gateway: GatewayDep) -> dict[str, Any]:
+async def _stream(
+    gateway: Gateway, path: str, body: dict[str, Any], alias: str, rename: tuple[bytes, bytes] | None, started: float
+) -> AsyncIterator[bytes]:
+    first, chunks = None, 0
     try:
-        upstream_models = await gateway.upstream.models()
+        async with gateway.slot(body["model"]):
+            async for batch in gateway.upstream.events(path, body):
+                if first is None:
+                    first = time.perf_counter()
+                chunks += len(batch)
+                events = b"".join([b"data: " + data + b"\n\n" for data in batch])
+                yield events.replace(*rename) if rename else events
+        elapsed = time.perf_counter() - started
+        gateway.metrics.observe(alias, elapsed, (first or time.perf_counter()) - started, chunks)
+    except GatewayError as exc:  # the stream had started: OpenAI's in-stream error event
+        yield b"data: " + json.dumps(openai_error(exc.status, exc.message, exc.param)).encode() + b"\n\n"
+    yield b"data: [DONE]\n\n"
+
+
+@router.post("/completions", **GENERATED)
+async def completions(req: CompletionRequest, request: Request, gateway: GatewayDep) -> Response:
+    gateway.check_prompts([req.prompt] if isinstance(req.prompt, str) else req.prompt)
+    return await _relay(gateway, request, "/v1/completions", req, req.max_tokens)
+
+
+@router.post("/chat/completions", **GENERATED)
+async def chat_completions(req: ChatCompletionRequest, request: Request, gateway: GatewayDep) -> Response:
+    gateway.check_prompts(["".join(m.text() for m in req.messages)], param="messages")
+    return await _relay(gateway, request, "/v1/chat/completions", req, req.max_completion_tokens or req.max_tokens)
+
+
+@router.get("/models", response_model=OpenAIObject)
+async def models(gateway: GatewayDep) -> dict[str, Any]:
+    """The aliases, then every model the engine serves, once each, by name (no filesystem paths)."""
+    try:
+        served = await gateway.upstream.models()
     except UpstreamError as exc:
         raise gateway.upstream_failed(exc) from None
-    data = [
-        {"id": alias, "object": "model", "owned_by": "tuneship", "root": target}
-        for alias, target in gateway.routes.aliases.items()
-    ]
-    return {"object": "list", "data": data + upstream_models}
+    listed = {alias: target for alias, target in gateway.routes.aliases.items()}
+    for model in served:
+        listed.setdefault(model["id"], model["id"])
+    data = [{"id": name, "object": "model", "owned_by": "tuneship", "root": target} for name, target in listed.items()]
+    return {"object": "list", "data": data}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from serving.gateway import GatewayDep, GatewayError
 
@@ -15,7 +16,13 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+class Readiness(BaseModel):
+    ready: bool
+    models: list[str] = []
+    detail: str | None = None
+
+
+@router.get("/ready", response_model=Readiness, responses={503: {"model": Readiness, "description": "not ready"}})
 async def ready(gateway: GatewayDep) -> JSONResponse:
     try:
         models = await gateway.upstream_models()
@@ -27,7 +34,7 @@ async def ready(gateway: GatewayDep) -> JSONResponse:
     return JSONResponse({"ready": True, "models": sorted(models)})
 
 
-@router.get("/metrics")
+@router.get("/metrics", responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def prometheus(gateway: GatewayDep) -> Response:
     body, content_type = gateway.metrics.render()
     return Response(body, media_type=content_type)

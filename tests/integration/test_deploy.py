@@ -99,7 +99,7 @@ def versions(
 @pytest.fixture(scope="module")
 def gateway(vllm_server):
     app = create_app(
-        GatewayConfig(aliases={"base": "base"}, admin_keys=[ADMIN], max_tokens_cap=512),
+        GatewayConfig(aliases={"base": "base"}, admin_keys=[ADMIN], max_tokens_cap=512, max_n=32),
         VllmUpstream(vllm_server.base_url),
     )
     with serve_in_thread(app, port=free_port()) as url:
@@ -318,9 +318,24 @@ def _listeners(port: int) -> list[int]:
     return pids
 
 
+def _group(pgid: int) -> list[int]:
+    """Pids of the live processes in process group ``pgid``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                pids.append(int(proc.name))
+    return pids
+
+
 def test_serve_stops_its_vllm_on_sigterm(versions, tmp_path: Path) -> None:
     """`tuneship serve` with a local vLLM, stopped the way systemd, Docker and Kubernetes stop it (SIGTERM to its
-    main process only): it exits 0 and neither the gateway nor any process of its vLLM server is left."""
+    main process only) while a stream is in flight: the stream finishes within the grace period, the command exits
+    0, and no process of its vLLM server's group is left."""
     from mlflow import MlflowClient
 
     name, uri, v2 = versions["name"], versions["uri"], versions["v"][1]
@@ -334,13 +349,14 @@ def test_serve_stops_its_vllm_on_sigterm(versions, tmp_path: Path) -> None:
         "TUNESHIP_VLLM_URL": "local",
         "TUNESHIP_VLLM_PYTHON": str(REPO / ".venv-vllm" / "bin" / "python"),
         "TUNESHIP_GATEWAY_PORT": str(gateway_port),
-        "TUNESHIP_ADMIN_KEYS": ADMIN,
-    }
+        "TUNESHIP_GATEWAY_SHUTDOWN_GRACE_S": "60",
+    }  # no admin keys: `serve` deploys with a key of its own
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         cli = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "serve", name], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT
         )
+    streamed: list[str] = []
     try:
         deadline = time.monotonic() + 600
         while "(Ctrl-C stops it)" not in log.read_text():  # up: champion deployed, challenger tried
@@ -348,13 +364,33 @@ def test_serve_stops_its_vllm_on_sigterm(versions, tmp_path: Path) -> None:
             time.sleep(1)
         assert f"deployed {name} v{v2.version} as champion" in log.read_text()
         vllm_port = int(re.search(r"vLLM: http://127\.0\.0\.1:(\d+)", log.read_text()).group(1))
-        assert _listeners(vllm_port)
+        group = os.getpgid(_listeners(vllm_port)[0])
+        assert _group(group)
+        assert httpx.get(f"http://127.0.0.1:{gateway_port}/admin/routes").status_code == 401  # serve's own key
+
+        started = threading.Event()
+
+        def stream() -> None:
+            body = {"model": "champion", "prompt": "How many", "max_tokens": 48, "ignore_eos": True, "stream": True}
+            url = f"http://127.0.0.1:{gateway_port}/v1/completions"
+            with httpx.stream("POST", url, json=body, timeout=120) as response:
+                for line in response.iter_lines():
+                    started.set()
+                    if line.startswith("data: "):
+                        streamed.append(line.removeprefix("data: "))
+
+        client = threading.Thread(target=stream)
+        client.start()
+        assert started.wait(120)
         cli.send_signal(signal.SIGTERM)
-        assert cli.wait(timeout=90) == 0, log.read_text()[-3000:]
+        assert cli.wait(timeout=120) == 0, log.read_text()[-3000:]
+        client.join(10)
     finally:
         if cli.poll() is None:
             cli.kill()
-    assert _listeners(vllm_port) == [], "vLLM outlived `tuneship serve`"
+    assert streamed[-1] == "[DONE]", streamed[-3:]  # the stream ran to its end within the grace period
+    assert json.loads(streamed[-2])["choices"][0]["finish_reason"] == "length"
+    assert _group(group) == [], "processes of vLLM's group outlived `tuneship serve`"
     for port in (vllm_port, gateway_port):
         with pytest.raises(httpx.TransportError):
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)

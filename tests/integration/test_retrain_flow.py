@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -160,6 +161,29 @@ def test_a_failing_stage_names_itself_and_leaves_the_champion(first_run, flow_en
     assert get_version(MODEL, "champion", tracking_uri=flow_env["TUNESHIP_MLFLOW_TRACKING_URI"]).version == champion
 
 
+def _forward(port: int, target_url: str, stop: threading.Event) -> None:
+    """Relay TCP connections from 127.0.0.1:``port`` to the server at ``target_url`` until ``stop``."""
+    target = ("127.0.0.1", int(target_url.rsplit(":", 1)[1]))
+
+    def pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    with socket.create_server(("127.0.0.1", port)) as listener:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            upstream = socket.create_connection(target)
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=pump, args=(source, sink), daemon=True).start()
+
+
 def test_a_transient_s3_outage_is_retried_and_the_flow_completes(
     first_run, flow_env, demo_task: Path, tmp_path: Path
 ) -> None:
@@ -169,11 +193,13 @@ def test_a_transient_s3_outage_is_retried_and_the_flow_completes(
     port = free_port()
     bucket = f"late-{uuid.uuid4().hex[:8]}"
     servers = []
+    stop = threading.Event()
 
     def come_up_late() -> None:
         time.sleep(15)
-        servers.append(start_s3(tmp_path, port=port))
-        servers[0].create_bucket(bucket)
+        servers.append(start_s3(tmp_path))  # on another port, bucket made, and only then reachable on `port`:
+        servers[0].create_bucket(bucket)  # a retry landing between start and bucket would see NoSuchBucket
+        threading.Thread(target=_forward, args=(port, servers[0].endpoint_url, stop), daemon=True).start()
 
     late = threading.Thread(target=come_up_late)
     saved = {k: os.environ[k] for k in ("TUNESHIP_S3_ENDPOINT_URL", "TUNESHIP_ARTIFACT_ROOT")}
@@ -192,6 +218,7 @@ def test_a_transient_s3_outage_is_retried_and_the_flow_completes(
     finally:
         os.environ.update(saved)
         late.join()
+        stop.set()
         for server in servers:
             server.stop()
     assert state.is_completed(), state.message

@@ -1,0 +1,107 @@
+"""A benchmark-only upstream: answers OpenAI completions (streamed or not) at a fixed token rate, at a constant
+and tiny cost, so that a gateway in front of it can be measured on its own. Never a stand-in for vLLM in tests.
+
+    python tests/benchmarks/fixed_rate_upstream.py --port 8199 --ttft-ms 10 --token-ms 5
+
+Raw asyncio HTTP/1.1 with keep-alive (no framework): each chunk is pre-built bytes; every request costs the
+same, whatever the gateway does. ``GET /v1/models`` lists ``base``; every completion yields ``max_tokens``
+tokens (64 by default) after ``ttft-ms``, one every ``token-ms``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+MODEL = "base"
+
+
+def _chunk(text: str, finish: str | None) -> bytes:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+    body = {"id": "cmpl-bench", "object": "text_completion", "created": 0, "model": MODEL, "choices": [choice]}
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+TOKEN, LAST = _chunk(" tok", None), _chunk(" tok", "length")
+DONE = b"data: [DONE]\n\n"
+MODELS = json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "bench"}]}).encode()
+
+
+def _usage(tokens: int) -> bytes:
+    usage = {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": tokens + 8}
+    body = {
+        "id": "cmpl-bench",
+        "object": "text_completion",
+        "created": 0,
+        "model": MODEL,
+        "choices": [],
+        "usage": usage,
+    }
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _completion(tokens: int) -> bytes:
+    choice = {"index": 0, "text": " tok" * tokens, "logprobs": None, "finish_reason": "length"}
+    usage = {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": tokens + 8}
+    body = {"id": "cmpl-bench", "object": "text_completion", "created": 0, "model": MODEL, "choices": [choice]}
+    return json.dumps({**body, "usage": usage}, separators=(",", ":")).encode()
+
+
+def _frame(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ttft: float, token: float) -> None:
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            method, path = lines[0].split(" ")[:2]
+            headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            if method == "GET" and path == "/v1/models":
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+                    len(MODELS), MODELS))  # fmt: skip
+                continue
+            request = json.loads(body or b"{}")
+            tokens = int(request.get("max_tokens") or 64)
+            if not request.get("stream"):
+                await asyncio.sleep(ttft + token * (tokens - 1))
+                answer = _completion(tokens)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+                    len(answer), answer))  # fmt: skip
+                continue
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            await asyncio.sleep(ttft)
+            for i in range(tokens):
+                if i:
+                    await asyncio.sleep(token)
+                writer.write(_frame(LAST if i == tokens - 1 else TOKEN))
+            if (request.get("stream_options") or {}).get("include_usage"):
+                writer.write(_frame(_usage(tokens)))
+            writer.write(_frame(DONE) + b"0\r\n\r\n")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def main(port: int, ttft_ms: float, token_ms: float) -> None:
+    server = await asyncio.start_server(
+        lambda r, w: _serve(r, w, ttft_ms / 1000, token_ms / 1000), "127.0.0.1", port, backlog=1024
+    )
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--ttft-ms", type=float, default=10.0)
+    parser.add_argument("--token-ms", type=float, default=5.0)
+    args = parser.parse_args()
+    import uvloop
+
+    uvloop.run(main(args.port, args.ttft_ms, args.token_ms))
