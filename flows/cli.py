@@ -367,17 +367,16 @@ def serve(
     """Serve the champion: a local vLLM (when TUNESHIP_VLLM_URL=local), the gateway, the adapters hot-loaded."""
     import threading
 
-    from flows.serve import gateway_config, serving_stack
+    from flows.serve import gateway_config, serving_stack, upstream
 
     settings = load_settings()
     if not deploy_aliases:
         from serving.app import create_app
         from serving.server import serve_forever
-        from serving.upstream import VllmUpstream
 
         if settings.vllm_url == "local":
             raise SettingsError("TUNESHIP_VLLM_URL: --no-deploy serves an existing vLLM server; give its URL")
-        app_ = create_app(gateway_config(settings), VllmUpstream(settings.vllm_url))
+        app_ = create_app(gateway_config(settings), upstream(settings, settings.vllm_url))
         host, port, grace = settings.gateway_host, settings.gateway_port, settings.gateway_shutdown_grace_s
         serve_forever(app_, host=host, port=port, grace_s=grace)
         return

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from flows.prefect_api import configured_api_url, launch_local_server, prefect_api
-from flows.serve import gateway_config, local_vllm
+from flows.serve import gateway_config, local_vllm, upstream
 from infra.artifacts import open_store
 from infra.registry import RegistryError, base_of, get_version
 from infra.services import free_port
@@ -34,7 +34,6 @@ from infra.settings import Settings
 from offline.demo_task import build_demo_task
 from serving.app import create_app
 from serving.server import serve_in_thread
-from serving.upstream import VllmUpstream
 from tasks.base_model import resolve_base_model
 from tasks.config import DeployConfig
 from tasks.deploy import deploy
@@ -101,7 +100,7 @@ def run_demo(
         vllm_url = stack.enter_context(local_vllm(settings, Path(base.path)))
         say(f"vLLM: {vllm_url}")
         stack.enter_context(prefect_api(settings, server=prefect, say=say))
-        app = create_app(gateway_config(settings, admin_keys=[admin_key]), VllmUpstream(vllm_url))
+        app = create_app(gateway_config(settings, admin_keys=[admin_key]), upstream(settings, vllm_url))
         with serve_in_thread(app, port=free_port()) as gw:
             say(f"gateway: {gw}")
             serving = {"TUNESHIP_VLLM_URL": vllm_url, "TUNESHIP_GATEWAY_URL": gw, "TUNESHIP_ADMIN_KEYS": admin_key}

@@ -75,6 +75,12 @@ def local_vllm(settings: Settings, base_path: Path, *, served_name: str = "base"
         yield server.base_url
 
 
+def upstream(settings: Settings, vllm_url: str) -> VllmUpstream:
+    """The gateway's client for the vLLM server at ``vllm_url`` (with its API key, when it has one)."""
+    key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
+    return VllmUpstream(vllm_url, api_key=key)
+
+
 def gateway_config(settings: Settings, **overrides: object) -> GatewayConfig:
     values = {
         "api_keys": _secret_list(settings.api_keys),
@@ -115,7 +121,7 @@ def serving_stack(
     check_exposure(config, settings.gateway_host)  # before a vLLM server is started for nothing
     with local_vllm(settings, Path(base.path)) as vllm_url:
         say(f"vLLM: {vllm_url} serving {base.id}")
-        app = create_app(config, VllmUpstream(vllm_url))
+        app = create_app(config, upstream(settings, vllm_url))
         gw_port = port if port is not None else settings.gateway_port
         grace = settings.gateway_shutdown_grace_s
         with serve_in_thread(app, host=settings.gateway_host, port=gw_port, grace_s=grace) as gateway_url:

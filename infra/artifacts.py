@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from infra.errors import UserError
 from infra.settings import Settings, SettingsError
@@ -68,12 +69,13 @@ class ArtifactRef(BaseModel):
 
     uri: str
     key: str
-    sha256: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex sha256 of the manifest (a cache directory name)")
     size: int
     created_at: datetime
 
 
 ARTIFACT_SCHEME = "artifact://"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def artifact_of(source: str, store: ArtifactStore) -> tuple[ArtifactRef, str] | None:
@@ -195,7 +197,11 @@ class LocalBackend:
         self.root_uri = self.root.as_uri()
 
     def _path(self, key: str) -> Path:
-        return self.root / key
+        """The file for ``key``; a symlink under the root may not lead out of it."""
+        path = self.root / key
+        if not path.resolve().is_relative_to(self.root):
+            raise InvalidKeyError(f"{path} leads out of the store's root {self.root} (a symlink)")
+        return path
 
     def uri(self, key: str) -> str:
         return self._path(key).as_uri()
@@ -375,6 +381,8 @@ class ArtifactStore:
         validate_key(ref.key)
         if ref.uri != self.backend.uri(ref.key):
             raise ArtifactError(f"{ref.uri} is not in this store ({self.root_uri})")
+        if not _SHA256.fullmatch(ref.sha256):  # a ref built without validation (model_construct, model_copy)
+            raise ArtifactError(f"{ref.sha256!r} is not a sha256; refusing to use it as a cache path")
         target = self.cache_dir / "artifacts" / ref.sha256
         if target.is_dir():
             return target

@@ -5,18 +5,25 @@
 
 vLLM serves the base with the adapter registered at start (``--lora-modules``) and runtime updating on, so a
 later ``tuneship deploy`` can still hot-swap into it; the gateway starts with the alias map pointing at it.
+
+Nothing reaches vLLM but the gateway: vLLM requires an API key (``VLLM_API_KEY``, from a secret the gateway
+reads too), compose does not publish its port, and a Kubernetes NetworkPolicy admits only the gateway's pods.
+Every name is checked against one pattern, every shell argument is quoted, and every value goes into YAML
+through a serializer (``tojson``: JSON is YAML), so no field can inject a command or a key.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
 
 from infra.errors import UserError
+from infra.registry import check_model_name
 
 TEMPLATES = Path(__file__).parent / "templates"
 FILES = {
@@ -25,6 +32,10 @@ FILES = {
     "modal_app.py.j2": "modal_app.py",
 }
 OFFLINE_PREFIX = "tuneship/"
+S3_URI = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,62}(/[A-Za-z0-9._=+-]+)*/?")
+IMAGE = re.compile(r"[a-z0-9][a-z0-9._/-]*(:[A-Za-z0-9._-]+)?(@sha256:[0-9a-f]{64})?")
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)?")
+GPU = re.compile(r"[A-Za-z0-9-]+(:[0-9]+)?")
 
 
 class ManifestError(UserError, ValueError):
@@ -50,6 +61,26 @@ class ManifestSpec:
     modal_gpu: str = "A10G"
 
     def __post_init__(self) -> None:
+        try:
+            for what in ("model_name", "version", "adapter_name"):
+                check_model_name(getattr(self, what), what=what)
+        except ValueError as exc:
+            raise ManifestError(str(exc)) from None
+        checks = [
+            ("vllm_image", IMAGE),
+            ("gateway_image", IMAGE),
+            ("fetch_image", IMAGE),
+            ("base_model", HUB_ID),
+            ("modal_gpu", GPU),
+        ]
+        for what, pattern in checks:
+            if not pattern.fullmatch(getattr(self, what)):
+                raise ManifestError(f"{what} {getattr(self, what)!r} does not look like a {what.replace('_', ' ')}")
+        for what in ("adapter_uri", "base_model_uri"):
+            value = getattr(self, what)
+            dots = value is not None and {".", ".."} & set(value.removeprefix("s3://").split("/"))
+            if value is not None and value.startswith("s3://") and (dots or not S3_URI.fullmatch(value)):
+                raise ManifestError(f"{what} {value!r}: not a plain s3://bucket/key URI")
         if not self.adapter_uri.startswith("s3://"):
             raise ManifestError(
                 f"adapter {self.adapter_uri}: manifests pull adapters from S3, so the artifact store must be "
@@ -72,6 +103,18 @@ class ManifestSpec:
         if self.base_model_uri:
             pulls.append((self.base_model_uri.rstrip("/") + "/", "/models/base"))
         return pulls
+
+    @property
+    def fetch_script(self) -> str:
+        """The init step's shell command, every argument quoted."""
+        return " && ".join(
+            shlex.join(["aws", "s3", "cp", "--recursive", "--only-show-errors", src, dst]) for src, dst in self.fetches
+        )
+
+    @property
+    def vllm_secret(self) -> str:
+        """The secret holding ``VLLM_API_KEY``, read by vLLM and by the gateway (as ``TUNESHIP_VLLM_API_KEY``)."""
+        return f"{self.slug}-vllm"
 
     @property
     def model_arg(self) -> str:

@@ -13,6 +13,7 @@ other caller reads and moves the registry through this module.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -28,6 +29,19 @@ T = TypeVar("T")
 # What MLflow answers for a model, version or alias that does not exist; anything else (a server down, a
 # timeout) is not the user's to fix and propagates, so the flow's retries see it.
 NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+# Registered model names (and versions, adapter names): what may appear in a URI, a shell argument or a manifest.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_model_name(name: str, *, what: str = "registered model name") -> str:
+    """Return ``name`` if it matches :data:`MODEL_NAME`; raise ValueError naming the rule otherwise."""
+    if not MODEL_NAME.fullmatch(name):
+        raise ValueError(
+            f"{what} {name!r}: use 1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
 
 
 class RegistryError(UserError, RuntimeError):

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
         default="local",
         description="'local' launches a vLLM server from the vLLM venv; otherwise the URL of a running one.",
     )
+    vllm_api_key: SecretStr | None = Field(
+        default=None,
+        description="Key the gateway presents to a vLLM server started with --api-key / VLLM_API_KEY (manifests).",
+    )
     vllm_python: Path = Field(
         default=Path(".venv-vllm/bin/python"),
         description="Python of the vLLM environment, used when vllm_url is 'local'.",

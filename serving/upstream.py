@@ -36,8 +36,11 @@ class VllmUpstream:
     chunk it costs a fraction of a pure-Python HTTP stack (``make bench``: gateway_isolated).
     """
 
-    def __init__(self, base_url: str, *, timeout: float = 300.0, max_connections: int = 256) -> None:
+    def __init__(
+        self, base_url: str, *, api_key: str | None = None, timeout: float = 300.0, max_connections: int = 256
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=5.0)
         self.max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
@@ -47,7 +50,9 @@ class VllmUpstream:
         """Made on first use, inside the event loop that serves the app."""
         if self._session is None:
             connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=self.max_connections)
-            self._session = aiohttp.ClientSession(self.base_url, connector=connector, timeout=self.timeout)
+            self._session = aiohttp.ClientSession(
+                self.base_url, connector=connector, timeout=self.timeout, headers=self.headers
+            )
         return self._session
 
     def _unreachable(self, exc: Exception, when: str = "is unreachable") -> UpstreamError:

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from infra.errors import UserError
+from infra.registry import check_model_name
 from infra.vllm_server import VLLM_LORA_RANKS
 from tasks.base_model import check_base_model
 
@@ -148,6 +149,11 @@ class PromotionRules(_Strict):
 class RegisterConfig(_Strict):
     model_name: str | None = Field(default=None, description="Registered model name; default: the run name.")
     rules: PromotionRules = Field(default_factory=PromotionRules)
+
+    @field_validator("model_name")
+    @classmethod
+    def _check_name(cls, value: str | None) -> str | None:
+        return value if value is None else check_model_name(value)
 
 
 class DeployConfig(_Strict):

@@ -11,9 +11,11 @@ import pytest
 
 from infra.artifacts import (
     MANIFEST_NAME,
+    ArtifactError,
     ArtifactExistsError,
     ArtifactIntegrityError,
     ArtifactNotFoundError,
+    ArtifactRef,
     ArtifactStore,
     InvalidKeyError,
     LocalBackend,
@@ -184,3 +186,28 @@ def test_50_mb_file_crosses_via_multipart(s3_server, s3_bucket: str, tmp_path: P
     assert etag.endswith("-7"), f"expected a 7-part multipart upload (8 MiB parts), got ETag {etag}"
     local = store.get_dir(ref)
     assert hashlib.sha256((local / "weights.safetensors").read_bytes()).digest() == hashlib.sha256(payload).digest()
+
+
+def test_a_ref_sha256_is_hex_or_refused(store: ArtifactStore, tmp_path: Path) -> None:
+    """A ref's sha256 names the cache directory: only 64 hex digits, however the ref was built."""
+    write_tree(tmp_path / "src")
+    ref = store.put_dir(tmp_path / "src", "good")
+    with pytest.raises(ValueError, match="sha256"):
+        ArtifactRef(**{**ref.model_dump(), "sha256": "../../dir"})
+    crafted = ref.model_copy(update={"sha256": "../../dir"})  # model_copy does not validate
+    with pytest.raises(ArtifactError, match="not a sha256"):
+        store.get_dir(crafted)
+
+
+def test_a_symlink_cannot_lead_out_of_a_local_store(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"not the store's")
+    store = ArtifactStore(LocalBackend(tmp_path / "root"), tmp_path / "cache")
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "link").symlink_to(outside)
+    with pytest.raises(InvalidKeyError, match="leads out of the store's root"):
+        store.backend.read_bytes("link/secret")
+    with pytest.raises(InvalidKeyError, match="leads out"):
+        store.backend.write_bytes("link/planted", b"x")
+    assert not (outside / "planted").exists()

