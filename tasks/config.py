@@ -11,6 +11,7 @@ Validation errors name the file and the dotted key, e.g.
 
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,12 +106,22 @@ class FinetuneConfig(_Strict):
     )
 
 
+BUILTIN_SCORERS = ("sql_execution", "exact_match", "regex")
+SCORER_GROUP = "tuneship.scorers"
+
+
+def registered_scorers() -> dict[str, Any]:
+    """Scorers that installed packages register (``[project.entry-points."tuneship.scorers"]``), by name."""
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=SCORER_GROUP)}
+
+
 class EvalConfig(_Strict):
     """How the evaluate stage scores a model on the test split."""
 
     scorer: str = Field(
         default="sql_execution",
-        description="sql_execution, exact_match, regex, or 'package.module:name': (prediction, reference) -> bool.",
+        description="sql_execution, exact_match, regex, or a scorer registered under the 'tuneship.scorers' entry "
+        "point group (a package's (prediction, reference) -> bool); never an import path from the run's parameters.",
     )
     database: str | None = Field(default=None, description="SQLite file the sql_execution scorer runs queries on.")
     regex: str | None = Field(default=None, description="For scorer 'regex': the prediction must match it (fullmatch).")
@@ -130,9 +141,11 @@ class EvalConfig(_Strict):
             raise ValueError("scorer 'sql_execution' needs evaluate.database (a SQLite file)")
         if self.scorer == "regex" and not self.regex:
             raise ValueError("scorer 'regex' needs evaluate.regex")
-        if self.scorer not in ("sql_execution", "exact_match", "regex") and ":" not in self.scorer:
+        if self.scorer not in BUILTIN_SCORERS and self.scorer not in registered_scorers():
+            known = sorted({*BUILTIN_SCORERS, *registered_scorers()})
             raise ValueError(
-                f"scorer {self.scorer!r}: use sql_execution, exact_match, regex or 'package.module:function'"
+                f"scorer {self.scorer!r} is not a known scorer: use one of {known}, or register yours under the "
+                f"{SCORER_GROUP!r} entry point group of an installed package"
             )
         return self
 

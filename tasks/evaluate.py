@@ -14,7 +14,6 @@ fixed-length models". Parity compares greedy outputs of PEFT/transformers and vL
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
 import re
@@ -28,7 +27,7 @@ from infra.errors import UserError
 from infra.tracking import MlflowTracker
 from infra.vllm_server import complete, load_lora_adapter, unload_lora_adapter
 from tasks.base_model import ResolvedModel
-from tasks.config import EvalConfig
+from tasks.config import EvalConfig, registered_scorers
 from tasks.generation import greedy_generate
 from tasks.preprocess import load_splits
 from tasks.refs import AdapterRef, Comparison, DatasetRef, EvalReport
@@ -89,12 +88,16 @@ def build_scorer(cfg: EvalConfig, store: ArtifactStore | None = None) -> Scorer:
     if cfg.scorer == "regex":
         pattern = re.compile(cfg.regex or "")
         return lambda prediction, reference: Score(pattern.fullmatch(prediction.strip()) is not None)
-    module_name, _, attr = cfg.scorer.partition(":")
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise EvaluateError(f"evaluate.scorer: cannot import {cfg.scorer!r}: {exc}") from None
+        fn = registered_scorers()[cfg.scorer].load()
+    except (KeyError, ImportError, AttributeError) as exc:
+        raise EvaluateError(f"evaluate.scorer: cannot load the registered scorer {cfg.scorer!r}: {exc}") from None
     return lambda prediction, reference: Score(bool(fn(prediction, reference)))
+
+
+def normalized_sql_match(prediction: str, reference: str) -> bool:
+    """Equal after :func:`normalize_sql` (registered as the ``sql_exact`` scorer in pyproject.toml)."""
+    return normalize_sql(prediction) == normalize_sql(reference)
 
 
 # --------------------------------------------------------------------------------------- statistics

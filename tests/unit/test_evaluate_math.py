@@ -85,8 +85,11 @@ def test_scorers(tmp_path: Path) -> None:
     assert exact(" SELECT 1; ", "SELECT 1;").correct and not exact("SELECT 2;", "SELECT 1;").correct
     regex = build_scorer(EvalConfig(scorer="regex", regex=r"SELECT \d+;"))
     assert regex("SELECT 42;", "ignored").correct and not regex("DROP x;", "ignored").correct
-    imported = build_scorer(EvalConfig(scorer="operator:eq"))
-    assert imported("a", "a").correct and not imported("a", "b").correct
+    registered = build_scorer(EvalConfig(scorer="sql_exact"))  # an entry point in pyproject.toml
+    assert registered("SELECT  1 ;", "SELECT 1").correct and not registered("SELECT 2", "SELECT 1").correct
+    for path in ("operator:eq", "os:system", "subprocess:getoutput"):  # run parameters cannot name code
+        with pytest.raises(ValueError, match="is not a known scorer"):
+            EvalConfig(scorer=path)
     with pytest.raises(ConfigError, match="evaluate: scorer 'sql_execution' needs evaluate.database"):
         load_run_config(None, [], name="x", base_model="m", data={"source": "s"}, evaluate={"scorer": "sql_execution"})
 
