@@ -107,11 +107,23 @@ def champion_history(mlflow_client: Any, name: str) -> list[str]:
     return json.loads(mlflow_client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
 
 
-def make_champion(mlflow_client: Any, name: str, version: str) -> None:
-    """Point ``@champion`` at ``version`` and append it to the champion history."""
+class ChampionMoved(RegistryError):
+    """The champion changed between a promotion's decision and its alias write."""
+
+
+def make_champion(mlflow_client: Any, name: str, version: str, *, expect: str | None) -> None:
+    """Point ``@champion`` at ``version`` if it still points at ``expect`` (None: no champion), then append
+    ``version`` to the champion history — after the alias, so a failed alias write leaves no history entry for
+    ``rollback`` to follow. MLflow has no atomic compare-and-set; the check runs right before the write."""
+    current = champion_version(mlflow_client, name)
+    now = str(current.version) if current is not None else None
+    if now != expect:
+        raise ChampionMoved(
+            f"{name}@champion is v{now} now, not v{expect} as when v{version} was judged: not promoting it"
+        )
     history = champion_history(mlflow_client, name)
-    retry(mlflow_client.set_registered_model_tag, name, HISTORY_TAG, json.dumps([*history, version]))
     retry(mlflow_client.set_registered_model_alias, name, CHAMPION, version)
+    retry(mlflow_client.set_registered_model_tag, name, HISTORY_TAG, json.dumps([*history, version]))
 
 
 def set_version_tags(name: str, version: str, tags: dict[str, str], *, tracking_uri: str) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from infra.artifacts import ArtifactStore
 from infra.registry import (
     CHALLENGER,
+    ChampionMoved,
     RegistryError,
     base_of,
     champion_version,
@@ -127,6 +128,7 @@ def promote(
     """Move ``champion`` to ``version`` if every rule holds; tag the version with the decision either way."""
     mlflow_client = registry_client(tracking_uri)
     champion = champion_version(mlflow_client, version.name)
+    previous = str(champion.version) if champion else None
     m = report.metrics
     rules: dict[str, RuleResult] = {}
 
@@ -176,11 +178,17 @@ def promote(
         value=f"{m['error_rate_candidate']:.4f} vs maximum {rules_cfg.max_error_rate}",
     )
     promoted = all(r.passed for r in rules.values())
+    if promoted:  # before any tag says so: the champion may have moved while this run was judging
+        try:
+            make_champion(mlflow_client, version.name, version.version, expect=previous)
+        except ChampionMoved as exc:
+            rules["champion_unchanged"] = RuleResult(passed=False, value=str(exc))
+            promoted = False
     decision = PromotionDecision(
         name=version.name,
         version=version.version,
         promoted=promoted,
-        previous_champion=str(champion.version) if champion else None,
+        previous_champion=previous,
         rules=rules,
     )
     for key, result in rules.items():
@@ -198,8 +206,6 @@ def promote(
         "tuneship.gate.decision",
         "promoted" if promoted else "refused",
     )
-    if promoted:
-        make_champion(mlflow_client, version.name, version.version)
     return decision
 
 
@@ -215,5 +221,6 @@ def promote_by_hand(name: str, version: str, *, reason: str, tracking_uri: str) 
     wait_ready(mlflow_client, name, str(target.version))
     decision = f"promoted by hand: {reason}"
     retry(mlflow_client.set_model_version_tag, name, str(target.version), "tuneship.gate.decision", decision)
-    make_champion(mlflow_client, name, str(target.version))
-    return str(current.version) if current else None
+    previous = str(current.version) if current else None
+    make_champion(mlflow_client, name, str(target.version), expect=previous)
+    return previous

@@ -247,3 +247,18 @@ def test_a_champion_on_another_base_is_kept_until_promoted_by_hand(env, history)
     with pytest.raises(RegistryError, match="already the champion"):
         promote_by_hand(env["name"], version.version, reason="again", tracking_uri=env["uri"])
     assert rollback(env["name"], tracking_uri=env["uri"]) == before
+
+
+def test_a_promotion_is_compare_and_set_and_history_follows_the_alias(env, history) -> None:
+    """A run that judged its version against an older champion cannot move the alias once another version has
+    become the champion meanwhile, and the champion history gains nothing."""
+    from infra.registry import HISTORY_TAG, ChampionMoved, make_champion
+
+    c, name = client(env["uri"]), env["name"]
+    now = c.get_model_version_by_alias(name, "champion").version
+    stale, target = [v.version for v in history["v"] if v.version != now][:2]
+    before = c.get_registered_model(name).tags[HISTORY_TAG]
+    with pytest.raises(ChampionMoved, match=f"is v{now} now, not v{stale}"):
+        make_champion(c, name, target, expect=stale)
+    assert c.get_model_version_by_alias(name, "champion").version == now
+    assert c.get_registered_model(name).tags[HISTORY_TAG] == before
