@@ -86,8 +86,9 @@ class KeyBuckets:
         return 0.0
 
 
-def is_loopback(host: str | None) -> bool:
-    if host in ("localhost", "testclient"):
+def is_loopback(host: str | None, *, names: bool = True) -> bool:
+    """A loopback address (or, with ``names``, ``localhost``: for where to listen, never for who is calling)."""
+    if names and host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host or "").is_loopback
@@ -180,9 +181,10 @@ class Gateway:
             raise self.refuse(429, message, {"Retry-After": str(math.ceil(wait))})
 
     def check_admin(self, request: Request) -> None:
+        caller = request.client.host if request.client else None
         if self.config.admin_keys:
             self.check_key(request, self.config.admin_keys)
-        elif not (self.config.local_admin and is_loopback(request.client.host if request.client else None)):
+        elif not (self.config.local_admin and is_loopback(caller, names=False)):
             raise self.refuse(403, "admin routes are closed: no admin keys are configured (TUNESHIP_ADMIN_KEYS)")
 
     def check_prompts(self, prompts: list[str], *, param: str = "prompt") -> None:
