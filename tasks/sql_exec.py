@@ -120,7 +120,7 @@ class SqlSandbox:
         if not self.db_path.is_file():
             raise FileNotFoundError(f"{self.db_path}: no such SQLite file")
         self.proc: subprocess.Popen[str] | None = None
-        self._finalizer = weakref.finalize(self, SqlSandbox._stop, [None])
+        self._finalizer: weakref.finalize | None = None  # kills the child if the sandbox is dropped unclosed
 
     def _start(self) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
@@ -129,7 +129,8 @@ class SqlSandbox:
             stdout=subprocess.PIPE,
             text=True,
         )
-        self._finalizer.detach()
+        if self._finalizer is not None:
+            self._finalizer.detach()
         self._finalizer = weakref.finalize(self, SqlSandbox._stop, [proc])
         return proc
 

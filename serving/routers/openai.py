@@ -27,7 +27,6 @@ from serving.contract import (
 )
 from serving.gateway import Gateway, GatewayDep, GatewayError, require_api_key
 from serving.middleware import overhead_header
-from serving.upstream import UpstreamError
 
 router = APIRouter(
     prefix="/v1",
@@ -104,12 +103,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, gateway
 @router.get("/models", response_model=OpenAIObject)
 async def models(gateway: GatewayDep) -> dict[str, Any]:
     """The aliases, then every model the engine serves, once each, by name (no filesystem paths)."""
-    try:
-        served = await gateway.upstream.models()
-    except UpstreamError as exc:
-        raise gateway.upstream_failed(exc) from None
-    listed = {alias: target for alias, target in gateway.routes.aliases.items()}
-    for model in served:
-        listed.setdefault(model["id"], model["id"])
+    listed = dict(gateway.routes.aliases)
+    for name in sorted(await gateway.upstream_models()):
+        listed.setdefault(name, name)
     data = [{"id": name, "object": "model", "owned_by": "tuneship", "root": target} for name, target in listed.items()]
     return {"object": "list", "data": data}

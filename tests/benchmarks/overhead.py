@@ -25,6 +25,9 @@ from typing import Any
 
 import httpx
 
+from infra.services import free_port
+from serving.loadgen import percentile
+
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 LAUNCH = """
@@ -36,14 +39,6 @@ config = GatewayConfig(aliases={"champion": "base"}, api_keys=["bench"], max_in_
 uvicorn.run(create_app(config, VllmUpstream(upstream)), host="127.0.0.1", port=int(port), loop=loop, http=http,
             log_level="warning")
 """
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -61,7 +56,7 @@ def _wait(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
 
 
 def start_upstream(ttft_ms: float, token_ms: float) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     argv = [sys.executable, str(HERE / "fixed_rate_upstream.py"), "--port", str(port)]
     proc = subprocess.Popen([*argv, "--ttft-ms", str(ttft_ms), "--token-ms", str(token_ms)])
     url = f"http://127.0.0.1:{port}"
@@ -70,7 +65,7 @@ def start_upstream(ttft_ms: float, token_ms: float) -> tuple[subprocess.Popen, s
 
 
 def launch_gateway(upstream: str, *, src: Path = REPO, loop: str = "uvloop", http: str = "httptools"):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(src)}
     proc = subprocess.Popen([sys.executable, "-c", LAUNCH, str(port), upstream, loop, http], env=env, cwd=src)
     url = f"http://127.0.0.1:{port}"
@@ -128,18 +123,13 @@ async def load(
     return samples
 
 
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
 def _summary(samples: list[dict[str, float]]) -> dict[str, float]:
     latency, ttfb = [s["latency"] for s in samples], [s["ttfb"] for s in samples]
     return {
-        "p50_ms": _pct(latency, 50) * 1000,
-        "p99_ms": _pct(latency, 99) * 1000,
-        "ttfb_p50_ms": _pct(ttfb, 50) * 1000,
-        "ttfb_p99_ms": _pct(ttfb, 99) * 1000,
+        "p50_ms": percentile(latency, 50) * 1000,
+        "p99_ms": percentile(latency, 99) * 1000,
+        "ttfb_p50_ms": percentile(ttfb, 50) * 1000,
+        "ttfb_p99_ms": percentile(ttfb, 99) * 1000,
     }
 
 
