@@ -37,6 +37,24 @@ OVERRIDES = [
 ]
 
 
+class RetryBusy(httpx.HTTPTransport):
+    """Retries the answers the Prefect server marks retryable (503 when its SQLite database is busy, 429), with
+    backoff, as Prefect's own client does; any other answer is returned as is."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(8):
+            response = super().handle_request(request)
+            if response.status_code not in (429, 503) or attempt == 7:
+                return response
+            response.close()
+            time.sleep(min(0.25 * 2**attempt, 5.0))
+        raise AssertionError("unreachable")
+
+
+def prefect_api(flow_env: dict[str, str]) -> httpx.Client:
+    return httpx.Client(base_url=flow_env["PREFECT_API_URL"], timeout=30, transport=RetryBusy())
+
+
 @pytest.fixture(scope="module")
 def gateway(vllm_server):
     app = create_app(GatewayConfig(aliases={"base": "base"}, admin_keys=[ADMIN]), VllmUpstream(vllm_server.base_url))
@@ -255,7 +273,7 @@ def test_ci_script_registers_deployments_and_a_worker_runs_a_ui_style_run(first_
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    api = httpx.Client(base_url=flow_env["PREFECT_API_URL"], timeout=30)
+    api = prefect_api(flow_env)
     deployments = {d["name"]: d for d in api.post("/deployments/filter", json={}).json()}
     assert {"retrain-scheduled", "retrain", "deploy-champion"} <= set(deployments)
     schedules = deployments["retrain-scheduled"]["schedules"]
@@ -296,7 +314,7 @@ def test_ci_script_registers_deployments_and_a_worker_runs_a_ui_style_run(first_
 def test_fine_tune_placed_on_another_work_pool_runs_there(first_run, flow_env) -> None:
     """The fine-tune runs as the finetune-stage deployment on the tuneship-gpu pool, picked up by that pool's
     own worker; its adapter ref comes back through the artifact store (after the CI script registered it)."""
-    api = httpx.Client(base_url=flow_env["PREFECT_API_URL"], timeout=30)
+    api = prefect_api(flow_env)
     if not any(d["name"] == "finetune-stage" for d in api.post("/deployments/filter", json={}).json()):
         pytest.skip("needs the deployments the CI-script test registers")
     worker = subprocess.Popen(
@@ -334,7 +352,7 @@ def test_a_worker_killed_mid_fine_tune_resumes_from_its_checkpoint_on_retry(firs
     from infra.artifacts import open_store
     from infra.settings import load_settings
 
-    api = httpx.Client(base_url=flow_env["PREFECT_API_URL"], timeout=30)
+    api = prefect_api(flow_env)
     retrain_id = next(
         (d["id"] for d in api.post("/deployments/filter", json={}).json() if d["name"] == "retrain"), None
     )
