@@ -34,7 +34,8 @@ FILES = {
 OFFLINE_PREFIX = "tuneship/"
 S3_URI = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,62}(/[A-Za-z0-9._=+-]+)*/?")
 IMAGE = re.compile(r"[a-z0-9][a-z0-9._/-]*(:[A-Za-z0-9._-]+)?(@sha256:[0-9a-f]{64})?")
-HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9._-]+)?")
+# tuneship/<recipe>, or a hub id pinned to a commit (tasks/base_model.py): org/model@<40 hex>
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+(@[0-9a-f]{40})?")
 GPU = re.compile(r"[A-Za-z0-9-]+(:[0-9]+)?")
 
 
@@ -118,13 +119,20 @@ class ManifestSpec:
 
     @property
     def model_arg(self) -> str:
-        return "/models/base" if self.base_model_uri else self.base_model
+        return "/models/base" if self.base_model_uri else self.base_model.partition("@")[0]
+
+    @property
+    def revision_args(self) -> list[str]:
+        """A hub base is served at the commit it was trained on (weights and tokenizer)."""
+        _, _, commit = self.base_model.partition("@")
+        return ["--revision", commit, "--tokenizer-revision", commit] if commit and not self.base_model_uri else []
 
     @property
     def vllm_args(self) -> list[str]:
         """Arguments of ``vllm serve`` (the templates set the command itself)."""
         return [
             self.model_arg,
+            *self.revision_args,
             "--served-model-name",
             "base",
             "--host",

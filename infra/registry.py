@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from infra.artifacts import ArtifactStore
+from infra.artifacts import ArtifactRef, ArtifactStore
 from infra.errors import UserError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -145,9 +145,28 @@ def stored_key(uri: str, store: ArtifactStore, what: str) -> str:
     return uri[len(prefix) :]
 
 
-def adapter_key(mv: Any, store: ArtifactStore) -> str:
-    """The artifact-store key of a version's adapter, from its lineage tag."""
-    return stored_key(mv.tags.get("tuneship.adapter_uri", ""), store, f"{mv.name} v{mv.version} adapter")
+# The artifacts a version names: (uri tag, sha256 tag, what). A version ships exactly the bytes it was
+# registered with — the ref comes from the uri tag and must have the sha256 its tag recorded at registration.
+ADAPTER = ("tuneship.adapter_uri", "tuneship.adapter_sha256", "adapter")
+EVAL_REPORT = ("tuneship.eval_report_uri", "tuneship.eval_report_sha256", "eval report")
+
+
+def version_artifact(mv: Any, store: ArtifactStore, which: tuple[str, str, str]) -> ArtifactRef:
+    """The ref of the artifact version ``mv`` names (``ADAPTER`` or ``EVAL_REPORT``), verified against the sha256
+    recorded when the version was registered; :class:`RegistryError` if it is missing or the bytes changed."""
+    uri_tag, sha_tag, what = which
+    label = f"{mv.name} v{mv.version} {what}"
+    key = stored_key(mv.tags.get(uri_tag, ""), store, label)
+    want = mv.tags.get(sha_tag)
+    if not want:
+        raise RegistryError(f"{label}: the version has no {sha_tag} tag, so what it ships cannot be verified")
+    ref = store.ref(key)
+    if ref.sha256 != want:
+        raise RegistryError(
+            f"{label}: {ref.uri} holds content {ref.sha256[:12]}…, but the version was registered with "
+            f"{want[:12]}… (the artifact changed after registration, or the tag points elsewhere)"
+        )
+    return ref
 
 
 def rollback(name: str, *, tracking_uri: str) -> str:

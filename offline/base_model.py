@@ -7,6 +7,7 @@ This module holds the pieces every recipe shares: train a tokenizer with ``token
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -308,16 +309,29 @@ def ensure_base_model(recipe: BaseRecipe, *, store: Any, cache_dir: Path, log: A
 
     Looked up by the recipe's digest: the artifact store, then the per-user cache (outside the checkout, so
     fresh clones on the same machine reuse it), then the repository's pinned checkpoint, and built last.
-    What lands in the cache gets there by an atomic rename and is then uploaded to the store.
+    What lands in the cache gets there by an atomic rename and is then uploaded to the store. A cached copy is
+    used only when its sha256 is the store's (or, before the store has one, the checkpoint's pin); otherwise the
+    verified store copy is used, or the cache is rebuilt.
     """
     import shutil
     import tempfile
 
+    from infra.artifacts import tree_sha256
+
     local = cache_dir.expanduser() / recipe.key
     if store.exists(recipe.key):
         ref = store.ref(recipe.key)
-        path = local if local.is_dir() else store.get_dir(ref)
-        return BaseModel(recipe, ref, path, "store")
+        if local.is_dir() and tree_sha256(local) == ref.sha256:
+            return BaseModel(recipe, ref, local, "store")
+        if local.is_dir():
+            log(f"base model cache {local} differs from {ref.uri} (sha256 {ref.sha256[:12]}): using the store's copy")
+        return BaseModel(recipe, ref, store.get_dir(ref), "store")  # get_dir verifies every file
+    pin = PINNED.get(checkpoint_path(recipe).name)
+    if local.is_dir() and pin is not None and tree_sha256(local) != pin:
+        log(f"base model cache {local} does not match its pin {pin[:12]}: discarded, restoring it")
+        aside = local.with_name(f".rejected-{local.name}-{os.getpid()}")
+        local.rename(aside)  # atomic: a concurrent reader sees the old directory or none
+        shutil.rmtree(aside, ignore_errors=True)
     source: Literal["cache", "checkpoint", "built"] = "cache"
     if not local.is_dir():
         local.parent.mkdir(parents=True, exist_ok=True)

@@ -5,10 +5,12 @@
 
 The swap, in order — any failure before step 4 unloads what it loaded and leaves the old model serving:
 
-1. fetch the version's adapter from the artifact store (through its lineage tag);
+1. fetch the version's adapter from the artifact store (through its lineage tag), refusing bytes whose
+   sha256 differs from the one the version was registered with;
 2. load it into the running vLLM server under a new name, ``<model>-v<version>`` (runtime LoRA);
-3. smoke-test it: greedy outputs on the first evaluation prompts must equal the outputs its evaluation
-   recorded (same engine, same prompts, temperature 0) — this catches a wrong base, template or adapter;
+3. smoke-test it: greedy outputs on the first evaluation prompts must equal the outputs recorded in the
+   eval report the version was registered with (same engine, same prompts, temperature 0; the report is
+   verified by its sha256 tag) — this catches a wrong base, template or adapter;
 4. switch the gateway alias to the new name in one compare-and-set call (``PUT /admin/routes/<alias>``);
 5. wait for the requests still running on the old adapter to finish, then unload it.
 
@@ -26,9 +28,9 @@ from typing import Any
 
 import httpx
 
-from infra.artifacts import ArtifactStore
+from infra.artifacts import ArtifactError, ArtifactStore
 from infra.errors import UserError
-from infra.registry import get_version, set_version_tags, stored_key
+from infra.registry import EVAL_REPORT, RegistryError, get_version, set_version_tags, version_artifact
 from infra.services import ServiceError
 from infra.vllm_server import complete, load_lora_adapter, unload_lora_adapter
 from tasks.config import DeployConfig
@@ -49,9 +51,8 @@ def _now() -> str:
 
 def smoke_examples(mv: Any, store: ArtifactStore, count: int) -> tuple[list[str], list[str], int]:
     """The first ``count`` evaluation prompts of version ``mv``, the outputs its evaluation recorded, and the
-    ``max_new_tokens`` they were generated with."""
-    key = stored_key(mv.tags.get("tuneship.eval_report_uri", ""), store, f"{mv.name} v{mv.version} eval report")
-    report = store.get_dir(key)
+    ``max_new_tokens`` they were generated with — from the report the version was registered with, verified."""
+    report = store.get_dir(version_artifact(mv, store, EVAL_REPORT))
     max_new_tokens = int(json.loads((report / "metrics.json").read_text()).get("max_new_tokens", 128))
     prompts, outputs = [], []
     with (report / "examples.jsonl").open() as fh:
@@ -113,16 +114,16 @@ def deploy(
     previous = gateway.routes()["aliases"].get(cfg.alias) if gateway else None
     serving = f"{cfg.alias} still serves {previous!r}" if gateway else "nothing was switched"
 
-    adapter = adapter_of(mv, store)
     try:
+        adapter = adapter_of(mv, store)  # the bytes the version was registered with, or an error
         load_lora_adapter(vllm_url, name, store.get_dir(adapter.artifact))
-    except ServiceError as exc:
-        raise DeployError(f"{model_name} v{number}: {exc}; {serving}") from None
+    except (RegistryError, ArtifactError, ServiceError) as exc:
+        raise DeployError(f"{model_name} v{number} not deployed: {exc}; {serving}") from None
     try:
         checked = _smoke_test(mv, store, vllm_url, name, cfg.smoke_examples)
         if gateway and previous != name:
             gateway.switch(cfg.alias, name, expect=previous)
-    except (DeployError, ServiceError) as exc:
+    except (DeployError, RegistryError, ArtifactError, ServiceError) as exc:
         if previous != name:
             unload_lora_adapter(vllm_url, name)
         raise DeployError(f"{model_name} v{number} not deployed: {exc}; {serving}") from None

@@ -17,12 +17,13 @@ import hashlib
 import json
 import math
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.artifacts import ARTIFACT_SCHEME, ArtifactStore, local_path
+from infra.artifacts import ARTIFACT_SCHEME, ArtifactStore, local_path, tree_sha256
 from infra.errors import UserError
 from infra.tracking import MlflowTracker
 from infra.vllm_server import complete, load_lora_adapter, unload_lora_adapter
@@ -307,12 +308,13 @@ def evaluate(
 
     # 4. The report: per-example JSONL, markdown summary, bar chart, metrics — in the store and in MLflow.
     settings_hash = hashlib.sha256(json.dumps(ev.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
-    key = (
-        f"evals/{adapter.sha256[:16]}-vs-{champion.sha256[:16] if champion else 'none'}-{data.fingerprint[:12]}"
+    name = (
+        f"{adapter.sha256[:16]}-vs-{champion.sha256[:16] if champion else 'none'}-{data.fingerprint[:12]}"
         f"-{settings_hash}"
     )
-    out = workdir / key.replace("/", "-")
-    out.mkdir(parents=True, exist_ok=True)
+    out = workdir / f"evals-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     with (out / "examples.jsonl").open("w") as fh:
         for i in range(n):
             row = {"index": i, "prompt": prompts[i], "reference": references[i]}
@@ -328,8 +330,10 @@ def evaluate(
     if champion:
         accuracy["champion"] = metrics["accuracy_champion"]
     _bar_chart(accuracy, comparisons, out / "accuracy.png")
-    ref = store.put_dir(out, key, overwrite=True)
-    with tracker.run(key.split("/", 1)[1], stage="evaluate", tags={"tuneship.adapter_sha256": adapter.sha256}):
+    # Content-addressed and never overwritten: a re-run that scores differently writes a new report next to
+    # the old one, so the report a registered version names stays what its gate and smoke test read.
+    ref = store.put_dir(out, f"evals/{name}-{tree_sha256(out)[:16]}")
+    with tracker.run(ref.key.split("/", 1)[1], stage="evaluate", tags={"tuneship.adapter_sha256": adapter.sha256}):
         tracker.log_params({"evaluate": ev.model_dump(mode="json"), "adapter_uri": adapter.artifact.uri})
         tracker.log_metrics(metrics)
         for name in ("summary.md", "accuracy.png", "examples.jsonl", "metrics.json", "comparisons.json"):

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.artifacts import ArtifactRef, ArtifactStore
-from infra.registry import adapter_key, champion_version, client
+from infra.registry import ADAPTER, champion_version, client, version_artifact
 
 
 class _Ref(BaseModel):
@@ -126,10 +126,11 @@ class Deployment(_Ref):
 
 
 def adapter_of(mv: Any, store: ArtifactStore) -> AdapterRef:
-    """The adapter ref of model version ``mv``, read back from the artifact store through its lineage tag."""
-    key = adapter_key(mv, store)
-    saved = json.loads((store.get_dir(key) / "tuneship_adapter.json").read_text())
-    return AdapterRef(artifact=store.ref(key), **saved)
+    """The adapter ref of model version ``mv``, read back from the artifact store through its lineage tags and
+    verified against the sha256 it was registered with."""
+    ref = version_artifact(mv, store, ADAPTER)
+    saved = json.loads((store.get_dir(ref) / "tuneship_adapter.json").read_text())
+    return AdapterRef(artifact=ref, **saved)
 
 
 def champion_adapter(name: str, *, tracking_uri: str, store: ArtifactStore) -> AdapterRef | None:

@@ -77,6 +77,7 @@ def register(
         "tuneship.adapter_sha256": adapter.sha256,
         "tuneship.adapter_uri": adapter.artifact.uri,
         "tuneship.eval_report_uri": report.artifact.uri,
+        "tuneship.eval_report_sha256": report.artifact.sha256,
         "tuneship.config_hash": config_hash(cfg),
         "tuneship.git_sha": git_sha(),
         "tuneship.flow_run_id": flow_run_id or "none",

@@ -165,3 +165,30 @@ def test_a_fresh_machine_loads_the_pinned_checkpoint(tmp_path: Path, monkeypatch
     with pytest.raises(offline_base.CheckpointError, match=rf"{corrupted}: sha256 .* does not match its pin"):
         fresh = ArtifactStore(LocalBackend(tmp_path / "other-store"), tmp_path / "other-store-cache")
         resolve_base_model("tuneship/sql-small", store=fresh, cache_dir=tmp_path / "other-cache")
+
+
+def test_a_cached_base_that_differs_from_its_sha256_is_never_used(tmp_path: Path) -> None:
+    """The per-user cache is checked against the store's sha256 (or, before the store holds the model, against
+    the checkpoint's pin): an edited cached copy is replaced by a verified one, never loaded."""
+    from infra.artifacts import ArtifactStore, LocalBackend, tree_sha256
+    from offline.base_model import PINNED, checkpoint_path
+
+    recipe = RECIPES["sql-small"]
+    pin = PINNED[checkpoint_path(recipe).name]
+    store = ArtifactStore(LocalBackend(tmp_path / "store"), tmp_path / "store-cache")
+    cache = tmp_path / "cache"
+    first = ensure_base_model(recipe, store=store, cache_dir=cache, log=lambda _: None)
+    cached = cache / recipe.key
+    assert first.path == cached and first.ref.sha256 == pin
+
+    def tamper() -> None:
+        config = cached / "config.json"
+        config.write_text(config.read_text().replace("silu", "gelu"))
+
+    tamper()
+    again = ensure_base_model(recipe, store=store, cache_dir=cache, log=lambda _: None)
+    assert again.path != cached and tree_sha256(again.path) == pin  # the store's verified copy
+
+    fresh = ArtifactStore(LocalBackend(tmp_path / "fresh-store"), tmp_path / "fresh-store-cache")
+    restored = ensure_base_model(recipe, store=fresh, cache_dir=cache, log=lambda _: None)
+    assert restored.source == "checkpoint" and restored.ref.sha256 == pin and tree_sha256(cached) == pin

@@ -5,6 +5,7 @@ disconnects mid-stream, and an overloaded gateway (a `tuneship serve` process) t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from infra.registry import get_version
+from infra.registry import get_version, set_version_tags
 from infra.services import free_port
 from infra.tracking import MlflowTracker
 from serving.app import GatewayConfig, create_app
@@ -91,9 +92,9 @@ def versions(
     rows = [json.loads(line) for line in (tampered / "examples.jsonl").read_text().splitlines()]
     rows[0]["candidate"]["output"] = "SELECT 'not what the adapter says'"
     (tampered / "examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    demo_store.put_dir(tampered, report.artifact.key, overwrite=True)
+    report = report.model_copy(update={"artifact": demo_store.put_dir(tampered, f"{report.artifact.key}-altered")})
     v3 = register(cfg, weak_adapter, report, demo_dataset, store=demo_store, tracker=tracker)
-    return {"name": name, "uri": uri, "store": demo_store, "v": [v1, v2, v3]}
+    return {"name": name, "uri": uri, "store": demo_store, "v": [v1, v2, v3], "work": work}
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +188,49 @@ def test_failed_smoke_test_leaves_the_old_model_serving(versions, vllm_server, g
     assert f"{versions['name']}-v{v3.version}" not in served_models(vllm_server.base_url)
     body = {"prompt": PROBE, "max_tokens": 8, "temperature": 0, "model": "champion", "stream": False}
     assert httpx.post(f"{gateway}/generate", json=body, timeout=60).status_code == 200
+
+
+@contextlib.contextmanager
+def retagged(versions, version: str, tags: dict[str, str]):
+    """Version ``version`` with ``tags`` changed for the duration of the block."""
+    before = get_version(versions["name"], version, tracking_uri=versions["uri"]).tags
+    set_version_tags(versions["name"], version, tags, tracking_uri=versions["uri"])
+    try:
+        yield
+    finally:
+        set_version_tags(versions["name"], version, {k: before[k] for k in tags}, tracking_uri=versions["uri"])
+
+
+def test_deploy_ships_only_the_adapter_the_version_was_registered_with(versions, vllm_server, gateway) -> None:
+    """A version whose adapter tag points at other bytes (re-pointed, or the artifact replaced at its key) is
+    refused before anything is loaded; the alias keeps serving what it served."""
+    v1, v2, _ = versions["v"]
+    ship(versions, vllm_server, gateway, v2.version)
+    before = httpx.get(f"{gateway}/admin/routes", headers={"Authorization": f"Bearer {ADMIN}"}).json()["aliases"]
+    other = get_version(versions["name"], v1.version, tracking_uri=versions["uri"]).tags["tuneship.adapter_uri"]
+    refused = r"adapter: .* but the version was registered with .*still serves"
+    with retagged(versions, v2.version, {"tuneship.adapter_uri": other}), pytest.raises(DeployError, match=refused):
+        ship(versions, vllm_server, gateway, v2.version)
+    after = httpx.get(f"{gateway}/admin/routes", headers={"Authorization": f"Bearer {ADMIN}"}).json()["aliases"]
+    assert after == before
+
+
+def test_the_smoke_test_reads_the_report_the_version_was_registered_with(versions, vllm_server, gateway) -> None:
+    """The smoke test compares against the eval report the version's sha256 tag names: a report edited after
+    registration (here a copy with one output changed, which the tag is re-pointed to) is refused as such."""
+    v1, v2, _ = versions["v"]
+    store = versions["store"]
+    tags = get_version(versions["name"], v2.version, tracking_uri=versions["uri"]).tags
+    key = tags["tuneship.eval_report_uri"].removeprefix(store.root_uri.rstrip("/") + "/")
+    edited = versions["work"] / "edited-report"
+    shutil.copytree(store.get_dir(key), edited)
+    (edited / "metrics.json").write_text((edited / "metrics.json").read_text().replace("{", '{"edited": 1,', 1))
+    moved = store.put_dir(edited, f"{key}-edited")
+    refused = r"eval report: .* but the version was registered with"
+    pointed = {"tuneship.eval_report_uri": moved.uri}
+    with retagged(versions, v2.version, pointed), pytest.raises(DeployError, match=refused):
+        ship(versions, vllm_server, gateway, v2.version)
+    assert f"{versions['name']}-v{v2.version}" in served_models(vllm_server.base_url)  # it served before: kept
 
 
 def test_admin_routes_need_the_admin_key_and_a_served_target(gateway) -> None:

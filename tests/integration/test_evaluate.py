@@ -60,6 +60,8 @@ def test_report_files(report, demo_store) -> None:
     wrong_with_error = [r for r in rows if not r["base"]["correct"] and r["base"]["error"]]
     assert wrong_with_error and "no such table" in wrong_with_error[0]["base"]["error"]
     assert "| base |" in (local / "summary.md").read_text()
+    # content-addressed: the key ends with the report's own sha256, so a re-run never replaces a report
+    assert report.artifact.key.startswith("evals/") and report.artifact.key.endswith(f"-{report.artifact.sha256[:16]}")
 
 
 def test_champion_comparison_is_paired(

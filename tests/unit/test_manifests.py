@@ -107,10 +107,12 @@ def test_modal_app_compiles_and_serves_the_same_arguments(rendered: dict[str, Pa
 
 
 def test_hub_base_models_are_served_by_id_without_a_base_download(tmp_path: Path) -> None:
-    hub = spec(base_model="meta-llama/Meta-Llama-3-8B", base_model_uri=None, gpus=0)
+    commit = "8cde5ca8380496c9a6cc7ef3a8b46a0372a1d920"
+    hub = spec(base_model=f"meta-llama/Meta-Llama-3-8B@{commit}", base_model_uri=None, gpus=0)
     files = {p.name: p for p in render_all(hub, tmp_path)}
     compose = yaml.safe_load(files["docker-compose.yaml"].read_text())
-    assert compose["services"]["vllm"]["command"][0] == "meta-llama/Meta-Llama-3-8B"
+    command = compose["services"]["vllm"]["command"]
+    assert command[:5] == ["meta-llama/Meta-Llama-3-8B", "--revision", commit, "--tokenizer-revision", commit]
     assert "deploy" not in compose["services"]["vllm"]  # no GPU requested
     assert len(hub.fetches) == 1
 

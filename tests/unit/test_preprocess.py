@@ -199,7 +199,7 @@ def test_chat_template_needs_a_tokenizer_that_has_one(base, store, tmp_path: Pat
     with pytest.raises(PreprocessError, match="data.template: 'chat' but the tokenizer"):
         run(
             write_jsonl(tmp_path / "c.jsonl", rows),
-            ResolvedModel("plain", str(plain), "x"),
+            ResolvedModel(str(plain), str(plain), "x"),
             store,
             tmp_path,
             "data.template=chat",

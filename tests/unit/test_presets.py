@@ -44,7 +44,7 @@ def architecture_dir(model_id: str, tmp_path: Path) -> Path:
             arch.vocab_size,
         )
     else:
-        spec = ARCHITECTURES[model_id]
+        spec = ARCHITECTURES[model_id.partition("@")[0]]
     model_type, hidden, intermediate, layers, heads, kv_heads, vocab = spec
     kwargs = dict(
         hidden_size=hidden,
@@ -112,3 +112,32 @@ def test_bad_preset_names_the_key(tmp_path: Path) -> None:
         load_run_config(bad, ["finetune.train.epochs=0"])
     with pytest.raises(ConfigError, match=r"finetune\.quantisation: Extra inputs are not permitted"):
         load_run_config(bad, ["finetune.quantisation=nf4"])
+
+
+def test_a_hub_base_is_pinned_and_loads_that_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unpinned hub id is refused when the config loads; a pinned one resolves to that commit's snapshot in the
+    Hugging Face cache (here filled from the offline checkpoint, as an air-gapped machine would be)."""
+    import shutil
+
+    from huggingface_hub import constants
+    from transformers import AutoConfig
+
+    from infra.artifacts import ArtifactStore, LocalBackend
+    from offline.base_model import verified_checkpoint
+    from tasks.base_model import BaseModelError, resolve_base_model
+
+    with pytest.raises(ConfigError, match=r"base_model 'meta-llama/Meta-Llama-3-8B': a hub model must be pinned"):
+        load_run_config(None, [], name="x", base_model="meta-llama/Meta-Llama-3-8B", data={"source": "s"})
+    commit, other = "ab" * 20, "cd" * 20
+    checkpoint = verified_checkpoint(RECIPES["sql-small"])
+    assert checkpoint is not None
+    snapshot = tmp_path / "hub" / "models--acme--sql-small" / "snapshots" / commit
+    shutil.copytree(checkpoint, snapshot)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    store = ArtifactStore(LocalBackend(tmp_path / "store"), tmp_path / "cache")
+    resolved = resolve_base_model(f"acme/sql-small@{commit}", store=store, cache_dir=tmp_path / "cache")
+    assert (resolved.path, resolved.revision) == (str(snapshot), commit)
+    assert AutoConfig.from_pretrained(resolved.path).num_hidden_layers == RECIPES["sql-small"].arch.num_layers
+    with pytest.raises(BaseModelError, match=rf"cannot fetch acme/sql-small at commit {other[:12]}"):
+        resolve_base_model(f"acme/sql-small@{other}", store=store, cache_dir=tmp_path / "cache")
