@@ -16,6 +16,7 @@ from typing import Any
 from prefect import flow
 from pydantic import BaseModel, Field
 
+from flows.results import PERSISTED
 from infra.costs import load_prices, serving_cost
 from infra.prompts import alpaca_prompt
 from serving.loadgen import LoadReport, LoadSpec, run_load
@@ -185,7 +186,7 @@ class BenchParams(BaseModel):
     out_dir: str = "bench-results/load"
 
 
-@flow(name="bench", log_prints=True, validate_parameters=True)
+@flow(name="bench", log_prints=True, validate_parameters=True, **PERSISTED)
 def bench_flow(params: BenchParams) -> dict[str, Any]:
     """A load test as a Prefect run (e.g. after a deploy), priced and logged to MLflow."""
     from infra.settings import load_settings

@@ -243,14 +243,13 @@ def retrain_cmd(
     needs the serving stack in TUNESHIP_VLLM_URL / TUNESHIP_GATEWAY_URL (`tuneship serve` starts one).
     """
     from flows.prefect_api import prefect_api
-    from flows.retrain import RetrainParams, retrain
+    from flows.retrain import RetrainParams, publish_config, retrain
     from tasks.config import load_run_config
 
     load_run_config(config, overrides)  # a bad config or override ends here, before any service starts
     settings = load_settings()
-    params = RetrainParams(
-        config=str(config.resolve()), overrides=overrides or [], deploy=deploy, max_eval_examples=max_eval_examples
-    )
+    named = publish_config(config, open_store(settings))  # a file outside deployments/configs/ goes to the store
+    params = RetrainParams(config=named, overrides=overrides or [], deploy=deploy, max_eval_examples=max_eval_examples)
     with prefect_api(settings, say=console.print):
         state = retrain(params, return_state=True)
     if not state.is_completed():

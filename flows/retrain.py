@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,14 +31,16 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
+from flows.results import PERSISTED
 from flows.serve import local_vllm
-from infra.artifacts import ARTIFACT_SCHEME, ArtifactStore, artifact_of, open_store
+from infra.artifacts import ARTIFACT_SCHEME, ArtifactStore, artifact_of, local_path, open_store
 from infra.costs import TrainingCost, load_prices, training_cost
 from infra.errors import TransientError, UserError
 from infra.settings import Settings, load_settings
 from infra.tracking import MlflowTracker
 from tasks.base_model import ResolvedModel, resolve_base_model
 from tasks.config import (
+    ConfigError,
     DataConfig,
     DeployConfig,
     EvalConfig,
@@ -49,6 +52,7 @@ from tasks.config import (
 from tasks.refs import AdapterRef, DatasetRef, Deployment, EvalReport, ModelVersionRef, PromotionDecision
 
 REPO = Path(__file__).resolve().parents[1]
+CONFIG_ROOT = REPO / "deployments" / "configs"
 
 
 def _transient_types() -> tuple[type[BaseException], ...]:
@@ -78,7 +82,10 @@ IO_RETRIES = {
 class RetrainParams(BaseModel):
     """What a run trains and where it ships; the Prefect UI renders this as a form."""
 
-    config: str = Field(description="Run config YAML, relative to the repository (see deployments/configs/).")
+    config: str = Field(
+        description="Run config YAML: deployments/configs/NAME.yaml in the repository, or artifact://KEY/PATH in the "
+        "artifact store (`tuneship retrain FILE` publishes any other file there)."
+    )
     overrides: list[str] = Field(default_factory=list, description="Dotted overrides, e.g. finetune.train.epochs=1.")
     deploy: bool = Field(default=True, description="Hot-swap a promoted model into the serving stack.")
     max_eval_examples: int | None = Field(default=None, gt=0, le=100_000, description="Cap on test examples.")
@@ -100,6 +107,33 @@ class RetrainSummary(BaseModel):
     metrics: dict[str, float]
     deployment: Deployment | None = None
     training_cost: TrainingCost | None = None
+
+
+def config_file(config: str, store: ArtifactStore) -> Path:
+    """The run config a run parameter names, as a local file: a YAML file under deployments/configs/ or a path in
+    the artifact store. Nothing else — a run parameter cannot make a worker read an arbitrary file."""
+    if config.startswith(ARTIFACT_SCHEME):
+        return local_path(config, store, what="run config")
+    path = (REPO / config).resolve()  # an absolute config stays as it is; symlinks are followed before the check
+    if path.suffix not in (".yaml", ".yml") or not path.is_relative_to(CONFIG_ROOT.resolve()):
+        raise ConfigError(
+            f"config {config!r}: a run reads its config from {CONFIG_ROOT.relative_to(REPO)}/ (a .yaml file) or "
+            f"from the artifact store (artifact://KEY/PATH), not from {path}"
+        )
+    return path
+
+
+def publish_config(path: Path, store: ArtifactStore) -> str:
+    """What a run parameter names for the config file ``path``: its place under deployments/configs/, or else a
+    copy put into the artifact store (content-addressed), which every worker can also read."""
+    resolved = path.resolve()
+    if resolved.is_relative_to(CONFIG_ROOT.resolve()):
+        return str(resolved.relative_to(REPO.resolve()))
+    raw = resolved.read_bytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "run.yaml").write_bytes(raw)
+        ref = store.put_dir(Path(tmp), f"configs/{hashlib.sha256(raw).hexdigest()[:16]}")
+    return f"{ARTIFACT_SCHEME}{ref.key}/run.yaml"
 
 
 def code_version() -> str:
@@ -185,6 +219,12 @@ class Services:
         self.base: ResolvedModel | None = None
 
     def vllm_url(self) -> str:
+        """The vLLM server's URL. A server this run started that no longer answers (it crashed, or was killed
+        mid-stage) is replaced, so a stage's retry does not reuse a dead URL; a configured server is the user's."""
+        if self._vllm is not None and self.settings.vllm_url == "local" and not _answers(self._vllm):
+            print(f"vLLM at {self._vllm} stopped answering: starting a new one")
+            self._stack.close()  # stops what is left of it (its process group)
+            self._stack, self._vllm = contextlib.ExitStack(), None
         if self._vllm is None:
             assert self.base is not None
             self._vllm = self._stack.enter_context(local_vllm(self.settings, Path(self.base.path)))
@@ -192,6 +232,15 @@ class Services:
 
     def close(self) -> None:
         self._stack.close()
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 # Stages. Each takes the shared services (excluded from the cache key by the key functions) and refs.
@@ -205,7 +254,7 @@ def resolve_stage(name: str, services: Services) -> ResolvedModel:
 
 # log_prints off: `datasets` fingerprints functions with dill, which disassembles them into a captured stdout
 # that Prefect's print capture would log line by line.
-@task(name="preprocess", cache_key_fn=_inputs_key, persist_result=True, log_prints=False, **IO_RETRIES)
+@task(name="preprocess", cache_key_fn=_inputs_key, persist_result=True, log_prints=False, **IO_RETRIES, **PERSISTED)
 def preprocess_stage(
     cfg: PreprocessConfig, data: DataConfig, name: str, base: ResolvedModel, services: Services
 ) -> DatasetRef:
@@ -225,6 +274,7 @@ def preprocess_stage(
     name="fine-tune",
     cache_key_fn=_inputs_key,
     persist_result=True,
+    **PERSISTED,
     retries=1,
     retry_delay_seconds=5,
     retry_condition_fn=_transient,
@@ -246,7 +296,7 @@ def finetune_stage(
     return adapter
 
 
-@task(name="evaluate", cache_key_fn=_inputs_key, persist_result=True, **IO_RETRIES)
+@task(name="evaluate", cache_key_fn=_inputs_key, persist_result=True, **IO_RETRIES, **PERSISTED)
 def evaluate_stage(
     cfg: EvalConfig,
     adapter: AdapterRef,
@@ -287,7 +337,7 @@ def evaluate_stage(
     return report
 
 
-@task(name="register", cache_key_fn=_inputs_key, persist_result=True, **IO_RETRIES)
+@task(name="register", cache_key_fn=_inputs_key, persist_result=True, **IO_RETRIES, **PERSISTED)
 def register_stage(
     cfg: RunConfig, adapter: AdapterRef, report: EvalReport, data: DatasetRef, services: Services
 ) -> tuple[ModelVersionRef, PromotionDecision]:
@@ -345,6 +395,8 @@ def deploy_stage(cfg: DeployConfig, name: str, version: str, services: Services)
             gateway_url=settings.gateway_url,
             admin_key=settings.admin_key,
         )
+        if dep.cleanup:
+            get_run_logger().warning(f"deployed {name} v{dep.version}; {dep.cleanup}")
     where = dep.gateway_url or dep.vllm_url or str(Path(cfg.manifests_dir).resolve())
     create_link_artifact(where, link_text=f"{name} v{dep.version} → {dep.adapter_name}", key="deployment")
     return dep
@@ -379,7 +431,7 @@ class FinetuneStageParams(BaseModel):
     result_key: str = Field(description="Artifact-store key the adapter ref is written to.")
 
 
-@flow(name="finetune-stage", log_prints=True, validate_parameters=True)
+@flow(name="finetune-stage", log_prints=True, validate_parameters=True, **PERSISTED)
 def finetune_stage_flow(params: FinetuneStageParams) -> AdapterRef:
     """The fine-tune stage on its own (a GPU worker): resolve the base, train (or resume), store the ref."""
     import tempfile
@@ -426,7 +478,7 @@ def record_training_cost(version: ModelVersionRef, seconds: float, settings: Set
     return cost
 
 
-@flow(name="retrain", log_prints=True, validate_parameters=True)
+@flow(name="retrain", log_prints=True, validate_parameters=True, **PERSISTED)
 def retrain(params: RetrainParams) -> RetrainSummary:
     """Preprocess → fine-tune → evaluate (base vs fine-tuned vs champion) → register + gate → deploy."""
     from tasks.refs import champion_adapter
@@ -435,9 +487,10 @@ def retrain(params: RetrainParams) -> RetrainSummary:
     overrides = list(params.overrides)
     if params.max_eval_examples:
         overrides.append(f"evaluate.max_examples={params.max_eval_examples}")
-    cfg = load_run_config(REPO / params.config if not Path(params.config).is_absolute() else params.config, overrides)
     services = Services(settings)
     try:
+        with stage("load run config"):
+            cfg = load_run_config(config_file(params.config, services.store), overrides)
         with stage("resolve base model"):
             base = resolve_stage(cfg.base_model, services)
         services.base = base
@@ -492,7 +545,7 @@ class DeployChampionParams(BaseModel):
     alias: str = Field(default="champion", description="Gateway alias to switch.")
 
 
-@flow(name="deploy-champion", log_prints=True, validate_parameters=True)
+@flow(name="deploy-champion", log_prints=True, validate_parameters=True, **PERSISTED)
 def deploy_champion(params: DeployChampionParams = DeployChampionParams()) -> Deployment | None:  # noqa: B008
     """Deploy the registry's current champion to the configured serving stack (on merge, or on a new champion)."""
     from infra.registry import get_version

@@ -62,7 +62,7 @@ class ArtifactIntegrityError(ArtifactError):
 class ArtifactRef(BaseModel):
     """A small, frozen pointer to a complete artifact directory.
 
-    ``sha256`` is the hash of the manifest, which lists every file's hash: it identifies the content.
+    ``sha256`` is the hash of the manifest's file list (every file's path, size and hash): it identifies the content.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -145,10 +145,22 @@ def _scan_dir(local: Path) -> list[FileEntry]:
     return entries
 
 
-def _manifest_bytes(entries: list[FileEntry]) -> bytes:
-    # Deterministic: the same files give the same manifest, so its sha256 identifies the content.
-    body = {"format": MANIFEST_FORMAT, "files": [e.__dict__ for e in entries]}
+def _manifest_bytes(
+    entries: list[FileEntry], objects: dict[str, str] | None = None, stale: list[str] | None = None
+) -> bytes:
+    """The manifest: every file's path, size and sha256, and — only while an overwrite is being switched in — where
+    each file's object lies (relative to the key) and which objects of the replaced version are left to delete.
+    Deterministic: the same files give the same manifest; the content's sha256 is over the files alone
+    (:func:`_content_sha256`)."""
+    body: dict[str, Any] = {"format": MANIFEST_FORMAT, "files": [e.__dict__ for e in entries]}
+    if objects:
+        body["objects"], body["stale"] = objects, sorted(stale or [])
     return json.dumps(body, indent=1, sort_keys=True).encode()
+
+
+def _content_sha256(entries: list[FileEntry]) -> str:
+    """What identifies an artifact: the sha256 of its manifest without object locations."""
+    return hashlib.sha256(_manifest_bytes(entries)).hexdigest()
 
 
 def tree_sha256(local: Path) -> str:
@@ -161,17 +173,23 @@ def file_sha256s(local: Path) -> dict[str, str]:
     return {entry.path: entry.sha256 for entry in _scan_dir(local)}
 
 
-def _parse_manifest(raw: bytes, where: str) -> list[FileEntry]:
+def _parse_manifest(raw: bytes, where: str) -> tuple[list[FileEntry], dict[str, str], list[str]]:
+    """The files a manifest lists, where each one's object lies (its path unless the manifest says otherwise), and
+    the objects a switched-in overwrite has still to delete."""
     try:
         body = json.loads(raw)
         if body.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"unknown manifest format {body.get('format')!r}")
         entries = [FileEntry(str(f["path"]), int(f["size"]), str(f["sha256"])) for f in body["files"]]
-    except (ValueError, KeyError, TypeError) as exc:
+        moved = {str(k): str(v) for k, v in body.get("objects", {}).items()}
+        stale = [str(k) for k in body.get("stale", [])]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ArtifactIntegrityError(f"{where}: unreadable manifest ({exc})") from None
     for entry in entries:
         validate_key(entry.path, what=f"path in {where}")
-    return entries
+    for obj in [*moved.values(), *stale]:
+        validate_key(obj, what=f"object in {where}")
+    return entries, {e.path: moved.get(e.path, e.path) for e in entries}, stale
 
 
 class Backend(Protocol):
@@ -313,26 +331,42 @@ class ArtifactStore:
         """Upload every file under ``local`` to ``key``, then its manifest; return the ref.
 
         Putting identical content again returns the existing ref without uploading. Different content
-        at an existing key raises :class:`ArtifactExistsError` unless ``overwrite`` is set; an overwrite
-        first removes the old manifest, so the key is never seen half-replaced.
+        at an existing key raises :class:`ArtifactExistsError` unless ``overwrite`` is set. An overwrite writes
+        the new files beside the old ones (under ``.v/<sha256>/``), then switches the manifest in one write, then
+        moves them to their plain paths: interrupted at any point, the key holds the old artifact or the new one,
+        both whole.
         """
         validate_key(key)
         entries = _scan_dir(Path(local))
         manifest = _manifest_bytes(entries)
-        digest = hashlib.sha256(manifest).hexdigest()
+        digest = _content_sha256(entries)
         manifest_key = f"{key}/{MANIFEST_NAME}"
         existing = self.backend.read_bytes(manifest_key)
         if existing is not None:
-            if hashlib.sha256(existing).hexdigest() == digest:
+            old_entries, old_objects, old_stale = _parse_manifest(existing, self.backend.uri(manifest_key))
+            same = _content_sha256(old_entries) == digest
+            if same and existing == manifest:
                 return self.ref(key)
-            if not overwrite:
+            if not same and not overwrite:
                 raise ArtifactExistsError(
                     f"{self.backend.uri(key)} already holds a different artifact; pass overwrite=True to replace it"
                 )
-            self.backend.delete(manifest_key)
+            # (same content but objects elsewhere: an overwrite of this very content was interrupted; finish it)
+            stale = ({*old_objects.values(), *old_stale}) - {e.path for e in entries}
+            if not same:
+                staged = {e.path: f".v/{digest[:16]}/{e.path}" for e in entries}
+                for entry in entries:
+                    self.backend.upload_file(Path(local) / entry.path, f"{key}/{staged[entry.path]}")
+                stale -= set(staged.values())
+                self.backend.write_bytes(manifest_key, _manifest_bytes(entries, staged, sorted(stale)))  # the switch
+                stale |= set(staged.values())
+        else:
+            stale = set()
         for entry in entries:
             self.backend.upload_file(Path(local) / entry.path, f"{key}/{entry.path}")
         self.backend.write_bytes(manifest_key, manifest)
+        for obj in sorted(stale):  # what no manifest names any more
+            self.backend.delete(f"{key}/{obj}")
         return ArtifactRef(
             uri=self.backend.uri(key),
             key=key,
@@ -353,11 +387,11 @@ class ArtifactStore:
         raw = self.backend.read_bytes(manifest_key)
         if raw is None:
             raise ArtifactNotFoundError(f"no complete artifact at {self.backend.uri(key)} (no manifest)")
-        entries = _parse_manifest(raw, self.backend.uri(manifest_key))
+        entries, _, _ = _parse_manifest(raw, self.backend.uri(manifest_key))
         return ArtifactRef(
             uri=self.backend.uri(key),
             key=key,
-            sha256=hashlib.sha256(raw).hexdigest(),
+            sha256=_content_sha256(entries),
             size=sum(e.size for e in entries),
             created_at=self.backend.modified_at(manifest_key),
         )
@@ -390,20 +424,20 @@ class ArtifactStore:
         raw = self.backend.read_bytes(manifest_key)
         if raw is None:
             raise ArtifactNotFoundError(f"no complete artifact at {ref.uri} (no manifest)")
-        if hashlib.sha256(raw).hexdigest() != ref.sha256:
+        entries, objects, _ = _parse_manifest(raw, self.backend.uri(manifest_key))
+        if _content_sha256(entries) != ref.sha256:
             raise ArtifactIntegrityError(f"{self.backend.uri(manifest_key)}: manifest changed since the ref was made")
-        entries = _parse_manifest(raw, self.backend.uri(manifest_key))
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
         try:
             for entry in entries:
                 dest = staging / entry.path
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                self.backend.download_file(f"{ref.key}/{entry.path}", dest)
+                self.backend.download_file(f"{ref.key}/{objects[entry.path]}", dest)
                 digest, size = _hash_file(dest)
                 if digest != entry.sha256 or size != entry.size:
                     raise ArtifactIntegrityError(
-                        f"{self.backend.uri(f'{ref.key}/{entry.path}')}: sha256 mismatch "
+                        f"{self.backend.uri(f'{ref.key}/{objects[entry.path]}')}: sha256 mismatch "
                         f"(manifest {entry.sha256[:12]}… {entry.size} B, downloaded {digest[:12]}… {size} B)"
                     )
             try:

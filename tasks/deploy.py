@@ -128,11 +128,19 @@ def deploy(
             unload_lora_adapter(vllm_url, name)
         raise DeployError(f"{model_name} v{number} not deployed: {exc}; {serving}") from None
 
-    # Unload the adapter the alias served before, once idle — only one a deploy loaded and no alias still uses.
+    # The alias has switched: the deploy happened. Unload the adapter it served before, once idle — only one a
+    # deploy loaded and no alias still uses. A failure here (the gateway or vLLM gone after the switch) leaves
+    # the old adapter loaded, which is reported on the deployment, not as a failed deploy.
     ours = bool(previous) and previous != name and previous.startswith(f"{model_name}-v")
-    unused = gateway is not None and ours and previous not in gateway.routes()["aliases"].values()
-    if unused and gateway.wait_drained(previous, cfg.drain_timeout_s):
-        unload_lora_adapter(vllm_url, previous)
+    cleanup = None
+    try:
+        unused = gateway is not None and ours and previous not in gateway.routes()["aliases"].values()
+        if unused and gateway.wait_drained(previous, cfg.drain_timeout_s):
+            unload_lora_adapter(vllm_url, previous)
+        elif unused:
+            cleanup = f"{previous} still had requests after {cfg.drain_timeout_s:g} s: left loaded"
+    except (DeployError, ServiceError, httpx.HTTPError) as exc:
+        cleanup = f"switched, but {previous} was not unloaded: {exc}"
     dep = Deployment(
         model_name=model_name,
         version=number,
@@ -145,6 +153,7 @@ def deploy(
         deployed_at=_now(),
         swap_s=time.perf_counter() - started,
         smoke_checked=checked,
+        cleanup=cleanup,
     )
     tags = {"tuneship.deployment": dep.model_dump_json(), "tuneship.deployed_at": dep.deployed_at}
     set_version_tags(model_name, number, tags, tracking_uri=tracking_uri)

@@ -122,6 +122,7 @@ class Deployment(_Ref):
     deployed_at: str
     swap_s: float | None = Field(default=None, description="load + smoke test + switch + drain, seconds")
     smoke_checked: int = 0
+    cleanup: str | None = Field(default=None, description="why the previous adapter is still loaded, if it is")
     manifests: list[str] = Field(default_factory=list)
 
 

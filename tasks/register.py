@@ -65,8 +65,6 @@ def register(
     ``challenger`` alias. The registry is the tracker's server."""
     import mlflow
 
-    from tasks.mlflow_model import AdapterModel
-
     if report.candidate_sha256 != adapter.sha256:
         raise RegistryError(f"the eval report is for adapter {report.candidate_sha256[:12]}, not {adapter.sha256[:12]}")
     name = cfg.model_name
@@ -85,6 +83,45 @@ def register(
     }
     mlflow_client = registry_client(tracker.tracking_uri)
     mlflow.set_registry_uri(tracker.tracking_uri)
+    # A retry after a crash (the worker, or the MLflow server, died after the version was created) finishes the
+    # version it created instead of registering the same adapter and report a second time.
+    same = (
+        f"name = '{name}' and tags.`tuneship.adapter_sha256` = '{adapter.sha256}' "
+        f"and tags.`tuneship.eval_report_sha256` = '{report.artifact.sha256}'"
+    )
+    done = [v for v in mlflow_client.search_model_versions(same) if v.status != "FAILED_REGISTRATION"]
+    if done:
+        version_id, run_id = str(min(int(v.version) for v in done)), None
+    else:
+        version_id, run_id = _log_and_register(cfg, adapter, report, store, tracker, lineage)
+    wait_ready(mlflow_client, name, version_id)
+    for key, value in report.metrics.items():
+        retry(mlflow_client.set_model_version_tag, name, version_id, f"tuneship.eval.{key}", f"{value:.6g}")
+    retry(mlflow_client.set_registered_model_alias, name, CHALLENGER, version_id)
+    return ModelVersionRef(
+        name=name,
+        version=version_id,
+        uri=f"models:/{name}/{version_id}",
+        run_id=run_id or mlflow_client.get_model_version(name, version_id).run_id,
+        adapter_sha256=adapter.sha256,
+        aliases=[CHALLENGER],
+    )
+
+
+def _log_and_register(
+    cfg: RunConfig,
+    adapter: AdapterRef,
+    report: EvalReport,
+    store: ArtifactStore,
+    tracker: MlflowTracker,
+    lineage: dict[str, str],
+) -> tuple[str, str]:
+    """Log the adapter as a pyfunc model in a register-stage run and create its model version."""
+    import mlflow
+
+    from tasks.mlflow_model import AdapterModel
+
+    name = cfg.model_name
     with tracker.run(f"{adapter.run_id}-{report.artifact.sha256[:12]}", stage="register", tags=lineage) as run_id:
         tracker.log_params(cfg.model_dump(mode="json"))
         tracker.log_metrics(report.metrics)
@@ -102,19 +139,7 @@ def register(
         )
     # register_model creates the registered model if needed (tolerating a concurrent creator) and waits for READY.
     version = retry(mlflow.register_model, logged.model_uri, name, tags=lineage)
-    version_id = str(version.version)
-    wait_ready(mlflow_client, name, version_id)
-    for key, value in report.metrics.items():
-        retry(mlflow_client.set_model_version_tag, name, version_id, f"tuneship.eval.{key}", f"{value:.6g}")
-    retry(mlflow_client.set_registered_model_alias, name, CHALLENGER, version_id)
-    return ModelVersionRef(
-        name=name,
-        version=version_id,
-        uri=f"models:/{name}/{version_id}",
-        run_id=run_id,
-        adapter_sha256=adapter.sha256,
-        aliases=[CHALLENGER],
-    )
+    return str(version.version), run_id
 
 
 def _requirements() -> list[str]:

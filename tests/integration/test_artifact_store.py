@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from infra.artifacts import (
     LocalBackend,
     S3Backend,
     make_s3_client,
+    tree_sha256,
 )
 
 
@@ -140,6 +142,29 @@ def test_interrupted_upload_is_invisible(store: ArtifactStore, tmp_path: Path) -
     ref = store.put_dir(tmp_path / "src", "partial/run")  # a retry completes it
     assert [r.key for r in store.list()] == ["partial/run"]
     assert read_tree(store.get_dir(ref)) == read_tree(tmp_path / "src")
+
+
+@pytest.mark.parametrize("fail_at", [2, 6])  # while writing the new files beside the old; after the switch
+def test_an_interrupted_overwrite_leaves_a_whole_artifact(store: ArtifactStore, tmp_path: Path, fail_at: int) -> None:
+    old = write_tree(tmp_path / "old")
+    first = store.put_dir(tmp_path / "old", "adapters/run")
+    shutil.copytree(tmp_path / "old", tmp_path / "new")
+    (tmp_path / "new" / "config.json").write_bytes(b'{"a": 2}')
+    (tmp_path / "new" / "deep" / "er" / "still" / "file.txt").unlink()
+    new = read_tree(tmp_path / "new")
+
+    broken = ArtifactStore(FailingAfter(store.backend, fail_at=fail_at), tmp_path / "other-cache")
+    with pytest.raises(ConnectionError):
+        broken.put_dir(tmp_path / "new", "adapters/run", overwrite=True)
+    now = store.ref("adapters/run")  # the key still holds a whole artifact: the old one, or the new one
+    assert now.sha256 == (first.sha256 if fail_at == 2 else tree_sha256(tmp_path / "new"))
+    reader = ArtifactStore(store.backend, tmp_path / f"reader-cache-{fail_at}")
+    assert read_tree(reader.get_dir(now)) == (old if fail_at == 2 else new)
+
+    done = store.put_dir(tmp_path / "new", "adapters/run", overwrite=True)  # the retry
+    assert read_tree(ArtifactStore(store.backend, tmp_path / "fresh-cache").get_dir(done)) == new
+    keys = {k.removeprefix("adapters/run/") for k in store.backend.iter_keys("adapters/run")}
+    assert keys == {*new, MANIFEST_NAME}  # plain paths only: no staged copy, no file the new version dropped
 
 
 def test_list_filters_by_prefix(store: ArtifactStore, tmp_path: Path) -> None:

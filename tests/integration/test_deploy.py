@@ -442,3 +442,41 @@ def test_serve_stops_its_vllm_on_sigterm(versions, tmp_path: Path) -> None:
     for port in (vllm_port, gateway_port):
         with pytest.raises(httpx.TransportError):
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_a_gateway_killed_after_the_switch_still_counts_as_deployed(versions, vllm_server, tmp_path: Path) -> None:
+    """Fault matrix, gateway × hot swap: the gateway process is SIGKILLed while the deploy waits for the old
+    adapter's requests to drain. The alias had switched, so the deploy is reported as done (a retry must not
+    switch again) with the old adapter left loaded and the reason recorded on the version."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flows.serve import start_gateway_process
+
+    v1, v2, _ = versions["v"]
+    old, new = (f"{versions['name']}-v{v.version}" for v in (v1, v2))
+    server, url = start_gateway_process(tmp_path, vllm_url=vllm_server.base_url, env={"TUNESHIP_ADMIN_KEYS": ADMIN})
+    with server:
+        ship(versions, vllm_server, url, v1.version)
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        body = {"model": "champion", "prompt": "SELECT", "max_tokens": 480, "n": 4, "ignore_eos": True, "stream": True}
+
+        def hold_old_adapter() -> None:  # a long stream on the old adapter: the deploy must wait for it
+            with contextlib.suppress(httpx.HTTPError), httpx.stream("POST", f"{url}/v1/completions", json=body) as r:
+                for _ in r.iter_lines():
+                    pass
+
+        with ThreadPoolExecutor(2) as pool:
+            pool.submit(hold_old_adapter)
+            while not httpx.get(f"{url}/admin/routes", headers=admin).json()["in_flight"].get(old):
+                time.sleep(0.05)
+            deploying = pool.submit(ship, versions, vllm_server, url, v2.version, drain_timeout_s=120)
+            while httpx.get(f"{url}/admin/routes", headers=admin).json()["aliases"].get("champion") != new:
+                assert not deploying.done(), deploying.result()
+                time.sleep(0.05)
+            server.proc.kill()  # SIGKILL: mid-drain, after the switch
+            dep = deploying.result(timeout=120)
+    assert (dep.version, dep.adapter_name, dep.previous) == (v2.version, new, old)
+    assert dep.cleanup and f"{old} was not unloaded" in dep.cleanup and "unreachable" in dep.cleanup
+    assert {old, new} <= served_models(vllm_server.base_url)  # nothing unloaded on a guess
+    recorded = get_version(versions["name"], v2.version, tracking_uri=versions["uri"]).tags["tuneship.deployment"]
+    assert json.loads(recorded)["cleanup"] == dep.cleanup

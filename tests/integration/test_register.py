@@ -174,11 +174,28 @@ def test_rollback_walks_back_and_the_alias_loads_the_older_adapter(env, history)
     assert table[v1.version]["aliases"] == ["champion"] and table[v2.version]["gate"] == "promoted"
 
 
-def test_concurrent_registrations_get_distinct_versions(env, history) -> None:
-    report = history["reports"][1]
+def report_copy(env, report, tag: str, tmp_path: Path):
+    """``report`` with one more file: another report (another sha256) for the same adapter."""
+    import shutil
+
+    copy = tmp_path / f"report-{tag}"
+    shutil.copytree(env["store"].get_dir(report.artifact), copy)
+    (copy / "note.txt").write_text(tag)
+    return report.model_copy(update={"artifact": env["store"].put_dir(copy, f"{report.artifact.key}-{tag}")})
+
+
+def test_registering_the_same_adapter_and_report_again_returns_its_version(env, history) -> None:
+    """What a retried register stage does after a crash that came after the version was created."""
+    v2, report = history["v"][1], history["reports"][1]
+    again = register(env["cfg"], env["strong"], report, env["data"], store=env["store"], tracker=env["tracker"])
+    assert again.version == v2.version and again.run_id == v2.run_id
+
+
+def test_concurrent_registrations_get_distinct_versions(env, history, tmp_path: Path) -> None:
+    reports = [report_copy(env, history["reports"][1], tag, tmp_path) for tag in ("a", "b")]
     results, errors = [], []
 
-    def go() -> None:
+    def go(report) -> None:
         try:
             results.append(
                 register(env["cfg"], env["strong"], report, env["data"], store=env["store"], tracker=env["tracker"])
@@ -186,7 +203,7 @@ def test_concurrent_registrations_get_distinct_versions(env, history) -> None:
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 
-    threads = [threading.Thread(target=go) for _ in range(2)]
+    threads = [threading.Thread(target=go, args=(report,)) for report in reports]
     for t in threads:
         t.start()
     for t in threads:

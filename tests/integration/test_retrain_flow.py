@@ -169,6 +169,27 @@ def test_rerun_with_unchanged_inputs_hits_every_cache(first_run) -> None:
     assert state.result().version == first_run[0].result().version  # nothing registered twice
 
 
+def test_persisted_results_are_json_refs_and_no_pickle(first_run, flow_env) -> None:
+    """Every result record the runs persisted (the cached stages' and the flows') names tuneship's JSON serializer;
+    none is a pickle, which whoever can write the result storage could use to run code on the next cache hit."""
+    from prefect.results import ResultRecord
+
+    records = [ResultRecord.deserialize(p.read_bytes()) for p in Path(flow_env["PREFECT_LOCAL_STORAGE_PATH"]).iterdir()]
+    assert len(records) >= 5  # preprocess, fine-tune, evaluate, register and the flow itself
+    assert {r.metadata.serializer.type for r in records} == {"tuneship-refs"}
+    kinds = {type(r.result).__name__ for r in records}
+    assert {"DatasetRef", "AdapterRef", "EvalReport", "RetrainSummary"} <= kinds, kinds
+
+
+def test_a_run_parameter_cannot_name_a_config_outside_the_configs(first_run) -> None:
+    from flows.retrain import RetrainParams, retrain
+
+    state = retrain(RetrainParams(config="deployments/configs/../../pyproject.toml"), return_state=True)
+    assert state.is_failed()
+    assert "stage 'load run config' failed: ConfigError" in state.message
+    assert "a run reads its config from deployments/configs/" in state.message
+
+
 def test_a_failing_stage_names_itself_and_leaves_the_champion(first_run, flow_env) -> None:
     from infra.registry import get_version
 
@@ -177,6 +198,239 @@ def test_a_failing_stage_names_itself_and_leaves_the_champion(first_run, flow_en
     assert state.is_failed()
     assert "stage 'fine-tune' failed: FinetuneError" in state.message
     assert get_version(MODEL, "champion", tracking_uri=flow_env["TUNESHIP_MLFLOW_TRACKING_URI"]).version == champion
+
+
+def test_a_vllm_killed_mid_evaluate_is_replaced_on_retry(first_run, flow_env, vllm_server) -> None:
+    """Fault matrix, vLLM × evaluate: the run starts its own vLLM (TUNESHIP_VLLM_URL=local); once the candidate
+    adapter is loaded in it, its process group is SIGKILLed. The evaluate stage's retry starts a new server instead
+    of reusing the dead URL, the run completes, and no process of either server is left."""
+    import signal
+
+    import psutil
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    shared = int(vllm_server.base_url.rsplit(":", 1)[1])
+    services_dir = str(Path(flow_env["TUNESHIP_HOME"]) / "services")
+
+    def own_servers() -> list[psutil.Process]:  # the API servers this run started (not the shared one)
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            argv = proc.info["cmdline"] or []
+            if "vllm.entrypoints.openai.api_server" in argv and str(shared) not in argv:
+                with contextlib.suppress(psutil.Error):
+                    if any(f.path.startswith(services_dir) for f in proc.open_files()):  # its log file
+                        found.append(proc)
+        return found
+
+    killed: list[int] = []
+
+    def kill_once_the_candidate_is_loaded() -> None:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and not killed:
+            for proc in own_servers():
+                port = proc.info["cmdline"][proc.info["cmdline"].index("--port") + 1]
+                with contextlib.suppress(httpx.HTTPError):
+                    models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()["data"]
+                    if len(models) > 1:  # base + the candidate: evaluate is under way
+                        group = os.getpgid(proc.pid)
+                        killed.extend(p.pid for p in psutil.process_iter() if _pgid(p.pid) == group)
+                        os.killpg(group, signal.SIGKILL)
+                        return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_once_the_candidate_is_loaded, daemon=True)
+    os.environ["TUNESHIP_VLLM_URL"] = "local"
+    try:
+        watcher.start()
+        overrides = [*OVERRIDES, f"registry.model_name={MODEL}-vllm-kill", "evaluate.parity_sample=7"]
+        state, seconds = run_flow(overrides=overrides, deploy=False)
+    finally:
+        os.environ["TUNESHIP_VLLM_URL"] = flow_env["TUNESHIP_VLLM_URL"]
+        watcher.join(timeout=5)
+    assert killed, "the run's vLLM was never seen serving the candidate"
+    assert state.is_completed(), state.message
+    with get_client(sync_client=True) as client:
+        flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        runs = {r.name.rsplit("-", 1)[0]: r for r in client.read_task_runs(flow_run_filter=flow_runs)}
+    print(f"\nvLLM killed mid-evaluate: run completed in {seconds:.0f} s, evaluate ran {runs['evaluate'].run_count}×")
+    assert runs["evaluate"].run_count >= 2
+    assert not [pid for pid in killed if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert not own_servers(), "the replacement vLLM outlived the run"
+
+
+def test_an_mlflow_server_killed_mid_register_leaves_one_complete_version(
+    first_run, flow_env, s3_server, tmp_path: Path
+) -> None:
+    """Fault matrix, MLflow × register: the run's MLflow server is SIGKILLed (its whole process group) once the
+    register stage has opened its MLflow run, and brought back on the same port and database. The run completes;
+    the model has one version, READY, with its aliases — no half-registered duplicate."""
+    import signal
+
+    import psutil
+    from mlflow import MlflowClient
+
+    from infra.services import free_port, start_mlflow
+
+    bucket, port, name = f"mlflow-kill-{uuid.uuid4().hex[:6]}", free_port(), f"{MODEL}-mlflow-kill"
+    workdir = tmp_path / "mlflow"
+    server = start_mlflow(workdir, s3=s3_server, bucket=bucket, port=port)
+    killed: list[int] = []
+    restarted: list = []
+
+    def kill_mid_register() -> None:
+        client = MlflowClient(tracking_uri=server.tracking_uri)
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                experiment = client.get_experiment_by_name("tuneship")
+                found = experiment and client.search_runs(
+                    [experiment.experiment_id], filter_string="tags.`tuneship.stage` = 'register'"
+                )
+                if found:
+                    group = os.getpgid(server.proc.pid)
+                    killed.extend(p.pid for p in psutil.process_iter() if _pgid(p.pid) == group)
+                    os.killpg(group, signal.SIGKILL)
+                    restarted.append(start_mlflow(workdir, s3=s3_server, bucket=bucket, port=port))
+                    return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_mid_register, daemon=True)
+    os.environ["TUNESHIP_MLFLOW_TRACKING_URI"] = server.tracking_uri
+    try:
+        watcher.start()
+        state, seconds = run_flow(overrides=[*OVERRIDES, f"registry.model_name={name}"], deploy=False)
+        watcher.join(timeout=120)
+        assert killed and restarted, "the MLflow server was never killed mid-register"
+        assert state.is_completed(), state.message
+        client = MlflowClient(tracking_uri=server.tracking_uri, registry_uri=server.tracking_uri)
+        versions = client.search_model_versions(f"name = '{name}'")
+        print(
+            f"\nMLflow killed mid-register: run completed in {seconds:.0f} s; versions: {[v.version for v in versions]}"
+        )
+        assert [v.status for v in versions] == ["READY"]
+        assert versions[0].version == state.result().version
+        assert client.get_model_version_by_alias(name, "challenger").version == versions[0].version
+        assert not [pid for pid in killed if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    finally:
+        os.environ["TUNESHIP_MLFLOW_TRACKING_URI"] = flow_env["TUNESHIP_MLFLOW_TRACKING_URI"]
+        for running in [*restarted, server]:
+            running.stop()
+
+
+class Relay:
+    """A TCP relay in front of a server, paced to ``bytes_per_s`` so an upload of a few MB takes seconds, that can
+    be cut (every open connection reset, new ones refused: the endpoint is gone) and restored on the same port."""
+
+    def __init__(self, target_url: str, bytes_per_s: float = 2e6) -> None:
+        self.target = ("127.0.0.1", int(target_url.rsplit(":", 1)[1]))
+        self.port, self.rate = free_port(), bytes_per_s
+        self.open: set[socket.socket] = set()
+        self.listener: socket.socket | None = None
+        self.lock = threading.Lock()
+        self.restore()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+                time.sleep(len(data) / self.rate)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def _accept(self, listener: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = listener.accept()
+                upstream = socket.create_connection(self.target)
+                with self.lock:
+                    self.open |= {client, upstream}
+                for source, sink in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def cut(self) -> None:
+        with self.lock:
+            if self.listener is not None:
+                self.listener.close()
+                self.listener = None
+            for sock in self.open:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    sock.close()  # SO_LINGER 0: a reset, as when the server process dies
+            self.open.clear()
+
+    def restore(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+
+def test_an_s3_endpoint_gone_mid_upload_hides_the_partial_adapter_and_the_run_completes(
+    first_run, flow_env, s3_server, demo_task: Path
+) -> None:
+    """Fault matrix, S3 × upload: the artifact store's endpoint goes away (connections reset, new ones refused)
+    while the fine-tune uploads its adapter — some files written, no manifest yet — and is back 3 s later. The
+    partial directory is never visible as an artifact; the stage's retry uploads it again and the run completes.
+    (A relay stands for the endpoint: moto keeps its objects in memory, so a killed moto would come back empty.)"""
+    import boto3
+
+    from infra.artifacts import ArtifactStore, S3Backend, make_s3_client
+
+    bucket = f"cut-{uuid.uuid4().hex[:8]}"
+    s3_server.create_bucket(bucket)
+    relay = Relay(s3_server.endpoint_url)
+    direct = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1")
+    seen_partial: list[list[str]] = []
+
+    def cut_mid_adapter_upload() -> None:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            listed = direct.list_objects_v2(Bucket=bucket, Prefix="tuneship/adapters/").get("Contents", [])
+            keys = [o["Key"] for o in listed]
+            if keys and not any(k.endswith("/_manifest.json") for k in keys):
+                relay.cut()
+                seen_partial.append(keys)
+                time.sleep(3)
+                relay.restore()
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=cut_mid_adapter_upload, daemon=True)
+    saved = {k: os.environ[k] for k in ("TUNESHIP_S3_ENDPOINT_URL", "TUNESHIP_ARTIFACT_ROOT")}
+    os.environ.update({"TUNESHIP_S3_ENDPOINT_URL": relay.url, "TUNESHIP_ARTIFACT_ROOT": f"s3://{bucket}/tuneship"})
+    try:
+        watcher.start()
+        local = [
+            f"data.source={demo_task / 'train.jsonl'}",
+            f"data.test_file={demo_task / 'test.jsonl'}",
+            f"evaluate.database={demo_task / 'retail.db'}",
+        ]
+        overrides = [*OVERRIDES, *local, f"registry.model_name={MODEL}-cut", "finetune.train.max_steps=20"]
+        state, seconds = run_flow(overrides=overrides, deploy=False)
+    finally:
+        os.environ.update(saved)
+        watcher.join(timeout=10)
+        relay.cut()
+    assert seen_partial, "the endpoint was never cut while an adapter was half uploaded"
+    assert state.is_completed(), state.message
+    print(f"\nS3 cut mid-upload ({len(seen_partial[0])} adapter files, no manifest): run completed in {seconds:.0f} s")
+    store = ArtifactStore(
+        S3Backend(bucket, "tuneship", make_s3_client(s3_server.endpoint_url)),
+        Path(flow_env["TUNESHIP_HOME"]) / "verify",
+    )
+    adapters = store.list("adapters/")
+    assert [a.key for a in adapters] == [state.result().adapter.removeprefix(f"s3://{bucket}/tuneship/")]
+    assert all(store.get_dir(ref).is_dir() for ref in store.list())  # every visible artifact is whole and verified
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 def _forward(port: int, target_url: str, stop: threading.Event) -> None:
