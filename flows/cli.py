@@ -350,6 +350,7 @@ def deploy_cmd(
         vllm_url=settings.vllm_url,
         gateway_url=settings.gateway_url,
         admin_key=settings.admin_key,
+        vllm_key=settings.vllm_key,
     )
     console.print_json(dep.model_dump_json())
 

@@ -151,6 +151,7 @@ def run_demo(
                     vllm_url=vllm_url,
                     gateway_url=gw,
                     admin_key=admin_key,
+                    vllm_key=settings.vllm_key,
                 )
             model = "champion" if champion is not None else "base"
             routes = httpx.get(f"{gw}/admin/routes", headers={"Authorization": f"Bearer {admin_key}"}).json()

@@ -316,6 +316,7 @@ def evaluate_stage(
         tracker=services.tracker,
         champion=champion,
         server_url=services.vllm_url(),
+        server_key=services.settings.vllm_key,
         served_base="base",
         workdir=services.settings.home / "work",
     )
@@ -394,6 +395,7 @@ def deploy_stage(cfg: DeployConfig, name: str, version: str, services: Services)
             vllm_url=services.vllm_url(),
             gateway_url=settings.gateway_url,
             admin_key=settings.admin_key,
+            vllm_key=settings.vllm_key,
         )
         if dep.cleanup:
             get_run_logger().warning(f"deployed {name} v{dep.version}; {dep.cleanup}")

@@ -69,7 +69,9 @@ def local_vllm(settings: Settings, base_path: Path, *, served_name: str = "base"
     if settings.vllm_url != "local":
         yield settings.vllm_url
         return
-    launch = VllmLaunch(model=base_path, served_model_name=served_name, device=settings.vllm_device)
+    launch = VllmLaunch(
+        model=base_path, served_model_name=served_name, device=settings.vllm_device, api_key=settings.vllm_key
+    )
     workdir = settings.home / "services"
     with start_vllm(launch, python=settings.vllm_python, workdir=workdir, stop_with_parent=True) as server:
         yield server.base_url
@@ -77,8 +79,7 @@ def local_vllm(settings: Settings, base_path: Path, *, served_name: str = "base"
 
 def upstream(settings: Settings, vllm_url: str) -> VllmUpstream:
     """The gateway's client for the vLLM server at ``vllm_url`` (with its API key, when it has one)."""
-    key = settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None
-    return VllmUpstream(vllm_url, api_key=key)
+    return VllmUpstream(vllm_url, api_key=settings.vllm_key)
 
 
 def gateway_config(settings: Settings, **overrides: object) -> GatewayConfig:
@@ -142,6 +143,7 @@ def serving_stack(
                         vllm_url=vllm_url,
                         gateway_url=local_url,
                         admin_key=admin_key,
+                        vllm_key=settings.vllm_key,
                     )
                 except DeployError as exc:
                     if alias == "champion":

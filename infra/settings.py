@@ -62,7 +62,8 @@ class Settings(BaseSettings):
     )
     vllm_api_key: SecretStr | None = Field(
         default=None,
-        description="Key the gateway presents to a vLLM server started with --api-key / VLLM_API_KEY (manifests).",
+        description="vLLM's API key (VLLM_API_KEY): the gateway, evaluate and deploy present it, and a vLLM server "
+        "tuneship starts requires it. Manifests take it from a secret.",
     )
     vllm_python: Path = Field(
         default=Path(".venv-vllm/bin/python"),
@@ -163,6 +164,11 @@ class Settings(BaseSettings):
     def admin_key(self) -> str | None:
         """The key a deploy presents to the gateway's /admin routes: the first admin key."""
         return self.admin_keys[0].get_secret_value() if self.admin_keys else None
+
+    @property
+    def vllm_key(self) -> str | None:
+        """The key tuneship presents to vLLM (and gives a vLLM server it starts), if one is set."""
+        return self.vllm_api_key.get_secret_value() if self.vllm_api_key else None
 
     @property
     def artifact_root_is_s3(self) -> bool:

@@ -12,7 +12,7 @@ GPU it holds ``vllm`` and serves 16-bit. Adapters are loaded at runtime
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -41,6 +41,7 @@ class VllmLaunch:
     kv_cache_gib: int = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE
     gpu_memory_utilization: float = 0.9  # GPU only
     extra_args: tuple[str, ...] = ()
+    api_key: str | None = field(default=None, repr=False)  # VLLM_API_KEY: /v1/* then needs it
 
     def __post_init__(self) -> None:
         if self.max_lora_rank not in VLLM_LORA_RANKS:
@@ -85,6 +86,8 @@ def build_vllm_env(launch: VllmLaunch) -> dict[str, str]:
     }
     if launch.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(launch.kv_cache_gib)
+    if launch.api_key:
+        env["VLLM_API_KEY"] = launch.api_key
     return env
 
 
@@ -128,12 +131,21 @@ def start_vllm(
 # Talking to a running server (its OpenAI-compatible API and the runtime LoRA endpoints).
 
 
-def load_lora_adapter(base_url: str, name: str, path: Path, *, timeout: float = 120) -> None:
+def _auth(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def load_lora_adapter(
+    base_url: str, name: str, path: Path, *, api_key: str | None = None, timeout: float = 120
+) -> None:
     """Load an adapter directory into a running vLLM server under ``name`` (runtime LoRA updating)."""
     import httpx
 
     response = httpx.post(
-        f"{base_url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, timeout=timeout
+        f"{base_url}/v1/load_lora_adapter",
+        json={"lora_name": name, "lora_path": str(path)},
+        headers=_auth(api_key),
+        timeout=timeout,
     )
     if response.status_code == 400 and "already been loaded" in response.text:
         return  # same name, same content: adapters are named by their sha256
@@ -141,23 +153,31 @@ def load_lora_adapter(base_url: str, name: str, path: Path, *, timeout: float = 
         raise ServiceError(f"vLLM at {base_url} refused adapter {name!r} from {path}: {response.text.strip()}")
 
 
-def unload_lora_adapter(base_url: str, name: str, *, timeout: float = 60) -> None:
+def unload_lora_adapter(base_url: str, name: str, *, api_key: str | None = None, timeout: float = 60) -> None:
     """Unload an adapter from a running vLLM server (a no-op if it is not loaded)."""
     import httpx
 
-    response = httpx.post(f"{base_url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=timeout)
+    response = httpx.post(
+        f"{base_url}/v1/unload_lora_adapter", json={"lora_name": name}, headers=_auth(api_key), timeout=timeout
+    )
     if response.status_code not in (200, 404) and "not found" not in response.text.lower():
         raise ServiceError(f"vLLM at {base_url} could not unload adapter {name!r}: {response.text.strip()}")
 
 
 def complete(
-    base_url: str, model: str, prompts: list[str], *, max_tokens: int = 128, timeout: float = 600
+    base_url: str,
+    model: str,
+    prompts: list[str],
+    *,
+    max_tokens: int = 128,
+    api_key: str | None = None,
+    timeout: float = 600,
 ) -> list[str]:
     """Greedy completions of ``prompts`` in one batched request, in input order."""
     import httpx
 
     body = {"model": model, "prompt": prompts, "max_tokens": max_tokens, "temperature": 0}
-    response = httpx.post(f"{base_url}/v1/completions", json=body, timeout=timeout)
+    response = httpx.post(f"{base_url}/v1/completions", json=body, headers=_auth(api_key), timeout=timeout)
     if response.status_code != 200:
         raise ServiceError(f"vLLM at {base_url} failed a completion for {model!r}: {response.text.strip()}")
     choices = sorted(response.json()["choices"], key=lambda c: c["index"])

@@ -104,8 +104,10 @@ def deploy(
     vllm_url: str,
     gateway_url: str | None = None,
     admin_key: str | None = None,
+    vllm_key: str | None = None,
 ) -> Deployment:
-    """Hot-swap ``model_name`` version ``version`` (a number or an alias) into the vLLM server at ``vllm_url``."""
+    """Hot-swap ``model_name`` version ``version`` (a number or an alias) into the vLLM server at ``vllm_url``
+    (``vllm_key``: its API key, when it has one)."""
     started = time.perf_counter()
     mv = get_version(model_name, version, tracking_uri=tracking_uri)
     number = str(mv.version)
@@ -116,16 +118,16 @@ def deploy(
 
     try:
         adapter = adapter_of(mv, store)  # the bytes the version was registered with, or an error
-        load_lora_adapter(vllm_url, name, store.get_dir(adapter.artifact))
+        load_lora_adapter(vllm_url, name, store.get_dir(adapter.artifact), api_key=vllm_key)
     except (RegistryError, ArtifactError, ServiceError) as exc:
         raise DeployError(f"{model_name} v{number} not deployed: {exc}; {serving}") from None
     try:
-        checked = _smoke_test(mv, store, vllm_url, name, cfg.smoke_examples)
+        checked = _smoke_test(mv, store, vllm_url, name, cfg.smoke_examples, vllm_key)
         if gateway and previous != name:
             gateway.switch(cfg.alias, name, expect=previous)
     except (DeployError, RegistryError, ArtifactError, ServiceError) as exc:
         if previous != name:
-            unload_lora_adapter(vllm_url, name)
+            unload_lora_adapter(vllm_url, name, api_key=vllm_key)
         raise DeployError(f"{model_name} v{number} not deployed: {exc}; {serving}") from None
 
     # The alias has switched: the deploy happened. Unload the adapter it served before, once idle — only one a
@@ -136,7 +138,7 @@ def deploy(
     try:
         unused = gateway is not None and ours and previous not in gateway.routes()["aliases"].values()
         if unused and gateway.wait_drained(previous, cfg.drain_timeout_s):
-            unload_lora_adapter(vllm_url, previous)
+            unload_lora_adapter(vllm_url, previous, api_key=vllm_key)
         elif unused:
             cleanup = f"{previous} still had requests after {cfg.drain_timeout_s:g} s: left loaded"
     except (DeployError, ServiceError, httpx.HTTPError) as exc:
@@ -160,11 +162,11 @@ def deploy(
     return dep
 
 
-def _smoke_test(mv: Any, store: ArtifactStore, vllm_url: str, name: str, count: int) -> int:
+def _smoke_test(mv: Any, store: ArtifactStore, vllm_url: str, name: str, count: int, key: str | None) -> int:
     if count == 0:
         return 0
     prompts, expected, max_new_tokens = smoke_examples(mv, store, count)
-    got = complete(vllm_url, name, prompts, max_tokens=max_new_tokens)
+    got = complete(vllm_url, name, prompts, max_tokens=max_new_tokens, api_key=key)
     for i, (want, have) in enumerate(zip(expected, got, strict=True)):
         if want != have:
             raise DeployError(

@@ -225,8 +225,10 @@ def evaluate(
     served_base: str,
     workdir: Path,
     champion: AdapterRef | None = None,
+    server_key: str | None = None,
 ) -> EvalReport:
-    """Score base, candidate (and champion) on the test split; write the report; return its ref."""
+    """Score base, candidate (and champion) on the test split; write the report; return its ref. ``server_key``
+    is the vLLM server's API key, when it has one."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -242,13 +244,15 @@ def evaluate(
 
     # 1. Generation through vLLM: the base and every adapter answer the same prompts, greedily.
     models = {"base": served_base}
-    load_lora_adapter(server_url, _served_name(adapter), store.get_dir(adapter.artifact))
+    load_lora_adapter(server_url, _served_name(adapter), store.get_dir(adapter.artifact), api_key=server_key)
     models["candidate"] = _served_name(adapter)
     if champion is not None:
-        load_lora_adapter(server_url, _served_name(champion), store.get_dir(champion.artifact))
+        champion_dir = store.get_dir(champion.artifact)
+        load_lora_adapter(server_url, _served_name(champion), champion_dir, api_key=server_key)
         models["champion"] = _served_name(champion)
     outputs = {
-        role: complete(server_url, served, prompts, max_tokens=ev.max_new_tokens) for role, served in models.items()
+        role: complete(server_url, served, prompts, max_tokens=ev.max_new_tokens, api_key=server_key)
+        for role, served in models.items()
     }
     scores = {role: [scorer(o, r) for o, r in zip(outs, references, strict=True)] for role, outs in outputs.items()}
     correct = {role: [s.correct for s in role_scores] for role, role_scores in scores.items()}
@@ -339,7 +343,7 @@ def evaluate(
         for name in ("summary.md", "accuracy.png", "examples.jsonl", "metrics.json", "comparisons.json"):
             tracker.log_artifact(out / name, artifact_path="eval")
     for served in list(models.values())[1:]:
-        unload_lora_adapter(server_url, served)
+        unload_lora_adapter(server_url, served, api_key=server_key)
     return EvalReport(
         artifact=ref,
         candidate_sha256=adapter.sha256,

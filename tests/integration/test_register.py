@@ -121,8 +121,8 @@ def test_gate_promotes_better_and_refuses_worse(env, history) -> None:
     assert {"tuneship.base_model", "tuneship.base_revision", "tuneship.config_hash"} <= set(lineage)
 
 
-def test_ci_crossing_zero_is_refused(env, history) -> None:
-    v2_report = history["reports"][1]
+def test_ci_crossing_zero_is_refused(env, history, tmp_path: Path) -> None:
+    v2_report = report_copy(env, history["reports"][1], "tie", tmp_path)  # another report, so another version
     tie = Comparison(against="champion", accuracy_diff=0.01, ci_low=-0.02, ci_high=0.04)
     report = v2_report.model_copy(
         update={"comparisons": {**v2_report.comparisons, "champion": tie}, "champion_sha256": env["strong"].sha256}

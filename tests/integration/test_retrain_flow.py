@@ -201,9 +201,10 @@ def test_a_failing_stage_names_itself_and_leaves_the_champion(first_run, flow_en
 
 
 def test_a_vllm_killed_mid_evaluate_is_replaced_on_retry(first_run, flow_env, vllm_server) -> None:
-    """Fault matrix, vLLM × evaluate: the run starts its own vLLM (TUNESHIP_VLLM_URL=local); once the candidate
-    adapter is loaded in it, its process group is SIGKILLed. The evaluate stage's retry starts a new server instead
-    of reusing the dead URL, the run completes, and no process of either server is left."""
+    """Fault matrix, vLLM × evaluate: the run starts its own vLLM (TUNESHIP_VLLM_URL=local, with an API key, which
+    evaluate presents); once the candidate adapter is loaded in it, its process group is SIGKILLed. The evaluate
+    stage's retry starts a new server instead of reusing the dead URL, the run completes, and no process of either
+    server is left."""
     import signal
 
     import psutil
@@ -224,14 +225,18 @@ def test_a_vllm_killed_mid_evaluate_is_replaced_on_retry(first_run, flow_env, vl
         return found
 
     killed: list[int] = []
+    keyless: list[int] = []  # what the run's vLLM answers a request without its API key
+    key = f"vllm-{uuid.uuid4().hex}"
 
     def kill_once_the_candidate_is_loaded() -> None:
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline and not killed:
             for proc in own_servers():
                 port = proc.info["cmdline"][proc.info["cmdline"].index("--port") + 1]
-                with contextlib.suppress(httpx.HTTPError):
-                    models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()["data"]
+                with contextlib.suppress(httpx.HTTPError, KeyError):
+                    keyless.append(httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).status_code)
+                    auth = {"Authorization": f"Bearer {key}"}
+                    models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers=auth, timeout=5).json()["data"]
                     if len(models) > 1:  # base + the candidate: evaluate is under way
                         group = os.getpgid(proc.pid)
                         killed.extend(p.pid for p in psutil.process_iter() if _pgid(p.pid) == group)
@@ -240,15 +245,17 @@ def test_a_vllm_killed_mid_evaluate_is_replaced_on_retry(first_run, flow_env, vl
             time.sleep(0.2)
 
     watcher = threading.Thread(target=kill_once_the_candidate_is_loaded, daemon=True)
-    os.environ["TUNESHIP_VLLM_URL"] = "local"
+    os.environ.update({"TUNESHIP_VLLM_URL": "local", "TUNESHIP_VLLM_API_KEY": key})  # a keyed vLLM, as deployed
     try:
         watcher.start()
         overrides = [*OVERRIDES, f"registry.model_name={MODEL}-vllm-kill", "evaluate.parity_sample=7"]
         state, seconds = run_flow(overrides=overrides, deploy=False)
     finally:
         os.environ["TUNESHIP_VLLM_URL"] = flow_env["TUNESHIP_VLLM_URL"]
+        os.environ.pop("TUNESHIP_VLLM_API_KEY")
         watcher.join(timeout=5)
     assert killed, "the run's vLLM was never seen serving the candidate"
+    assert keyless and set(keyless) == {401}  # evaluate got through with the key; nothing did without it
     assert state.is_completed(), state.message
     with get_client(sync_client=True) as client:
         flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))

@@ -33,3 +33,11 @@ def test_gpu_launch_lets_vllm_pick_16_bit() -> None:
 def test_unsupported_lora_rank_is_refused() -> None:
     with pytest.raises(ValueError, match="max_lora_rank=12"):
         VllmLaunch(model=Path("/m"), max_lora_rank=12)
+
+
+def test_a_keyed_launch_passes_the_key_in_the_environment_only() -> None:
+    launch = VllmLaunch(model=Path("/m"), api_key="sk-vllm-secret")
+    assert build_vllm_env(launch)["VLLM_API_KEY"] == "sk-vllm-secret"
+    assert "sk-vllm-secret" not in " ".join(build_vllm_command(Path("python"), launch, host="127.0.0.1", port=1))
+    assert "sk-vllm-secret" not in repr(launch)  # launches are logged
+    assert "VLLM_API_KEY" not in build_vllm_env(VllmLaunch(model=Path("/m")))
