@@ -465,15 +465,19 @@ def test_a_gateway_killed_after_the_switch_still_counts_as_deployed(versions, vl
                 for _ in r.iter_lines():
                     pass
 
-        with ThreadPoolExecutor(2) as pool:
-            pool.submit(hold_old_adapter)
-            while not httpx.get(f"{url}/admin/routes", headers=admin).json()["in_flight"].get(old):
+        # 8 streams × 4 sequences × 480 tokens: the smoke test's greedy answers run in the same vLLM batches and need
+        # far fewer steps, so these are still running when the alias switches.
+        with ThreadPoolExecutor(9) as pool:
+            for _ in range(8):
+                pool.submit(hold_old_adapter)
+            while httpx.get(f"{url}/admin/routes", headers=admin).json()["in_flight"].get(old, 0) < 8:
                 time.sleep(0.05)
             deploying = pool.submit(ship, versions, vllm_server, url, v2.version, drain_timeout_s=120)
-            while httpx.get(f"{url}/admin/routes", headers=admin).json()["aliases"].get("champion") != new:
+            while (routes := httpx.get(f"{url}/admin/routes", headers=admin).json())["aliases"].get("champion") != new:
                 assert not deploying.done(), deploying.result()
                 time.sleep(0.05)
             server.proc.kill()  # SIGKILL: mid-drain, after the switch
+            assert routes["in_flight"].get(old), "the old adapter's streams ended before the switch: nothing to drain"
             dep = deploying.result(timeout=120)
     assert (dep.version, dep.adapter_name, dep.previous) == (v2.version, new, old)
     assert dep.cleanup and f"{old} was not unloaded" in dep.cleanup and "unreachable" in dep.cleanup
