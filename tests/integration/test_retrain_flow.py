@@ -338,12 +338,16 @@ class Relay:
     """A TCP relay in front of a server, paced to ``bytes_per_s`` so an upload of a few MB takes seconds, that can
     be cut (every open connection reset, new ones refused: the endpoint is gone) and restored on the same port."""
 
-    def __init__(self, target_url: str, bytes_per_s: float = 2e6) -> None:
-        self.target = ("127.0.0.1", int(target_url.rsplit(":", 1)[1]))
+    def __init__(self, target_url: str | None, bytes_per_s: float | None = 2e6) -> None:
         self.port, self.rate = free_port(), bytes_per_s
         self.open: set[socket.socket] = set()
         self.listener: socket.socket | None = None
         self.lock = threading.Lock()
+        if target_url:  # else nothing listens on ``port`` until ``open_to``
+            self.open_to(target_url)
+
+    def open_to(self, target_url: str) -> None:
+        self.target = ("127.0.0.1", int(target_url.rsplit(":", 1)[1]))
         self.restore()
 
     @property
@@ -354,7 +358,8 @@ class Relay:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
                 sink.sendall(data)
-                time.sleep(len(data) / self.rate)
+                if self.rate:
+                    time.sleep(len(data) / self.rate)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
 
@@ -382,6 +387,23 @@ class Relay:
     def restore(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", self.port))
         threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+
+def run_on_store(endpoint_url: str, bucket: str, name: str, demo_task: Path):
+    """A short run (20 fine-tune steps) whose artifact store is ``bucket`` at ``endpoint_url``; its data come from
+    local files, since that store starts empty."""
+    saved = {k: os.environ[k] for k in ("TUNESHIP_S3_ENDPOINT_URL", "TUNESHIP_ARTIFACT_ROOT")}
+    os.environ.update({"TUNESHIP_S3_ENDPOINT_URL": endpoint_url, "TUNESHIP_ARTIFACT_ROOT": f"s3://{bucket}/tuneship"})
+    local = [
+        f"data.source={demo_task / 'train.jsonl'}",
+        f"data.test_file={demo_task / 'test.jsonl'}",
+        f"evaluate.database={demo_task / 'retail.db'}",
+    ]
+    try:
+        overrides = [*OVERRIDES, *local, f"registry.model_name={MODEL}-{name}", "finetune.train.max_steps=20"]
+        return run_flow(overrides=overrides, deploy=False)
+    finally:
+        os.environ.update(saved)
 
 
 def test_an_s3_endpoint_gone_mid_upload_hides_the_partial_adapter_and_the_run_completes(
@@ -415,19 +437,10 @@ def test_an_s3_endpoint_gone_mid_upload_hides_the_partial_adapter_and_the_run_co
             time.sleep(0.05)
 
     watcher = threading.Thread(target=cut_mid_adapter_upload, daemon=True)
-    saved = {k: os.environ[k] for k in ("TUNESHIP_S3_ENDPOINT_URL", "TUNESHIP_ARTIFACT_ROOT")}
-    os.environ.update({"TUNESHIP_S3_ENDPOINT_URL": relay.url, "TUNESHIP_ARTIFACT_ROOT": f"s3://{bucket}/tuneship"})
     try:
         watcher.start()
-        local = [
-            f"data.source={demo_task / 'train.jsonl'}",
-            f"data.test_file={demo_task / 'test.jsonl'}",
-            f"evaluate.database={demo_task / 'retail.db'}",
-        ]
-        overrides = [*OVERRIDES, *local, f"registry.model_name={MODEL}-cut", "finetune.train.max_steps=20"]
-        state, seconds = run_flow(overrides=overrides, deploy=False)
+        state, seconds = run_on_store(relay.url, bucket, "cut", demo_task)
     finally:
-        os.environ.update(saved)
         watcher.join(timeout=10)
         relay.cut()
     assert seen_partial, "the endpoint was never cut while an adapter was half uploaded"
@@ -449,64 +462,29 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
-def _forward(port: int, target_url: str, stop: threading.Event) -> None:
-    """Relay TCP connections from 127.0.0.1:``port`` to the server at ``target_url`` until ``stop``."""
-    target = ("127.0.0.1", int(target_url.rsplit(":", 1)[1]))
-
-    def pump(source: socket.socket, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                sink.sendall(data)
-        with contextlib.suppress(OSError):
-            sink.shutdown(socket.SHUT_WR)
-
-    with socket.create_server(("127.0.0.1", port)) as listener:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                client, _ = listener.accept()
-            except TimeoutError:
-                continue
-            upstream = socket.create_connection(target)
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=pump, args=(source, sink), daemon=True).start()
-
-
 def test_a_transient_s3_outage_is_retried_and_the_flow_completes(
     first_run, flow_env, demo_task: Path, tmp_path: Path
 ) -> None:
     """The artifact store's endpoint is down when the flow starts and comes up 15 s later (empty: the data comes
     from local files here): the stages that hit it are retried (Prefect retries with backoff: 2, 10, 30 s) and
     the flow completes."""
-    port = free_port()
     bucket = f"late-{uuid.uuid4().hex[:8]}"
+    relay = Relay(None, bytes_per_s=None)  # nothing listens on its port yet
     servers = []
-    stop = threading.Event()
 
     def come_up_late() -> None:
         time.sleep(15)
-        servers.append(start_s3(tmp_path))  # on another port, bucket made, and only then reachable on `port`:
+        servers.append(start_s3(tmp_path))  # on another port, bucket made, and only then reachable on the relay:
         servers[0].create_bucket(bucket)  # a retry landing between start and bucket would see NoSuchBucket
-        threading.Thread(target=_forward, args=(port, servers[0].endpoint_url, stop), daemon=True).start()
+        relay.open_to(servers[0].endpoint_url)
 
     late = threading.Thread(target=come_up_late)
-    saved = {k: os.environ[k] for k in ("TUNESHIP_S3_ENDPOINT_URL", "TUNESHIP_ARTIFACT_ROOT")}
-    os.environ.update(
-        {"TUNESHIP_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "TUNESHIP_ARTIFACT_ROOT": f"s3://{bucket}/tuneship"}
-    )
     try:
         late.start()
-        local = [
-            f"data.source={demo_task / 'train.jsonl'}",
-            f"data.test_file={demo_task / 'test.jsonl'}",
-            f"evaluate.database={demo_task / 'retail.db'}",
-        ]
-        overrides = [*OVERRIDES, *local, f"registry.model_name={MODEL}-late", "finetune.train.max_steps=20"]
-        state, seconds = run_flow(overrides=overrides, deploy=False)
+        state, seconds = run_on_store(relay.url, bucket, "late", demo_task)
     finally:
-        os.environ.update(saved)
         late.join()
-        stop.set()
+        relay.cut()
         for server in servers:
             server.stop()
     assert state.is_completed(), state.message
