@@ -167,11 +167,14 @@ def base_build(
 def demo_data(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path(".tuneship/demo-task"),
 ) -> None:
-    """Write the demo text-to-SQL task: retail.db, schema.sql, train.jsonl, test.jsonl."""
+    """Write the demo text-to-SQL task: retail.db, schema.sql, train.jsonl, test.jsonl, test_paraphrase.jsonl."""
     from offline.demo_task import build_demo_task
 
     counts = build_demo_task(out)
-    console.print(f"demo task in {out}: {counts['train']} train / {counts['test']} test questions, retail.db")
+    console.print(
+        f"demo task in {out}: {counts['train']} train / {counts['test']} test / {counts['test_paraphrase']} "
+        "paraphrase-test questions, retail.db"
+    )
 
 
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="Dotted override, e.g. finetune.train.epochs=1.")]

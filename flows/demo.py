@@ -91,7 +91,10 @@ def run_demo(
     task_dir = settings.home / "demo-task"
     counts = build_demo_task(task_dir)
     data = store.put_dir(task_dir, DATA_KEY, overwrite=True)
-    say(f"demo task: {counts['train']} train / {counts['test']} test questions in {task_dir}, published as {data.uri}")
+    say(
+        f"demo task: {counts['train']} train / {counts['test']} test / {counts['test_paraphrase']} paraphrase-test "
+        f"questions in {task_dir}, published as {data.uri}"
+    )
 
     admin_key = settings.admin_key or secrets.token_urlsafe(24)
     # Prefect's server and vLLM start side by side; each is waited on until it answers (or dies), not timed.
@@ -112,11 +115,17 @@ def run_demo(
             m = summary.metrics
             say(f"Prefect flow run {state.state_details.flow_run_id}: {state.name}")
             say(
-                f"evaluate ({m['examples']:.0f} test questions, through vLLM): execution accuracy base "
-                f"{m['accuracy_base']:.1%} → fine-tuned {m['accuracy_candidate']:.1%} (95% CI of the gain "
-                f"[{m['ci_low_vs_base']:+.1%}, {m['ci_high_vs_base']:+.1%}]); perplexity {m['perplexity_base']:.1f} → "
-                f"{m['perplexity_candidate']:.2f}; PEFT/vLLM parity {m['parity_agreement']:.0%}"
+                f"evaluate (through vLLM): perplexity {m['perplexity_base']:.1f} → {m['perplexity_candidate']:.2f}; "
+                f"PEFT/vLLM parity {m['parity_agreement']:.0%}; execution accuracy base → fine-tuned (95% CI of gain):"
             )
+            for split, label in (("", "templated"), ("paraphrase_", "paraphrase")):
+                if f"{split}accuracy_candidate" in m:
+                    say(
+                        f"  {label:10} ({m[split + 'examples']:.0f} questions): {m[split + 'accuracy_base']:.1%} → "
+                        f"{m[split + 'accuracy_candidate']:.1%} [{m[split + 'ci_low_vs_base']:+.1%}, "
+                        f"{m[split + 'ci_high_vs_base']:+.1%}]; queries naming a table or column the database lacks: "
+                        f"{m.get(split + 'invented_identifiers_candidate', float('nan')):.1%}"
+                    )
             if "accuracy_champion" in m:
                 say(
                     f"  vs the champion before this run: {m['accuracy_diff_vs_champion']:+.1%} "

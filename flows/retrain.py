@@ -321,19 +321,28 @@ def evaluate_stage(
         workdir=services.settings.home / "work",
     )
     m = report.metrics
-    rows = [
-        {"model": role, "accuracy": round(m[f"accuracy_{role}"], 4)}
-        for role in ("base", "candidate", "champion")
-        if f"accuracy_{role}" in m
-    ]
-    for name, c in report.comparisons.items():
-        rows.append(
+    rows = []
+    for split, comparisons in ({"test": report.comparisons} | report.split_comparisons).items():
+        prefix = "" if split == "test" else f"{split}_"
+        rows += [
             {
+                "split": split,
+                "model": role,
+                "accuracy": round(m[f"{prefix}accuracy_{role}"], 4),
+                "invented_identifiers": round(m.get(f"{prefix}invented_identifiers_{role}", float("nan")), 4),
+            }
+            for role in ("base", "candidate", "champion")
+            if f"{prefix}accuracy_{role}" in m
+        ]
+        rows += [
+            {
+                "split": split,
                 "model": f"candidate − {name}",
                 "accuracy": round(c.accuracy_diff, 4),
                 "ci95": f"[{c.ci_low:+.3f}, {c.ci_high:+.3f}]",
             }
-        )
+            for name, c in comparisons.items()
+        ]
     create_table_artifact(rows, key="eval-comparison", description=f"report: {report.artifact.uri}")
     return report
 

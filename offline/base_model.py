@@ -113,6 +113,9 @@ def save_model(model: Any, tokenizer: Any, out_dir: Path) -> Path:
 # Recipes: a named, hashable description of how a base model is built. Same recipe, same model.
 
 CORPUS_VERSION = "sql-corpus/1"
+# What each corpus version is: the share of its questions typed the way people type them
+# (``offline/sql_corpus.typed_by_people``). Version 1 has none, so the models built from it stay reproducible.
+TYPED_SHARE = {"sql-corpus/1": 0.0, "sql-corpus/2": 0.5}
 
 
 @dataclass(frozen=True)
@@ -199,7 +202,8 @@ def pretrain(recipe: BaseRecipe, out_dir: Path, *, log: Any = print) -> dict[str
 
     torch.set_num_threads(os.cpu_count() or 1)
     started = time.perf_counter()
-    tok_docs = itertools.islice(corpus(recipe.seed + 1, eos=""), recipe.tokenizer_docs)
+    typed = TYPED_SHARE[recipe.corpus]
+    tok_docs = itertools.islice(corpus(recipe.seed + 1, eos="", typed_share=typed), recipe.tokenizer_docs)
     tokenizer = train_tokenizer(tok_docs, recipe.arch.vocab_size)
     eos = tokenizer.eos_token
     model = init_model(recipe.arch, tokenizer, seed=recipe.seed)
@@ -207,7 +211,9 @@ def pretrain(recipe: BaseRecipe, out_dir: Path, *, log: Any = print) -> dict[str
     log(f"{recipe.name}: {n_params / 1e6:.2f}M parameters, tokenizer {len(tokenizer)} tokens")
 
     heldout_rows = list(
-        itertools.islice(_token_rows(tokenizer, corpus(recipe.seed + 2, eos), recipe.seq_len), recipe.heldout_rows)
+        itertools.islice(
+            _token_rows(tokenizer, corpus(recipe.seed + 2, eos, typed_share=typed), recipe.seq_len), recipe.heldout_rows
+        )
     )
     heldout = torch.tensor(heldout_rows)
 
@@ -219,7 +225,7 @@ def pretrain(recipe: BaseRecipe, out_dir: Path, *, log: Any = print) -> dict[str
         return sum(losses) / len(losses)
 
     init_loss = heldout_loss()
-    rows = _token_rows(tokenizer, corpus(recipe.seed, eos), recipe.seq_len)
+    rows = _token_rows(tokenizer, corpus(recipe.seed, eos, typed_share=typed), recipe.seq_len)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay)
     model.train()
     train_started = time.perf_counter()

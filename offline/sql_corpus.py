@@ -12,6 +12,7 @@ the base never learnt to emit.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -720,11 +721,54 @@ def format_example(ex: SqlExample, eos: str) -> str:
     return alpaca_prompt(ex.question) + ex.sql + eos
 
 
-def corpus(seed: int, eos: str, *, plain_share: float = 0.1) -> Iterator[str]:
-    """An endless, deterministic stream of training documents (instruction-formatted SQL, some plain text)."""
+# How people type a question rather than write it: requests instead of questions, greetings and sign-offs,
+# lower case, no final punctuation, a slipped letter. The SQL keeps the values' case, so the base learns to read
+# "paris" and write 'Paris'. Words and lead-ins differ from the demo task's paraphrase split on purpose.
+_REQUESTS = [
+    ("How many ", ["Tell me how many ", "Find out how many ", "Can you count how many "]),
+    ("What is the ", ["Give me the ", "Find the ", "Look up the "]),
+    ("Which ", ["Find the ", "Show which ", "Tell me which "]),
+    ("List the ", ["Get the ", "Show me the ", "Fetch the "]),
+    ("Count the ", ["Get a count of the ", "Count up the ", "How many are the "]),
+]
+_OPENERS = ["", "", "", "Question: ", "So, ", "Could you help? ", "Hello. ", "Okay: "]
+_CLOSERS = ["", "", "", " Thank you.", " Much appreciated.", " ASAP."]
+
+
+def typed_by_people(rng: random.Random, question: str, sql: str) -> str:
+    """``question`` as someone might type it; words that are values in ``sql`` keep their letters."""
+    protected = {w.lower() for literal in re.findall(r"'([^']*)'", sql) for w in literal.split()}
+    q = question
+    for start, alternatives in _REQUESTS:
+        if q.startswith(start) and rng.random() < 0.5:
+            q = rng.choice(alternatives) + q[len(start) :]
+            break
+    q = rng.choice(_OPENERS) + q
+    if closer := rng.choice(_CLOSERS):
+        q = q.rstrip("?.!") + "." + closer if not q.endswith(("?", ".", "!")) else q + closer
+    if rng.random() < 0.2:
+        spots = [m for m in re.finditer(r"[A-Za-z]{5,}", q) if m.group().lower() not in protected]
+        if spots:
+            m = rng.choice(spots)
+            i = rng.randrange(1, len(m.group()) - 1)
+            w = m.group()
+            q = q[: m.start()] + w[:i] + w[i + 1 :] + q[m.end() :]
+    if rng.random() < 0.4:
+        q = q.lower()
+    if rng.random() < 0.4:
+        q = q.rstrip("?.!")
+    return q
+
+
+def corpus(seed: int, eos: str, *, plain_share: float = 0.1, typed_share: float = 0.0) -> Iterator[str]:
+    """An endless, deterministic stream of training documents (instruction-formatted SQL, some plain text);
+    ``typed_share`` of the questions are typed the way people type them (:func:`typed_by_people`)."""
     rng = random.Random(seed)
     while True:
         if rng.random() < plain_share:
             yield plain_text(rng) + eos
         else:
-            yield format_example(generate_example(rng), eos)
+            ex = generate_example(rng)
+            if typed_share and rng.random() < typed_share:
+                ex = SqlExample(typed_by_people(rng, ex.question, ex.sql), ex.sql, ex.ddl)
+            yield format_example(ex, eos)

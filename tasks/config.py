@@ -12,6 +12,7 @@ Validation errors name the file and the dotted key, e.g.
 from __future__ import annotations
 
 import importlib.metadata
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +38,11 @@ class DataConfig(_Strict):
 
     source: str = Field(description="A JSONL/CSV/Parquet file, a saved HF dataset directory, or artifact://KEY[/PATH].")
     test_file: str | None = Field(default=None, description="An explicit test set; else the test split is hashed off.")
+    extra_test: dict[str, str] = Field(
+        default_factory=dict,
+        description="More test sets by split name (e.g. paraphrase: FILE): evaluate scores each one beside the test "
+        "split, with its own CI. A row that repeats a training row is rejected as a duplicate, so none leaks.",
+    )
     format: Literal["auto", "jsonl", "csv", "parquet", "hf"] = "auto"
     instruction_field: str = "instruction"
     input_field: str | None = Field(default="input", description="Optional context field, appended when present.")
@@ -45,6 +51,16 @@ class DataConfig(_Strict):
     template: Literal["alpaca", "chat"] = Field(
         default="alpaca", description="alpaca: '### Instruction:/### Response:' + EOS; chat: the tokenizer's template."
     )
+
+    @field_validator("extra_test")
+    @classmethod
+    def _split_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", name) or name in ("train", "eval", "test"):
+                raise ValueError(
+                    f"{name!r}: a split name is lower-case letters, digits and '_' (≤ 32), other than train/eval/test"
+                )
+        return value
 
 
 class PreprocessConfig(_Strict):

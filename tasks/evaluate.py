@@ -9,6 +9,8 @@ same prompts. Each answer is scored (SQL by sandboxed execution, or exact match,
 by import path). The accuracy difference gets a paired bootstrap 95 % confidence interval and a list of
 regressions and fixes. Perplexity is the token-weighted sliding-window NLL of transformers' "Perplexity of
 fixed-length models". Parity compares greedy outputs of PEFT/transformers and vLLM on a sample of prompts.
+Every test split of the dataset (``test`` and each ``data.extra_test``, e.g. the demo's paraphrase split) is
+scored the same way with its own CIs; for SQL, each answer's invented tables and columns are counted too.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import math
 import re
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from tasks.generation import greedy_generate
 from tasks.preprocess import load_splits
 from tasks.refs import AdapterRef, Comparison, DatasetRef, EvalReport
 from tasks.sql_exec import connect_readonly, execute_sql, is_ordered, results_match
+from tasks.sql_identifiers import Schema, invented_identifiers, read_schema
 
 
 class EvaluateError(UserError, ValueError):
@@ -77,13 +80,20 @@ def sql_execution_scorer(database: Path, *, timeout_s: float) -> Scorer:
     return score
 
 
+def _database(cfg: EvalConfig, store: ArtifactStore | None) -> Path:
+    """``evaluate.database`` as a local file; it may be an ``artifact://`` path in ``store``."""
+    database = cfg.database or ""
+    if store is not None and database.startswith(ARTIFACT_SCHEME):
+        return local_path(database, store, what="evaluate.database")
+    if not Path(database).is_file():
+        raise EvaluateError(f"evaluate.database: {database} does not exist")
+    return Path(database)
+
+
 def build_scorer(cfg: EvalConfig, store: ArtifactStore | None = None) -> Scorer:
     """The scorer ``cfg`` names; ``evaluate.database`` may be an ``artifact://`` path in ``store``."""
     if cfg.scorer == "sql_execution":
-        database = cfg.database or ""
-        if store is not None and database.startswith(ARTIFACT_SCHEME):
-            database = str(local_path(database, store, what="evaluate.database"))
-        return sql_execution_scorer(Path(database), timeout_s=cfg.sql_timeout_s)
+        return sql_execution_scorer(_database(cfg, store), timeout_s=cfg.sql_timeout_s)
     if cfg.scorer == "exact_match":
         return lambda prediction, reference: Score(prediction.strip() == reference.strip())
     if cfg.scorer == "regex":
@@ -164,6 +174,81 @@ def perplexity(
     return math.exp(total_nll / total_tokens), total_tokens
 
 
+# ------------------------------------------------------------------------------------------ one test split
+
+
+@dataclass(frozen=True)
+class ScoredSplit:
+    """Every model's answers to one test split, scored."""
+
+    prompts: list[str]
+    references: list[str]
+    outputs: dict[str, list[str]]  # role (base, candidate, champion) -> answers
+    scores: dict[str, list[Score]]
+    invented: dict[str, list[list[str] | None]]  # role -> per answer: invented identifiers (None: not a query)
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        for i, (prompt, reference) in enumerate(zip(self.prompts, self.references, strict=True)):
+            row: dict[str, Any] = {"index": i, "prompt": prompt, "reference": reference}
+            for role, outs in self.outputs.items():
+                row[role] = {"output": outs[i], "correct": self.scores[role][i].correct}
+                row[role]["error"] = self.scores[role][i].error
+                if role in self.invented:
+                    row[role]["invented_identifiers"] = self.invented[role][i]
+            yield row
+
+    def statistics(self, bootstrap_samples: int) -> tuple[dict[str, float], dict[str, Comparison]]:
+        """Metrics (accuracy, exact match, errors, invented identifiers per role) and the candidate's paired
+        comparisons with the base and the champion."""
+        n = len(self.prompts)
+        correct = {role: [s.correct for s in scores] for role, scores in self.scores.items()}
+        metrics = {"examples": float(n)}
+        for role, outs in self.outputs.items():
+            metrics[f"accuracy_{role}"] = sum(correct[role]) / n
+            exact = sum(normalize_sql(o) == normalize_sql(r) for o, r in zip(outs, self.references, strict=True))
+            metrics[f"exact_match_{role}"] = exact / n
+            metrics[f"error_rate_{role}"] = sum(s.error is not None for s in self.scores[role]) / n
+        for role, found in self.invented.items():
+            metrics[f"invented_identifiers_{role}"] = sum(bool(f) for f in found) / n
+            metrics[f"unparsable_{role}"] = sum(f is None for f in found) / n
+        comparisons = {}
+        for other in [r for r in ("base", "champion") if r in correct]:
+            diff, low, high = paired_bootstrap(correct["candidate"], correct[other], samples=bootstrap_samples)
+            comparisons[other] = Comparison(
+                against=other,
+                accuracy_diff=diff,
+                ci_low=low,
+                ci_high=high,
+                regressions=[i for i in range(n) if correct[other][i] and not correct["candidate"][i]],
+                fixes=[i for i in range(n) if correct["candidate"][i] and not correct[other][i]],
+            )
+            metrics |= {f"accuracy_diff_vs_{other}": diff, f"ci_low_vs_{other}": low, f"ci_high_vs_{other}": high}
+        return metrics, comparisons
+
+
+def _score_split(
+    split: Any,
+    models: dict[str, str],
+    scorer: Scorer,
+    schema: Schema | None,
+    ev: EvalConfig,
+    *,
+    server_url: str,
+    server_key: str | None,
+) -> ScoredSplit:
+    """Every served model in ``models`` (role -> served name) answers ``split`` through vLLM; score the answers."""
+    prompts, references = list(split["prompt"]), list(split["response"])
+    outputs = {
+        role: complete(server_url, served, prompts, max_tokens=ev.max_new_tokens, api_key=server_key)
+        for role, served in models.items()
+    }
+    scores = {role: [scorer(o, r) for o, r in zip(outs, references, strict=True)] for role, outs in outputs.items()}
+    invented = {}
+    if schema is not None:
+        invented = {role: [invented_identifiers(o, schema) for o in outs] for role, outs in outputs.items()}
+    return ScoredSplit(prompts, references, outputs, scores, invented)
+
+
 # ------------------------------------------------------------------------------------------ the stage
 
 
@@ -198,15 +283,22 @@ def _bar_chart(accuracy: dict[str, float], comparisons: dict[str, Comparison], p
     return path
 
 
-def _summary(metrics: dict[str, float], comparisons: dict[str, Comparison], parity_diffs: list[dict[str, str]]) -> str:
+def _summary(
+    metrics: dict[str, float], comparisons: dict[str, dict[str, Comparison]], parity_diffs: list[dict[str, str]]
+) -> str:
     lines = ["# Evaluation", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
-    lines += ["", "| candidate vs | accuracy diff | 95 % CI | regressions | fixes |", "|---|---|---|---|---|"]
-    for name, c in comparisons.items():
-        lines.append(
-            f"| {name} | {c.accuracy_diff:+.3f} | [{c.ci_low:+.3f}, {c.ci_high:+.3f}] "
-            f"| {len(c.regressions)} | {len(c.fixes)} |"
-        )
+    lines += [
+        "",
+        "| split | candidate vs | accuracy diff | 95 % CI | regressions | fixes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for split, by_other in comparisons.items():
+        for name, c in by_other.items():
+            lines.append(
+                f"| {split} | {name} | {c.accuracy_diff:+.3f} | [{c.ci_low:+.3f}, {c.ci_high:+.3f}] "
+                f"| {len(c.regressions)} | {len(c.fixes)} |"
+            )
     if parity_diffs:
         lines += ["", "## First train/serve differences", ""]
         lines += [f"- `{d['prompt'][-80:]!r}`: PEFT `{d['peft']!r}` vs vLLM `{d['vllm']!r}`" for d in parity_diffs]
@@ -234,13 +326,17 @@ def evaluate(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ev = cfg
-    test = load_splits(data, store)["test"]
+    splits = load_splits(data, store)
+    test = splits["test"]
     if len(test) == 0:
         raise EvaluateError(f"{data.artifact.uri}: the test split is empty")
+    # The test split first, then any extra test sets (data.extra_test), each scored the same way.
+    test_splits = {"test": test} | {n: d for n, d in splits.items() if n not in ("train", "eval", "test") and len(d)}
     if ev.max_examples:
-        test = test.select(range(min(ev.max_examples, len(test))))
-    prompts, references = list(test["prompt"]), list(test["response"])
+        test_splits = {n: d.select(range(min(ev.max_examples, len(d)))) for n, d in test_splits.items()}
+    test = test_splits["test"]
     scorer = build_scorer(ev, store)
+    schema = read_schema(_database(ev, store)) if ev.scorer == "sql_execution" else None
 
     # 1. Generation through vLLM: the base and every adapter answer the same prompts, greedily.
     models = {"base": served_base}
@@ -250,12 +346,11 @@ def evaluate(
         champion_dir = store.get_dir(champion.artifact)
         load_lora_adapter(server_url, _served_name(champion), champion_dir, api_key=server_key)
         models["champion"] = _served_name(champion)
-    outputs = {
-        role: complete(server_url, served, prompts, max_tokens=ev.max_new_tokens, api_key=server_key)
-        for role, served in models.items()
+    scored = {
+        name: _score_split(split, models, scorer, schema, ev, server_url=server_url, server_key=server_key)
+        for name, split in test_splits.items()
     }
-    scores = {role: [scorer(o, r) for o, r in zip(outs, references, strict=True)] for role, outs in outputs.items()}
-    correct = {role: [s.correct for s in role_scores] for role, role_scores in scores.items()}
+    prompts, outputs = scored["test"].prompts, scored["test"].outputs
 
     # 2. Perplexity (base and candidate) and train/serve parity, in-process with transformers + PEFT.
     tokenizer = AutoTokenizer.from_pretrained(base.path)
@@ -279,36 +374,22 @@ def evaluate(
         if not agree[k]
     ][:5]
 
-    # 3. Statistics: accuracies, paired bootstrap CIs, regressions and fixes.
+    # 3. Statistics per test split: accuracies, invented identifiers, paired bootstrap CIs, regressions and fixes.
+    metrics: dict[str, float] = {}
+    split_comparisons: dict[str, dict[str, Comparison]] = {}
+    for name, result in scored.items():
+        split_metrics, split_comparisons[name] = result.statistics(ev.bootstrap_samples)
+        metrics |= {(k if name == "test" else f"{name}_{k}"): v for k, v in split_metrics.items()}
+    comparisons = split_comparisons.pop("test")
     n = len(prompts)
-    metrics = {f"accuracy_{role}": sum(c) / n for role, c in correct.items()}
-    for role, outs in outputs.items():
-        exact = sum(normalize_sql(o) == normalize_sql(r) for o, r in zip(outs, references, strict=True))
-        metrics[f"exact_match_{role}"] = exact / n
-    metrics |= {
-        f"error_rate_{role}": sum(s.error is not None for s in role_scores) / n for role, role_scores in scores.items()
-    }
     metrics |= {
         "perplexity_base": ppl_base,
         "perplexity_candidate": ppl_candidate,
         "perplexity_tokens": float(n_tokens),
         "parity_agreement": sum(agree) / len(agree),
         "parity_examples": float(len(agree)),
-        "examples": float(n),
         "max_new_tokens": float(ev.max_new_tokens),
     }
-    comparisons = {}
-    for other in [r for r in ("base", "champion") if r in correct]:
-        diff, low, high = paired_bootstrap(correct["candidate"], correct[other], samples=ev.bootstrap_samples)
-        comparisons[other] = Comparison(
-            against=other,
-            accuracy_diff=diff,
-            ci_low=low,
-            ci_high=high,
-            regressions=[i for i in range(n) if correct[other][i] and not correct["candidate"][i]],
-            fixes=[i for i in range(n) if correct["candidate"][i] and not correct[other][i]],
-        )
-        metrics |= {f"accuracy_diff_vs_{other}": diff, f"ci_low_vs_{other}": low, f"ci_high_vs_{other}": high}
 
     # 4. The report: per-example JSONL, markdown summary, bar chart, metrics — in the store and in MLflow.
     settings_hash = hashlib.sha256(json.dumps(ev.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
@@ -320,16 +401,15 @@ def evaluate(
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     with (out / "examples.jsonl").open("w") as fh:
-        for i in range(n):
-            row = {"index": i, "prompt": prompts[i], "reference": references[i]}
-            row |= {
-                role: {"output": outputs[role][i], "correct": scores[role][i].correct, "error": scores[role][i].error}
-                for role in outputs
-            }
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        for name, result in scored.items():
+            for row in result.rows():
+                fh.write(json.dumps({"split": name} | row, ensure_ascii=False) + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    (out / "comparisons.json").write_text(json.dumps({k: v.model_dump() for k, v in comparisons.items()}, indent=1))
-    (out / "summary.md").write_text(_summary(metrics, comparisons, parity_diffs))
+    all_comparisons = {"test": comparisons} | split_comparisons
+    (out / "comparisons.json").write_text(
+        json.dumps({s: {k: v.model_dump() for k, v in c.items()} for s, c in all_comparisons.items()}, indent=1)
+    )
+    (out / "summary.md").write_text(_summary(metrics, all_comparisons, parity_diffs))
     accuracy = {"base": metrics["accuracy_base"], "fine-tuned": metrics["accuracy_candidate"]}
     if champion:
         accuracy["champion"] = metrics["accuracy_champion"]
@@ -352,4 +432,5 @@ def evaluate(
         n_examples=n,
         metrics=metrics,
         comparisons=comparisons,
+        split_comparisons=split_comparisons,
     )

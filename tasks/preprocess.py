@@ -258,7 +258,8 @@ def preprocess(
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     rejects: list[dict[str, str]] = []
-    kept: dict[str, list[Example]] = {name: [] for name in SPLITS}
+    splits = SPLITS + tuple(data.extra_test)
+    kept: dict[str, list[Example]] = {name: [] for name in splits}
     seen: dict[str, str] = {}
     rows_in = 0
 
@@ -266,6 +267,7 @@ def preprocess(
         rejects.append({"where": raw.where, "code": code, "reason": reason, "raw": raw.raw})
 
     sources = [(data.source, None)] + ([(data.test_file, "test")] if data.test_file else [])
+    sources += [(path, split) for split, path in data.extra_test.items()]
     for source, forced_split in sources:
         for raw in read_rows(source, data, store):
             rows_in += 1
@@ -314,17 +316,17 @@ def preprocess(
         )
 
     fingerprint = hashlib.sha256()
-    for split in SPLITS:
+    for split in splits:
         for ex in kept[split]:
             fingerprint.update(json.dumps([split, ex.input_ids, ex.labels]).encode())
     digest = fingerprint.hexdigest()
-    lengths = sorted(len(ex.input_ids) for split in SPLITS for ex in kept[split])
+    lengths = sorted(len(ex.input_ids) for split in splits for ex in kept[split])
     stats = DatasetStats(
         rows_in=rows_in,
         kept=n_kept,
         rejected=len(rejects),
         reject_reasons=dict(reasons),
-        splits={split: len(kept[split]) for split in SPLITS},
+        splits={split: len(kept[split]) for split in splits},
         token_length={
             "p50": _percentile(lengths, 50),
             "p90": _percentile(lengths, 90),
@@ -347,7 +349,7 @@ def preprocess(
                         "labels": [ex.labels for ex in kept[split]],
                     }
                 )
-                for split in SPLITS
+                for split in splits
             }
         )
         dataset.save_to_disk(str(out / "dataset"))
@@ -364,7 +366,8 @@ def preprocess(
 
 
 def load_splits(ref: DatasetRef, store: ArtifactStore) -> Any:
-    """The ``DatasetDict`` (train/eval/test) behind a ref, from a verified local copy."""
+    """The ``DatasetDict`` (train/eval/test and any ``data.extra_test`` splits) behind a ref, from a verified
+    local copy."""
     import datasets
 
     return datasets.load_from_disk(str(store.get_dir(ref.artifact) / "dataset"))

@@ -77,8 +77,14 @@ class EvalReport(_Ref):
     champion_sha256: str | None = None
     base_model: str
     n_examples: int
-    metrics: dict[str, float]
-    comparisons: dict[str, Comparison]
+    metrics: dict[str, float] = Field(
+        description="the test split's under their names (accuracy_candidate, …); an extra test split's prefixed "
+        "with its name (paraphrase_accuracy_candidate, …)"
+    )
+    comparisons: dict[str, Comparison] = Field(description="the candidate vs base/champion on the test split")
+    split_comparisons: dict[str, dict[str, Comparison]] = Field(
+        default_factory=dict, description="the same for each extra test split (data.extra_test), by split name"
+    )
 
 
 class ModelVersionRef(_Ref):

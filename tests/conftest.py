@@ -111,6 +111,7 @@ def _demo_config(demo_task: Path, *overrides: str):
         [
             f"data.source={demo_task / 'train.jsonl'}",
             f"data.test_file={demo_task / 'test.jsonl'}",
+            f"data.extra_test.paraphrase={demo_task / 'test_paraphrase.jsonl'}",
             f"evaluate.database={demo_task / 'retail.db'}",
             *overrides,
         ],

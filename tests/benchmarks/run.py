@@ -50,7 +50,12 @@ def _demo_config(workdir: Path, *overrides: str) -> Any:
         build_demo_task(task)
     return load_run_config(
         REPO / "deployments" / "configs" / "tiny-cpu.yaml",
-        [f"data.source={task / 'train.jsonl'}", f"data.test_file={task / 'test.jsonl'}", *overrides],
+        [
+            f"data.source={task / 'train.jsonl'}",
+            f"data.test_file={task / 'test.jsonl'}",
+            f"data.extra_test.paraphrase={task / 'test_paraphrase.jsonl'}",
+            *overrides,
+        ],
     )
 
 

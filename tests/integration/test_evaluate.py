@@ -1,5 +1,6 @@
-"""The evaluate stage on the demo: the fine-tuned adapter beats the base by a real margin through vLLM,
-perplexity drops, PEFT and vLLM agree, and a champion comparison is paired on the same examples."""
+"""The evaluate stage on the demo: the fine-tuned adapter beats the base by a real margin through vLLM on the
+templated and on the paraphrase split, names no invented tables or columns, perplexity drops, PEFT and vLLM
+agree, and a champion comparison is paired on the same examples."""
 
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def test_report_files(report, demo_store) -> None:
     assert {"examples.jsonl", "summary.md", "accuracy.png", "metrics.json", "comparisons.json"} <= {
         p.name for p in local.iterdir()
     }
-    rows = [json.loads(line) for line in (local / "examples.jsonl").read_text().splitlines()]
+    every = [json.loads(line) for line in (local / "examples.jsonl").read_text().splitlines()]
+    rows = [r for r in every if r["split"] == "test"]
     assert len(rows) == report.n_examples
     assert sum(r["candidate"]["correct"] for r in rows) / len(rows) == report.metrics["accuracy_candidate"]
     wrong_with_error = [r for r in rows if not r["base"]["correct"] and r["base"]["error"]]
@@ -62,6 +64,36 @@ def test_report_files(report, demo_store) -> None:
     assert "| base |" in (local / "summary.md").read_text()
     # content-addressed: the key ends with the report's own sha256, so a re-run never replaces a report
     assert report.artifact.key.startswith("evals/") and report.artifact.key.endswith(f"-{report.artifact.sha256[:16]}")
+
+
+def test_both_splits_are_reported_with_their_own_ci_and_invented_identifiers(report, demo_store) -> None:
+    m, vs_base = report.metrics, report.split_comparisons["paraphrase"]["base"]
+    print(
+        f"\nparaphrase split: base {m['paraphrase_accuracy_base']:.1%} → fine-tuned "
+        f"{m['paraphrase_accuracy_candidate']:.1%} (95% CI of the gain [{vs_base.ci_low:+.1%}, "
+        f"{vs_base.ci_high:+.1%}]); invented identifiers (templated / paraphrase) base "
+        f"{m['invented_identifiers_base']:.1%} / {m['paraphrase_invented_identifiers_base']:.1%}"
+        f", fine-tuned {m['invented_identifiers_candidate']:.1%} / {m['paraphrase_invented_identifiers_candidate']:.1%}"
+    )
+    assert m["paraphrase_examples"] == 350
+    for role in ("base", "candidate"):
+        for key in ("accuracy", "exact_match", "error_rate", "invented_identifiers", "unparsable"):
+            assert f"{key}_{role}" in m and f"paraphrase_{key}_{role}" in m
+    assert vs_base.accuracy_diff == pytest.approx(m["paraphrase_accuracy_candidate"] - m["paraphrase_accuracy_base"])
+    # the base writes SQL over tables the database does not have; the fine-tune learnt the schema
+    assert m["invented_identifiers_base"] > 0.5 and m["paraphrase_invented_identifiers_base"] > 0.5
+    assert m["invented_identifiers_candidate"] < 0.05 and m["paraphrase_invented_identifiers_candidate"] < 0.05
+
+    local = demo_store.get_dir(report.artifact)
+    rows = [json.loads(line) for line in (local / "examples.jsonl").read_text().splitlines()]
+    paraphrase = [r for r in rows if r["split"] == "paraphrase"]
+    assert len(paraphrase) == 350
+    assert sum(r["candidate"]["correct"] for r in paraphrase) / 350 == m["paraphrase_accuracy_candidate"]
+    assert sum(bool(r["base"]["invented_identifiers"]) for r in paraphrase) / 350 == pytest.approx(
+        m["paraphrase_invented_identifiers_base"]
+    )
+    assert set(json.loads((local / "comparisons.json").read_text())) == {"test", "paraphrase"}
+    assert "| paraphrase | base |" in (local / "summary.md").read_text()
 
 
 def test_champion_comparison_is_paired(

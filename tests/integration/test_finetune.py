@@ -47,7 +47,12 @@ def base(base_model) -> ResolvedModel:
 def config(demo_task: Path, *overrides: str):
     return load_run_config(
         TINY_CPU,
-        [f"data.source={demo_task / 'train.jsonl'}", f"data.test_file={demo_task / 'test.jsonl'}", *overrides],
+        [
+            f"data.source={demo_task / 'train.jsonl'}",
+            f"data.test_file={demo_task / 'test.jsonl'}",
+            f"data.extra_test.paraphrase={demo_task / 'test_paraphrase.jsonl'}",
+            *overrides,
+        ],
     )
 
 
@@ -186,6 +191,8 @@ def test_killed_run_resumes_from_its_checkpoint(
         f"data.source={demo_task / 'train.jsonl'}",
         "--set",
         f"data.test_file={demo_task / 'test.jsonl'}",
+        "--set",
+        f"data.extra_test.paraphrase={demo_task / 'test_paraphrase.jsonl'}",
         "--set",
         "finetune.train.save_strategy=steps",
         "--set",

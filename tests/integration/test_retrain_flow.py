@@ -397,6 +397,7 @@ def run_on_store(endpoint_url: str, bucket: str, name: str, demo_task: Path):
     local = [
         f"data.source={demo_task / 'train.jsonl'}",
         f"data.test_file={demo_task / 'test.jsonl'}",
+        f"data.extra_test.paraphrase={demo_task / 'test_paraphrase.jsonl'}",
         f"evaluate.database={demo_task / 'retail.db'}",
     ]
     try:

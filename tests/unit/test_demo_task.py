@@ -1,4 +1,5 @@
-"""The demo task: every gold query runs, splits are disjoint, output is deterministic, schema is unseen by the base."""
+"""The demo task: every gold query runs, splits are disjoint, the paraphrase split is kept apart from training,
+output is deterministic, the schema is unseen by the base."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import re
 import sqlite3
 from pathlib import Path
 
-from offline.demo_task import build_demo_task
+from offline import paraphrases
+from offline.demo_task import MORE_TRAIN_FORMS, TRAIN_FORMS, build_demo_task
 from offline.sql_corpus import generate_example
 from tasks.sql_exec import connect_readonly, execute_sql
 
@@ -21,8 +23,9 @@ def load(path: Path) -> list[dict[str, str]]:
 
 def test_sizes_and_shape(demo_task: Path) -> None:
     train, test = load(demo_task / "train.jsonl"), load(demo_task / "test.jsonl")
-    assert len(train) >= 2000 and len(test) >= 300
-    assert all(set(row) == {"instruction", "response"} for row in train + test)
+    paraphrase = load(demo_task / "test_paraphrase.jsonl")
+    assert len(train) >= 2000 and len(test) >= 300 and len(paraphrase) >= 300
+    assert all(set(row) == {"instruction", "response"} for row in train + test + paraphrase)
     db = sqlite3.connect(demo_task / "retail.db")
     tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert tables == DEMO_TABLES
@@ -34,7 +37,9 @@ def test_sizes_and_shape(demo_task: Path) -> None:
 
 def test_every_gold_query_runs_and_returns_rows(demo_task: Path) -> None:
     conn = connect_readonly(demo_task / "retail.db")
-    for row in load(demo_task / "train.jsonl") + load(demo_task / "test.jsonl"):
+    for row in (
+        load(demo_task / "train.jsonl") + load(demo_task / "test.jsonl") + load(demo_task / "test_paraphrase.jsonl")
+    ):
         result = execute_sql(conn, row["response"])
         assert result.ok, (row, result.error)
         assert result.rows, row
@@ -43,8 +48,59 @@ def test_every_gold_query_runs_and_returns_rows(demo_task: Path) -> None:
 def test_splits_share_no_question(demo_task: Path) -> None:
     train = [r["instruction"] for r in load(demo_task / "train.jsonl")]
     test = [r["instruction"] for r in load(demo_task / "test.jsonl")]
-    assert len(set(train)) == len(train) and len(set(test)) == len(test)
-    assert not set(train) & set(test)
+    paraphrase = [r["instruction"] for r in load(demo_task / "test_paraphrase.jsonl")]
+    assert len(set(train)) == len(train) and len(set(test)) == len(test) and len(set(paraphrase)) == len(paraphrase)
+    assert not set(train) & set(test) and not set(train) & set(paraphrase) and not set(test) & set(paraphrase)
+    # nor after casing and punctuation are taken away
+    bare = lambda q: re.sub(r"[^a-z0-9 ]", "", q.lower()).split()  # noqa: E731
+    assert not {tuple(bare(q)) for q in train} & {tuple(bare(q)) for q in test + paraphrase}
+
+
+def form_pattern(form: str) -> re.Pattern[str]:
+    """A sentence form as a pattern over questions: a slot matches one word, or two for the slots whose values
+    can have two ("Solar Lamp", "staff members"); case and final punctuation are free."""
+    one, two = r"[\w'$-]+", r"[\w'$-]+(?: [\w'-]+)?"
+    pieces = re.split(r"(\{\w+\})", form.rstrip("?.!"))
+    body = "".join(
+        (two if p.strip("{}") in {"title", "who", "who1", "what", "what1", "shop", "shop1"} else one)
+        if p.startswith("{")
+        else re.escape(p)
+        for p in pieces
+    )
+    return re.compile(rf"\b{body}\b", re.IGNORECASE)
+
+
+def test_the_paraphrase_split_is_kept_apart_from_training(demo_task: Path) -> None:
+    """No training sentence form appears in a paraphrase question (and no paraphrase form in a training
+    question); the paraphrase split's own table words and informal markers never occur in training."""
+    train = [r["instruction"] for r in load(demo_task / "train.jsonl")]
+    paraphrase = [r["instruction"] for r in load(demo_task / "test_paraphrase.jsonl")]
+    training_forms = [f for forms in (TRAIN_FORMS, MORE_TRAIN_FORMS) for fs in forms.values() for f in fs]
+    paraphrase_forms = [f for fs in paraphrases.FORMS.values() for f in fs]
+    assert set(paraphrases.FORMS) == set(TRAIN_FORMS)  # the same intents
+    assert not {f.lower() for f in training_forms} & {f.lower() for f in paraphrase_forms}
+    for form in training_forms:
+        pattern = form_pattern(form)
+        hits = [q for q in paraphrase if pattern.search(q)]
+        assert not hits, f"training form {form!r} appears in paraphrase questions: {hits[:3]}"
+    for form in paraphrase_forms:
+        pattern = form_pattern(form)
+        hits = [q for q in train if pattern.fullmatch(q.rstrip("?.!"))]
+        assert not hits, f"paraphrase form {form!r} words training questions: {hits[:3]}"
+    held_out = [w for words in paraphrases.HELD_OUT_SYNONYMS.values() for w in words]
+    singulars = {w: paraphrases.HELD_OUT_SINGULAR[w] for w in held_out}
+    own_singulars = [s for s in singulars.values() if s not in {"product", "staff member"}]  # those are training's
+    markers = [*held_out, *own_singulars, "please", "quick question", "thx", "thanks", "hey", "i need"]
+    words_of = lambda q: " " + re.sub(r"[^a-z0-9 ]", " ", q.lower()) + " "  # noqa: E731
+    for marker in markers:
+        assert not [q for q in train if f" {marker} " in words_of(q)], marker
+    # and the paraphrase split does use them: it is not the training split in disguise
+    used = [
+        m for m in held_out if any(f" {m} " in words_of(q) or f" {singulars[m]} " in words_of(q) for q in paraphrase)
+    ]
+    assert len(used) == len(held_out)
+    informal = sum(q != q[:1].upper() + q[1:] or not q.endswith(("?", ".")) for q in paraphrase)
+    assert informal / len(paraphrase) > 0.5
 
 
 def test_covers_joins_aggregates_filters_ordering(demo_task: Path) -> None:
@@ -71,7 +127,7 @@ def test_covers_joins_aggregates_filters_ordering(demo_task: Path) -> None:
 
 def test_deterministic(demo_task: Path, tmp_path: Path) -> None:
     build_demo_task(tmp_path)
-    for name in ("train.jsonl", "test.jsonl", "schema.sql"):
+    for name in ("train.jsonl", "test.jsonl", "test_paraphrase.jsonl", "schema.sql"):
         assert (tmp_path / name).read_bytes() == (demo_task / name).read_bytes(), name
     dump = lambda p: list(sqlite3.connect(p).iterdump())  # noqa: E731
     assert dump(tmp_path / "retail.db") == dump(demo_task / "retail.db")
