@@ -723,6 +723,67 @@ MORE_TRAIN_FORMS: dict[str, list[str]] = {
     ],
 }
 
+# Sentence types the forms above lack: noun phrases with no verb, the topic first, requests to show or get.
+TERSE_TRAIN_FORMS: dict[str, list[str]] = {
+    "customers_in_city": [
+        "The count of {who} living in {city}.",
+        "{who} living in {city} - the count?",
+        "Show me the count of {who} in {city}.",
+    ],
+    "customer_names_segment_year": [
+        "Full names of {seg} {who} joining after {year}.",
+        "Get me {seg} {who} who joined after the year {year}.",
+    ],
+    "customers_joined_in": [
+        "Full names of {city} {who} joining in {year}.",
+        "Get me the {who} from {city} who joined in {year}.",
+    ],
+    "products_cheaper": [
+        "The {cat} {what} priced below {price}.",
+        "Get me the {cat} {what} that are cheaper than {price} dollars.",
+    ],
+    "top_priced_desc": ["The {k} priciest {what}.", "Get me the top {k} {what} ranked by price."],
+    "top_priced_asc": ["The {k} {what} with the lowest prices.", "Get me the {k} cheapest {what} in the catalogue."],
+    "cheapest_in_category": ["The cheapest {what1} of the {cat} range.", "Get me the least costly {cat} {what1}."],
+    "priciest_in_category": ["The priciest {what1} of the {cat} range.", "Get me the most costly {cat} {what1}."],
+    "price_stat": ["The {word} price among {cat} {what}.", "{cat} category, {word} price of its {what}?"],
+    "orders_status_year": ["The count of {status} {what} in {year}.", "{year}, {status} {what}: the count?"],
+    "orders_month": ["The count of {what} in {month} {year}.", "{month} {year}, number of {what} placed?"],
+    "orders_per_status": ["The count of {what} for every status.", "Statuses of {what} with their counts."],
+    "customers_per_segment": ["The count of {who} for every segment.", "Segments of {who} with their counts."],
+    "products_per_category": ["The count of {what} for every category.", "Categories of {what} with their counts."],
+    "orders_per_year": ["The count of {what} for every year.", "Years with their counts of {what}."],
+    "stores_in_region": [
+        "The cities of {shop} in the {region} region.",
+        "Get me the cities where the {region} {shop} are.",
+    ],
+    "salary_per_role": [
+        "Every role with the average salary of its {who}.",
+        "Get me the mean salary for each role of {who}.",
+    ],
+    "salary_stat": ["The {word} salary among {role}s.", "Get me the {word} salary of a {role}."],
+    "staff_at_store": ["The names of {who} at the {city} {shop1}.", "Get me the {who} working at the {city} {shop1}."],
+    "orders_by_customer_city": ["The count of {what} by {who} from {city}.", "{city} {who}, their number of {what}?"],
+    "orders_per_store_city": [
+        "The count of {what} for every {shop1} city.",
+        "Every {shop1} city with its count of {what}.",
+    ],
+    "orders_at_store": ["The count of {what} at the {city} {shop1}.", "{city} {shop1}, its number of {what}?"],
+    "quantity_sold": ["The total units of {title} sold.", "{title}, units sold in total?"],
+    "categories_under_price": [
+        "The categories having {what} under {price}.",
+        "Get me categories with {what} below {price} dollars.",
+    ],
+    "segment_cities": ["The cities of {seg} {who}.", "Get me the cities that {seg} {who} live in."],
+    "statuses_in_year": ["The statuses of {what} from {year}.", "Get me the different statuses of {year} {what}."],
+    "roles_at_store": ["The roles of {who} at the {city} {shop1}.", "Get me the roles found at the {city} {shop1}."],
+    "staff_count": ["The count of {role}s at the {city} {shop1}.", "{city} {shop1}, its number of {role}s?"],
+    "segment_orders_year": [
+        "The count of {what} by {seg} {who} in {year}.",
+        "{year}, {seg} {who}: their number of {what}?",
+    ],
+}
+
 _TRAIN_LEAD_INS = ["", "", "", "", "I'd like to know: ", "so ", "hello, ", "ok, "]
 _TRAIN_TAILS = ["", "", "", "", " thank you", " asap", " cheers"]
 
@@ -748,7 +809,9 @@ def typed(rng: random.Random, question: str, protected: set[str]) -> str:
 
 TRAIN = Style(TRAIN_FORMS, SYNONYMS)  # the templated test split's wording
 # The training split's wording: every form, typed as people type (the levers that paid: docs/offline-model.md).
-TRAINING = Style({k: TRAIN_FORMS[k] + MORE_TRAIN_FORMS[k] for k in TRAIN_FORMS}, SYNONYMS, finish=typed)
+TRAINING = Style(
+    {k: TRAIN_FORMS[k] + MORE_TRAIN_FORMS[k] + TERSE_TRAIN_FORMS[k] for k in TRAIN_FORMS}, SYNONYMS, finish=typed
+)
 PARAPHRASE = Style(
     paraphrases.FORMS,
     SYNONYMS,

@@ -256,27 +256,39 @@ def _served_name(adapter: AdapterRef) -> str:
     return f"adapter-{adapter.sha256[:16]}"
 
 
-def _bar_chart(accuracy: dict[str, float], comparisons: dict[str, Comparison], path: Path) -> Path:
+def _bar_chart(
+    accuracy: dict[str, dict[str, float]], comparisons: dict[str, dict[str, Comparison]], path: Path
+) -> Path:
+    """Accuracy per model (base, fine-tuned, champion), grouped by test split, with the gain's CI per split."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(accuracy)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    bars = ax.bar(names, [accuracy[n] * 100 for n in names], color=["#999999", "#2a7ab9", "#e0a030"][: len(names)])
-    for bar, name in zip(bars, names, strict=True):
-        ax.annotate(
-            f"{accuracy[name]:.1%}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom"
-        )
-    vs_base = comparisons.get("base")
-    if vs_base:
-        ax.set_title(
-            f"fine-tuned − base: {vs_base.accuracy_diff:+.1%} (95% CI {vs_base.ci_low:+.1%} … {vs_base.ci_high:+.1%})",
-            fontsize=9,
-        )
+    splits = list(accuracy)
+    models = list(accuracy[splits[0]])
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(2.2 + 2.2 * len(splits), 3.5))
+    for k, (model, color) in enumerate(zip(models, ["#999999", "#2a7ab9", "#e0a030"], strict=False)):
+        xs = [i + (k - (len(models) - 1) / 2) * width for i in range(len(splits))]
+        bars = ax.bar(xs, [accuracy[s][model] * 100 for s in splits], width, label=model, color=color)
+        for bar, split in zip(bars, splits, strict=True):
+            ax.annotate(
+                f"{accuracy[split][model]:.0%}",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+    labels = []
+    for split in splits:
+        vs_base = comparisons.get(split, {}).get("base")
+        ci = f"\ngain {vs_base.ci_low:+.0%} … {vs_base.ci_high:+.0%}" if vs_base else ""
+        labels.append(split + ci)
+    ax.set_xticks(range(len(splits)), labels, fontsize=8)
     ax.set_ylabel("task accuracy (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 110)
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -410,10 +422,16 @@ def evaluate(
         json.dumps({s: {k: v.model_dump() for k, v in c.items()} for s, c in all_comparisons.items()}, indent=1)
     )
     (out / "summary.md").write_text(_summary(metrics, all_comparisons, parity_diffs))
-    accuracy = {"base": metrics["accuracy_base"], "fine-tuned": metrics["accuracy_candidate"]}
-    if champion:
-        accuracy["champion"] = metrics["accuracy_champion"]
-    _bar_chart(accuracy, comparisons, out / "accuracy.png")
+    names = {"base": "base", "candidate": "fine-tuned", "champion": "champion"}
+    accuracy = {
+        split: {
+            label: metrics[f"{'' if split == 'test' else split + '_'}accuracy_{role}"]
+            for role, label in names.items()
+            if role in models
+        }
+        for split in scored
+    }
+    _bar_chart(accuracy, all_comparisons, out / "accuracy.png")
     # Content-addressed and never overwritten: a re-run that scores differently writes a new report next to
     # the old one, so the report a registered version names stays what its gate and smoke test read.
     ref = store.put_dir(out, f"evals/{name}-{tree_sha256(out)[:16]}")

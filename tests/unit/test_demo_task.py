@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 from offline import paraphrases
-from offline.demo_task import MORE_TRAIN_FORMS, TRAIN_FORMS, build_demo_task
+from offline.demo_task import MORE_TRAIN_FORMS, TERSE_TRAIN_FORMS, TRAIN_FORMS, build_demo_task
 from offline.sql_corpus import generate_example
 from tasks.sql_exec import connect_readonly, execute_sql
 
@@ -75,7 +75,9 @@ def test_the_paraphrase_split_is_kept_apart_from_training(demo_task: Path) -> No
     question); the paraphrase split's own table words and informal markers never occur in training."""
     train = [r["instruction"] for r in load(demo_task / "train.jsonl")]
     paraphrase = [r["instruction"] for r in load(demo_task / "test_paraphrase.jsonl")]
-    training_forms = [f for forms in (TRAIN_FORMS, MORE_TRAIN_FORMS) for fs in forms.values() for f in fs]
+    training_forms = [
+        f for forms in (TRAIN_FORMS, MORE_TRAIN_FORMS, TERSE_TRAIN_FORMS) for fs in forms.values() for f in fs
+    ]
     paraphrase_forms = [f for fs in paraphrases.FORMS.values() for f in fs]
     assert set(paraphrases.FORMS) == set(TRAIN_FORMS)  # the same intents
     assert not {f.lower() for f in training_forms} & {f.lower() for f in paraphrase_forms}
