@@ -82,7 +82,10 @@ def test_both_splits_are_reported_with_their_own_ci_and_invented_identifiers(rep
     assert vs_base.accuracy_diff == pytest.approx(m["paraphrase_accuracy_candidate"] - m["paraphrase_accuracy_base"])
     # the base writes SQL over tables the database does not have; the fine-tune learnt the schema
     assert m["invented_identifiers_base"] > 0.5 and m["paraphrase_invented_identifiers_base"] > 0.5
-    assert m["invented_identifiers_candidate"] < 0.05 and m["paraphrase_invented_identifiers_candidate"] < 0.05
+    # (measured 0.9 % / 3.4 % for this preset; the bound leaves room for run-to-run noise)
+    assert m["invented_identifiers_candidate"] < 0.05 and m["paraphrase_invented_identifiers_candidate"] < 0.10
+    # the fine-tune understands some paraphrases: the gain's CI lower bound is above 30 points (measured ≈ +40)
+    assert vs_base.ci_low > 0.30
 
     local = demo_store.get_dir(report.artifact)
     rows = [json.loads(line) for line in (local / "examples.jsonl").read_text().splitlines()]

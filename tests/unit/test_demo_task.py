@@ -141,3 +141,29 @@ def test_generic_corpus_never_uses_the_demo_tables() -> None:
         sql = generate_example(rng).sql
         tables = set(re.findall(r"(?:FROM|JOIN) (\w+)", sql))
         assert not tables & DEMO_TABLES, sql
+
+
+def test_the_typed_corpus_keeps_every_value_and_version_1_is_unchanged() -> None:
+    """Corpus version 2 types half its questions as people do; the values the SQL filters on keep their letters
+    (a slipped letter never lands in one), the SQL is untouched, and version 1 (the shipped base) is not moved."""
+    from offline.sql_corpus import corpus, typed_by_people
+
+    rng = random.Random(3)
+    changed = 0
+    for _ in range(2000):
+        ex = generate_example(rng)
+        typed = typed_by_people(rng, ex.question, ex.sql)
+        changed += typed != ex.question
+        for literal in re.findall(r"'([^']*)'", ex.sql):
+            for word in literal.split():
+                assert word.lower() in typed.lower().split() or word.lower() in typed.lower(), (literal, typed)
+    assert changed > 1000
+    plain, also_plain = corpus(5, "</s>"), corpus(5, "</s>", typed_share=0.0)
+    assert [next(plain) for _ in range(200)] == [next(also_plain) for _ in range(200)]
+    typed_docs = corpus(5, "</s>", typed_share=0.5)
+    questions = [
+        d.split("### Instruction:\n", 1)[1].split("\n", 1)[0]
+        for d in (next(typed_docs) for _ in range(400))
+        if "### Instruction:" in d
+    ]
+    assert sum(q == q.lower() for q in questions) > 0.1 * len(questions)  # some typed in lower case
