@@ -389,9 +389,10 @@ def evaluate(
     # 3. Statistics per test split: accuracies, invented identifiers, paired bootstrap CIs, regressions and fixes.
     metrics: dict[str, float] = {}
     split_comparisons: dict[str, dict[str, Comparison]] = {}
-    for name, result in scored.items():
-        split_metrics, split_comparisons[name] = result.statistics(ev.bootstrap_samples)
-        metrics |= {(k if name == "test" else f"{name}_{k}"): v for k, v in split_metrics.items()}
+    for split_name, result in scored.items():
+        split_metrics, split_comparisons[split_name] = result.statistics(ev.bootstrap_samples)
+        prefix = "" if split_name == "test" else f"{split_name}_"
+        metrics |= {f"{prefix}{k}": v for k, v in split_metrics.items()}
     comparisons = split_comparisons.pop("test")
     n = len(prompts)
     metrics |= {
@@ -413,9 +414,9 @@ def evaluate(
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     with (out / "examples.jsonl").open("w") as fh:
-        for name, result in scored.items():
+        for split_name, result in scored.items():
             for row in result.rows():
-                fh.write(json.dumps({"split": name} | row, ensure_ascii=False) + "\n")
+                fh.write(json.dumps({"split": split_name} | row, ensure_ascii=False) + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     all_comparisons = {"test": comparisons} | split_comparisons
     (out / "comparisons.json").write_text(
@@ -438,8 +439,8 @@ def evaluate(
     with tracker.run(ref.key.split("/", 1)[1], stage="evaluate", tags={"tuneship.adapter_sha256": adapter.sha256}):
         tracker.log_params({"evaluate": ev.model_dump(mode="json"), "adapter_uri": adapter.artifact.uri})
         tracker.log_metrics(metrics)
-        for name in ("summary.md", "accuracy.png", "examples.jsonl", "metrics.json", "comparisons.json"):
-            tracker.log_artifact(out / name, artifact_path="eval")
+        for file in ("summary.md", "accuracy.png", "examples.jsonl", "metrics.json", "comparisons.json"):
+            tracker.log_artifact(out / file, artifact_path="eval")
     for served in list(models.values())[1:]:
         unload_lora_adapter(server_url, served, api_key=server_key)
     return EvalReport(

@@ -63,7 +63,8 @@ def test_report_files(report, demo_store) -> None:
     assert wrong_with_error and "no such table" in wrong_with_error[0]["base"]["error"]
     assert "| base |" in (local / "summary.md").read_text()
     # content-addressed: the key ends with the report's own sha256, so a re-run never replaces a report
-    assert report.artifact.key.startswith("evals/") and report.artifact.key.endswith(f"-{report.artifact.sha256[:16]}")
+    assert report.artifact.key.startswith(f"evals/{report.candidate_sha256[:16]}-vs-none-")
+    assert report.artifact.key.endswith(f"-{report.artifact.sha256[:16]}")
 
 
 def test_both_splits_are_reported_with_their_own_ci_and_invented_identifiers(report, demo_store) -> None:
