@@ -38,10 +38,20 @@ from tasks.base_model import resolve_base_model
 from tasks.config import DeployConfig
 from tasks.deploy import deploy
 from tasks.generation import instruction_prompt
+from tasks.refs import split_metric
 from tasks.sql_exec import connect_readonly, execute_sql, is_ordered, results_match
 
 MODEL = "retail-sql"
 CONFIG = "deployments/configs/tiny-cpu.yaml"
+# The metrics the demo prints for each test split.
+SPLIT_LINE = (
+    "examples",
+    "accuracy_base",
+    "accuracy_candidate",
+    "ci_low_vs_base",
+    "ci_high_vs_base",
+    "invented_identifiers_candidate",
+)
 DATA_KEY = "data/retail-sql"  # where tiny-cpu.yaml reads its data: artifact://data/retail-sql/…
 
 
@@ -118,13 +128,14 @@ def run_demo(
                 f"evaluate (through vLLM): perplexity {m['perplexity_base']:.1f} → {m['perplexity_candidate']:.2f}; "
                 f"PEFT/vLLM parity {m['parity_agreement']:.0%}; execution accuracy base → fine-tuned (95% CI of gain):"
             )
-            for split, label in (("", "templated"), ("paraphrase_", "paraphrase")):
-                if f"{split}accuracy_candidate" in m:
+            for split, label in (("test", "templated"), ("paraphrase", "paraphrase")):
+                sm = {key: m.get(split_metric(split, key), float("nan")) for key in SPLIT_LINE}
+                if split_metric(split, "accuracy_candidate") in m:
                     say(
-                        f"  {label:10} ({m[split + 'examples']:.0f} questions): {m[split + 'accuracy_base']:.1%} → "
-                        f"{m[split + 'accuracy_candidate']:.1%} [{m[split + 'ci_low_vs_base']:+.1%}, "
-                        f"{m[split + 'ci_high_vs_base']:+.1%}]; queries naming a table or column the database lacks: "
-                        f"{m.get(split + 'invented_identifiers_candidate', float('nan')):.1%}"
+                        f"  {label:10} ({sm['examples']:.0f} questions): {sm['accuracy_base']:.1%} → "
+                        f"{sm['accuracy_candidate']:.1%} [{sm['ci_low_vs_base']:+.1%}, {sm['ci_high_vs_base']:+.1%}]; "
+                        "queries naming a table or column the database lacks: "
+                        f"{sm['invented_identifiers_candidate']:.1%}"
                     )
             if "accuracy_champion" in m:
                 say(

@@ -49,7 +49,15 @@ from tasks.config import (
     RunConfig,
     load_run_config,
 )
-from tasks.refs import AdapterRef, DatasetRef, Deployment, EvalReport, ModelVersionRef, PromotionDecision
+from tasks.refs import (
+    AdapterRef,
+    DatasetRef,
+    Deployment,
+    EvalReport,
+    ModelVersionRef,
+    PromotionDecision,
+    split_metric,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_ROOT = REPO / "deployments" / "configs"
@@ -323,16 +331,17 @@ def evaluate_stage(
     m = report.metrics
     rows = []
     for split, comparisons in ({"test": report.comparisons} | report.split_comparisons).items():
-        prefix = "" if split == "test" else f"{split}_"
         rows += [
             {
                 "split": split,
                 "model": role,
-                "accuracy": round(m[f"{prefix}accuracy_{role}"], 4),
-                "invented_identifiers": round(m.get(f"{prefix}invented_identifiers_{role}", float("nan")), 4),
+                "accuracy": round(m[split_metric(split, f"accuracy_{role}")], 4),
+                "invented_identifiers": round(
+                    m.get(split_metric(split, f"invented_identifiers_{role}"), float("nan")), 4
+                ),
             }
             for role in ("base", "candidate", "champion")
-            if f"{prefix}accuracy_{role}" in m
+            if split_metric(split, f"accuracy_{role}") in m
         ]
         rows += [
             {

@@ -33,7 +33,7 @@ from tasks.base_model import ResolvedModel
 from tasks.config import EvalConfig, registered_scorers
 from tasks.generation import greedy_generate
 from tasks.preprocess import load_splits
-from tasks.refs import AdapterRef, Comparison, DatasetRef, EvalReport
+from tasks.refs import AdapterRef, Comparison, DatasetRef, EvalReport, split_metric
 from tasks.sql_exec import connect_readonly, execute_sql, is_ordered, results_match
 from tasks.sql_identifiers import Schema, invented_identifiers, read_schema
 
@@ -391,8 +391,7 @@ def evaluate(
     split_comparisons: dict[str, dict[str, Comparison]] = {}
     for split_name, result in scored.items():
         split_metrics, split_comparisons[split_name] = result.statistics(ev.bootstrap_samples)
-        prefix = "" if split_name == "test" else f"{split_name}_"
-        metrics |= {f"{prefix}{k}": v for k, v in split_metrics.items()}
+        metrics |= {split_metric(split_name, k): v for k, v in split_metrics.items()}
     comparisons = split_comparisons.pop("test")
     n = len(prompts)
     metrics |= {
@@ -426,9 +425,7 @@ def evaluate(
     names = {"base": "base", "candidate": "fine-tuned", "champion": "champion"}
     accuracy = {
         split: {
-            label: metrics[f"{'' if split == 'test' else split + '_'}accuracy_{role}"]
-            for role, label in names.items()
-            if role in models
+            label: metrics[split_metric(split, f"accuracy_{role}")] for role, label in names.items() if role in models
         }
         for split in scored
     }

@@ -69,6 +69,12 @@ class Comparison(_Ref):
     fixes: list[int] = Field(default_factory=list, description="indices wrong before, right now")
 
 
+def split_metric(split: str, metric: str) -> str:
+    """The name an evaluation gives ``metric`` on test split ``split``: the test split's metrics keep their names
+    (``accuracy_candidate``), an extra split's carry its name (``paraphrase_accuracy_candidate``)."""
+    return metric if split == "test" else f"{split}_{metric}"
+
+
 class EvalReport(_Ref):
     """The evaluation of a candidate adapter against the base (and the champion, when there is one)."""
 

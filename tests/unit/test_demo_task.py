@@ -156,7 +156,7 @@ def test_the_typed_corpus_keeps_every_value_and_version_1_is_unchanged() -> None
         changed += typed != ex.question
         for literal in re.findall(r"'([^']*)'", ex.sql):
             for word in literal.split():
-                assert word.lower() in typed.lower().split() or word.lower() in typed.lower(), (literal, typed)
+                assert word.lower() in typed.lower(), (literal, typed)
     assert changed > 1000
     plain, also_plain = corpus(5, "</s>"), corpus(5, "</s>", typed_share=0.0)
     assert [next(plain) for _ in range(200)] == [next(also_plain) for _ in range(200)]
