@@ -370,7 +370,7 @@ def serve(
     """Serve the champion: a local vLLM (when TUNESHIP_VLLM_URL=local), the gateway, the adapters hot-loaded."""
     import threading
 
-    from flows.serve import gateway_config, serving_stack, upstream
+    from flows.serve import gateway_config, request_log, serving_stack, upstream
 
     settings = load_settings()
     if not deploy_aliases:
@@ -379,9 +379,11 @@ def serve(
 
         if settings.vllm_url == "local":
             raise SettingsError("TUNESHIP_VLLM_URL: --no-deploy serves an existing vLLM server; give its URL")
-        app_ = create_app(gateway_config(settings), upstream(settings, settings.vllm_url))
+        log = request_log(settings, open_store(settings))
+        app_ = create_app(gateway_config(settings), upstream(settings, settings.vllm_url), log)
         host, port, grace = settings.gateway_host, settings.gateway_port, settings.gateway_shutdown_grace_s
-        serve_forever(app_, host=host, port=port, grace_s=grace)
+        with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises SIGTERM once it has shut down cleanly
+            serve_forever(app_, host=host, port=port, grace_s=grace)
         return
     with serving_stack(settings, name, say=console.print) as stack:
         console.print(f"gateway: {stack.gateway_url}  (Ctrl-C stops it)")

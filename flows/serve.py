@@ -22,6 +22,7 @@ from infra.services import ManagedProcess, free_port
 from infra.settings import Settings
 from infra.vllm_server import VllmLaunch, start_vllm
 from serving.app import GatewayConfig, create_app
+from serving.request_log import RequestLog, RequestLogConfig
 from serving.server import check_exposure, serve_in_thread
 from serving.upstream import VllmUpstream
 from tasks.base_model import resolve_base_model
@@ -82,6 +83,21 @@ def upstream(settings: Settings, vllm_url: str) -> VllmUpstream:
     return VllmUpstream(vllm_url, api_key=settings.vllm_key)
 
 
+def request_log(settings: Settings, store: ArtifactStore) -> RequestLog | None:
+    """The gateway's request log into ``store`` (None when ``TUNESHIP_REQUEST_LOG=off``)."""
+    if settings.request_log == "off":
+        return None
+    config = RequestLogConfig(
+        mode=settings.request_log,
+        flush_records=settings.request_log_flush_records,
+        flush_interval_s=settings.request_log_flush_s,
+        max_pending=settings.request_log_max_pending,
+        pii_patterns=settings.pii_patterns,
+        pii_regions=settings.pii_phone_regions,
+    )
+    return RequestLog(store, config)
+
+
 def gateway_config(settings: Settings, **overrides: object) -> GatewayConfig:
     values = {
         "api_keys": _secret_list(settings.api_keys),
@@ -122,7 +138,7 @@ def serving_stack(
     check_exposure(config, settings.gateway_host)  # before a vLLM server is started for nothing
     with local_vllm(settings, Path(base.path)) as vllm_url:
         say(f"vLLM: {vllm_url} serving {base.id}")
-        app = create_app(config, upstream(settings, vllm_url))
+        app = create_app(config, upstream(settings, vllm_url), request_log(settings, store))
         gw_port = port if port is not None else settings.gateway_port
         grace = settings.gateway_shutdown_grace_s
         with serve_in_thread(app, host=settings.gateway_host, port=gw_port, grace_s=grace) as gateway_url:

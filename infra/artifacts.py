@@ -259,9 +259,10 @@ class LocalBackend:
         self._path(key).unlink(missing_ok=True)
 
     def iter_keys(self, prefix: str) -> Iterator[str]:
-        if not self.root.exists():
+        start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root  # walk the prefix's folder only
+        if not start.exists():
             return
-        for path in self.root.rglob("*"):
+        for path in start.rglob("*"):
             rel = path.relative_to(self.root).as_posix()
             if rel.startswith(prefix) and path.is_file() and not path.name.startswith(".tmp-"):
                 yield rel
@@ -396,13 +397,16 @@ class ArtifactStore:
             created_at=self.backend.modified_at(manifest_key),
         )
 
-    def list(self, prefix: str = "") -> list[ArtifactRef]:
-        """Refs of every complete artifact whose key starts with ``prefix`` (a directory prefix)."""
+    def keys(self, prefix: str = "") -> list[str]:
+        """Keys of every complete artifact under ``prefix`` (a directory prefix), sorted; one listing, no reads."""
         if prefix:
             validate_key(prefix.rstrip("/"), what="prefix")
         suffix = f"/{MANIFEST_NAME}"
-        keys = sorted(k[: -len(suffix)] for k in self.backend.iter_keys(prefix.rstrip("/")) if k.endswith(suffix))
-        return [self.ref(key) for key in keys]
+        return sorted(k[: -len(suffix)] for k in self.backend.iter_keys(prefix.rstrip("/")) if k.endswith(suffix))
+
+    def list(self, prefix: str = "") -> list[ArtifactRef]:
+        """Refs of every complete artifact whose key starts with ``prefix`` (a directory prefix)."""
+        return [self.ref(key) for key in self.keys(prefix)]
 
     def get_dir(self, ref: ArtifactRef | str) -> Path:
         """Download the artifact into the cache, verify every file, and return the local directory.

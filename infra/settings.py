@@ -101,6 +101,24 @@ class Settings(BaseSettings):
     canary_share: float = Field(default=0.0, ge=0, le=1, description="Share of champion traffic sent to challenger.")
     gateway_max_in_flight: int = Field(default=64, gt=0, description="Requests the gateway sends upstream at once.")
     gateway_max_queue: int = Field(default=256, ge=0, description="Requests waiting for a slot; beyond: 429.")
+    request_log: Literal["off", "metadata", "full"] = Field(
+        default="full",
+        description="What the gateway logs per completion: off; metadata (ids, model, tokens, latency); full (and the "
+        "prompt and output, personal data scrubbed). Feedback needs metadata or full.",
+    )
+    request_log_flush_records: int = Field(default=256, ge=1, description="Records per request-log segment (at most).")
+    request_log_flush_s: float = Field(default=5.0, gt=0, description="Longest a logged record waits for its segment.")
+    request_log_max_pending: int = Field(
+        default=10_000, ge=1, description="Records queued for the writer; beyond, dropped and counted (never blocks)."
+    )
+    pii_patterns: dict[str, str] = Field(
+        default_factory=dict,
+        description='JSON map of extra patterns to scrub before storing, e.g. {"ticket": "TCK-\\d{6}"} → <TICKET>.',
+    )
+    pii_phone_regions: list[str] = Field(
+        default_factory=lambda: ["US", "GB"],
+        description="JSON list of regions whose national phone formats are scrubbed (international ones always are).",
+    )
     instance_type: str = Field(
         default="aws-c7a.large",
         description="Price-table entry (infra/costs.yaml) this machine is billed as, for training-cost records.",

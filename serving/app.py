@@ -11,6 +11,7 @@ Their shared state and checks are ``serving.gateway.Gateway``, one per app; the 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -23,24 +24,35 @@ from starlette.exceptions import HTTPException
 from serving.contract import openai_error
 from serving.gateway import Gateway, GatewayConfig, GatewayError
 from serving.middleware import BodyLimit
-from serving.routers import admin, generate, openai, ops
+from serving.request_log import RequestLog
+from serving.routers import admin, feedback, generate, openai, ops
 from serving.upstream import Upstream
 
 __all__ = ["GatewayConfig", "create_app"]
 
 
-def create_app(config: GatewayConfig, upstream: Upstream) -> FastAPI:
-    """Build the gateway around ``upstream``; every piece of state lives on this app, none in modules."""
-    gateway = Gateway(config, upstream)
+def create_app(config: GatewayConfig, upstream: Upstream, request_log: RequestLog | None = None) -> FastAPI:
+    """Build the gateway around ``upstream``; every piece of state lives on this app, none in modules.
+
+    With ``request_log``, every completion is logged and ``/feedback`` is open; the log's writer starts with the
+    app and, on shutdown, writes everything still queued before the app exits.
+    """
+    gateway = Gateway(config, upstream, request_log)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        await upstream.aclose()
+        if request_log is not None:
+            request_log.start()
+        try:
+            yield
+        finally:
+            await upstream.aclose()
+            if request_log is not None:
+                await asyncio.to_thread(request_log.close)
 
     app = FastAPI(title="tuneship gateway", version="1", lifespan=lifespan)
     app.state.gateway = gateway
-    for router in (ops.router, generate.router, openai.router, admin.router):
+    for router in (ops.router, generate.router, openai.router, feedback.router, admin.router):
         app.include_router(router)
     app.add_exception_handler(GatewayError, refused)
     app.add_exception_handler(RequestValidationError, invalid)

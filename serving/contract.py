@@ -94,6 +94,23 @@ class ChatCompletionRequest(_OpenAISampling):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000, description="newer name of max_tokens")
 
 
+class FeedbackRequest(_Strict):
+    request_id: Annotated[str, Field(min_length=1, max_length=64)] = Field(
+        description="from X-Request-Id, the final SSE event, or the OpenAI answer's id (cmpl-… / chatcmpl-…)"
+    )
+    rating: Literal["up", "down"]
+    correction: Annotated[str, Field(min_length=1, max_length=20_000)] | None = Field(
+        default=None, description="the answer that should have been given"
+    )
+    comment: Annotated[str, Field(max_length=2000)] | None = None
+
+
+# (FeedbackRequest's answer)
+class FeedbackAccepted(BaseModel):
+    request_id: str
+    joined: bool = Field(description="false: the request's record is not written yet; curation joins them")
+
+
 # Answers ------------------------------------------------------------------------------------------------------
 
 
@@ -118,12 +135,14 @@ class GenerateResult(BaseModel):
     text: str
     finish_reason: str | None = None
     usage: dict[str, Any] = Field(default_factory=dict)
+    request_id: str = Field(description="for POST /feedback (also in the X-Request-Id header)")
 
 
 class BatchItem(BaseModel):
     text: str | None = None
     finish_reason: str | None = None
     error: str | None = None
+    request_id: str | None = Field(default=None, description="this answer's id, for POST /feedback")
 
 
 class BatchResult(BaseModel):

@@ -20,12 +20,13 @@ import ipaddress
 import math
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.metrics import GatewayMetrics
+from serving.request_log import RequestLog, new_request_id
 from serving.routes import RouteTable
 from serving.upstream import Upstream, UpstreamError
 
@@ -137,10 +138,13 @@ class Limiter:
 class Gateway:
     """The gateway's state and the checks every route applies: keys, model names, limits, slots."""
 
-    def __init__(self, config: GatewayConfig, upstream: Upstream) -> None:
+    def __init__(self, config: GatewayConfig, upstream: Upstream, request_log: RequestLog | None = None) -> None:
         self.config = config
         self.upstream = upstream
         self.metrics = GatewayMetrics()
+        self.log = request_log
+        if request_log is not None:
+            request_log.metrics = self.metrics
         self.limiter = Limiter(config.max_in_flight, config.max_queue, self.metrics)
         self.routes = RouteTable(config.aliases, canary_share=config.canary_share)
         self.metrics.track_routes(self.routes)
@@ -222,6 +226,27 @@ class Gateway:
             return name
         choices = sorted(set(self.routes.aliases) | known)
         raise self.refuse(422, f"unknown model {name[:256]!r}: use one of {choices}", param="model")
+
+    def request_id(self, request: Request, served: str, request_id: str | None = None) -> str:
+        """A new request id (or ``request_id``), remembered with its caller and model for feedback checks."""
+        request_id = request_id or new_request_id()
+        if self.log is not None:
+            self.log.issued(request_id, self.log.key_id(self.bearer(request)), served)
+        return request_id
+
+    def record(self, request: Request, request_id: str, alias: str, served: str, seconds: float, **item: Any) -> None:
+        """Queue the request log's record of one exchange (raw: the log's writer thread reads and scrubs it)."""
+        if self.log is not None:
+            key_id = self.log.key_id(self.bearer(request))
+            self.log.completed(
+                request_id=request_id,
+                key_id=key_id,
+                route=request.url.path,
+                alias=alias,
+                served=served,
+                latency_s=seconds,
+                **item,
+            )
 
     def admit(self) -> None:
         """Refuse a stream before it starts when the queue is full, so the client gets a 429, not an SSE error."""

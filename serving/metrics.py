@@ -110,6 +110,27 @@ class GatewayMetrics:
         self.errors = Counter(
             "tuneship_request_errors", "Refused or failed requests by status.", ["status"], registry=self.registry
         )
+        self.log_dropped = Counter(
+            "tuneship_request_log_dropped", "Request-log records dropped (queue full).", registry=self.registry
+        )
+        self.log_records = Counter(
+            "tuneship_request_log_records", "Records written to request-log segments.", registry=self.registry
+        )
+        self.log_segments = Counter(
+            "tuneship_request_log_segments", "Request-log segments written.", registry=self.registry
+        )
+        self.feedback = Counter(
+            "tuneship_feedback",
+            "Feedback received, by rating and served model.",
+            ["rating", "model"],
+            registry=self.registry,
+        )
+        self.down_ratio = Gauge(
+            "tuneship_feedback_down_ratio",
+            "Share of thumbs-down among the latest feedback on each served model (window: feedback_window).",
+            ["model"],
+            registry=self.registry,
+        )
 
     def track_routes(self, routes: RouteTable) -> None:
         self.registry.register(RouteCollector(routes))

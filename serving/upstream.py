@@ -22,8 +22,8 @@ class UpstreamError(Exception):
 
 
 class Upstream(Protocol):
-    async def complete(self, path: str, body: dict[str, Any]) -> bytes: ...
-    def events(self, path: str, body: dict[str, Any]) -> AsyncIterator[list[bytes]]: ...
+    async def complete(self, path: str, body: dict[str, Any], request_id: str | None = None) -> bytes: ...
+    def events(self, path: str, body: dict[str, Any], request_id: str | None = None) -> AsyncIterator[list[bytes]]: ...
     async def models(self) -> list[dict[str, Any]]: ...
     async def aclose(self) -> None: ...
 
@@ -62,21 +62,26 @@ class VllmUpstream:
         text = (await response.read()).decode(errors="replace")
         return UpstreamError(f"vLLM answered {response.status}: {text[:500]}", response.status)
 
-    async def complete(self, path: str, body: dict[str, Any]) -> bytes:
+    async def complete(self, path: str, body: dict[str, Any], request_id: str | None = None) -> bytes:
+        """The engine's answer; ``request_id`` goes as ``X-Request-Id``, which vLLM makes its answer's id."""
         try:
-            async with self.session.post(path, data=json.dumps({**body, "stream": False}), headers=_JSON) as r:
+            data = json.dumps({**body, "stream": False})
+            async with self.session.post(path, data=data, headers=_headers(request_id)) as r:
                 if r.status != 200:
                     raise await self._refused(r)
                 return await r.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._unreachable(exc) from None
 
-    async def events(self, path: str, body: dict[str, Any]) -> AsyncIterator[list[bytes]]:
+    async def events(
+        self, path: str, body: dict[str, Any], request_id: str | None = None
+    ) -> AsyncIterator[list[bytes]]:
         """The data of the events of a streamed answer, up to ``[DONE]`` (not included), in batches: all that one
         read from the engine completed, so a relay writes them in one go. Leaving the loop closes the upstream
         request (vLLM aborts it)."""
         try:
-            async with self.session.post(path, data=json.dumps({**body, "stream": True}), headers=_JSON) as r:
+            data = json.dumps({**body, "stream": True})
+            async with self.session.post(path, data=data, headers=_headers(request_id)) as r:
                 if r.status != 200:
                     raise await self._refused(r)
                 pending, done = b"", False
@@ -108,3 +113,7 @@ class VllmUpstream:
 
 
 _JSON = {"content-type": "application/json"}
+
+
+def _headers(request_id: str | None) -> dict[str, str]:
+    return {**_JSON, "X-Request-Id": request_id} if request_id else _JSON

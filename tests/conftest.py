@@ -186,3 +186,67 @@ def prefect_server(services_dir: Path) -> Iterator[object]:
 
     with start_prefect(services_dir) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def pii_corpus() -> dict[str, list[str]]:
+    """≥ 200 distinct personal-data strings of every kind the scrubber knows, in the formats people type them.
+
+    Numbers are drawn at random and kept only when they are real: phone numbers valid in their numbering plan
+    (libphonenumber), card numbers with a Luhn check digit, IBANs with ISO 7064 check digits. ``ticket`` is a
+    user-configured pattern (``TCK-`` and six digits).
+    """
+    import ipaddress
+    import random
+
+    import phonenumbers
+    from stdnum import iban, luhn
+
+    rng = random.Random(20261128)
+    names = ["ana", "li.wei", "o'neil", "jo-ann", "SAM", "kaito", "fatima", "bjorn", "noor", "d.smith"]
+    domains = ["example.com", "mail.example.org", "shop.example.co.uk", "corp.example.io", "EXAMPLE.NET"]
+    kinds: dict[str, set[str]] = {k: set() for k in ("email", "phone", "card", "iban", "ip", "ticket")}
+    while len(kinds["email"]) < 200:
+        tag = rng.choice(["", f"+{rng.randint(1, 99)}", f"{rng.randint(1, 9999)}"])
+        kinds["email"].add(f"{rng.choice(names).replace(chr(39), '')}{tag}@{rng.choice(domains)}")
+    formats = [phonenumbers.PhoneNumberFormat.INTERNATIONAL, phonenumbers.PhoneNumberFormat.E164]
+    plans = {"US": (1, 10, ["415", "212", "646", "303", "617", "512"]), "GB": (44, 10, ["20", "161", "7700"])}
+    while len(kinds["phone"]) < 200:
+        region = rng.choice(list(plans))
+        code, length, prefixes = plans[region]
+        prefix = rng.choice(prefixes)
+        national = prefix + "".join(
+            rng.choice("23456789" if i == 0 else "0123456789") for i in range(length - len(prefix))
+        )
+        number = phonenumbers.parse(f"+{code}{national}")
+        if not phonenumbers.is_valid_number(number):
+            continue
+        style = rng.choice([*formats, phonenumbers.PhoneNumberFormat.NATIONAL])
+        kinds["phone"].add(phonenumbers.format_number(number, style))
+    for prefix, length in [("4", 16), ("51", 16), ("55", 16), ("37", 15), ("6011", 16)] * 60:
+        body = prefix + "".join(rng.choice("0123456789") for _ in range(length - len(prefix) - 1))
+        digits = body + luhn.calc_check_digit(body)
+        sep = rng.choice(["", " ", "-"])
+        kinds["card"].add(sep.join(digits[i : i + 4] for i in range(0, len(digits), 4)) if sep else digits)
+    bbans = {
+        "DE": lambda: _digits(rng, 18),
+        "GB": lambda: "NWBK" + _digits(rng, 14),
+        "NL": lambda: "ABNA" + _digits(rng, 10),
+    }
+    while len(kinds["iban"]) < 200:
+        country = rng.choice(list(bbans))
+        bban = bbans[country]()
+        number = country + iban.calc_check_digits(country + "00" + bban) + bban
+        kinds["iban"].add(iban.format(number) if rng.random() < 0.5 else number)
+    while len(kinds["ip"]) < 200:
+        if rng.random() < 0.6:
+            kinds["ip"].add(".".join(str(rng.randint(1, 254)) for _ in range(4)))
+        else:
+            kinds["ip"].add(str(ipaddress.IPv6Address(rng.getrandbits(128))))
+    while len(kinds["ticket"]) < 200:
+        kinds["ticket"].add(f"TCK-{rng.randint(0, 999999):06d}")
+    return {kind: sorted(values) for kind, values in kinds.items()}
+
+
+def _digits(rng, count: int) -> str:
+    return "".join(rng.choice("0123456789") for _ in range(count))

@@ -27,6 +27,7 @@ from serving.contract import (
 )
 from serving.gateway import Gateway, GatewayDep, GatewayError, require_api_key
 from serving.middleware import overhead_header
+from serving.request_log import REQUEST_ID_HEADER as REQUEST_ID
 
 router = APIRouter(
     prefix="/v1",
@@ -56,35 +57,57 @@ async def _relay(
     alias = req.model
     served = body["model"] = await gateway.served(alias)
     rename = _renaming(served, alias)
+    request_id = gateway.request_id(request, served)
     started = time.perf_counter()
     if not req.stream:
         async with gateway.slot(served):
-            answer = await gateway.upstream.complete(path, body)
+            answer = await gateway.upstream.complete(path, body, request_id)
         elapsed = time.perf_counter() - started
         tokens = COMPLETION_TOKENS.search(answer)
         gateway.metrics.observe(alias, elapsed, None, int(tokens.group(1)) if tokens else 0)
+        gateway.record(request, request_id, alias, served, elapsed, req=req, answer=answer)
         content = answer.replace(*rename) if rename else answer
-        return Response(content, media_type="application/json", headers=overhead_header(request.scope, elapsed))
+        headers = {**overhead_header(request.scope, elapsed), REQUEST_ID: request_id}
+        return Response(content, media_type="application/json", headers=headers)
     gateway.admit()
-    return StreamingResponse(_stream(gateway, path, body, alias, rename, started), media_type="text/event-stream")
+    events = _stream(gateway, request, req, path, body, rename, request_id, started)
+    return StreamingResponse(events, media_type="text/event-stream", headers={REQUEST_ID: request_id})
 
 
 async def _stream(
-    gateway: Gateway, path: str, body: dict[str, Any], alias: str, rename: tuple[bytes, bytes] | None, started: float
+    gateway: Gateway,
+    request: Request,
+    req: CompletionRequest | ChatCompletionRequest,
+    path: str,
+    body: dict[str, Any],
+    rename: tuple[bytes, bytes] | None,
+    request_id: str,
+    started: float,
 ) -> AsyncIterator[bytes]:
-    first, chunks = None, 0
+    first, chunks, error = None, [], None
     try:
         async with gateway.slot(body["model"]):
-            async for batch in gateway.upstream.events(path, body):
+            async for batch in gateway.upstream.events(path, body, request_id):
                 if first is None:
                     first = time.perf_counter()
-                chunks += len(batch)
+                chunks += batch
                 events = b"".join([b"data: " + data + b"\n\n" for data in batch])
                 yield events.replace(*rename) if rename else events
         elapsed = time.perf_counter() - started
-        gateway.metrics.observe(alias, elapsed, (first or time.perf_counter()) - started, chunks)
+        gateway.metrics.observe(req.model, elapsed, (first or time.perf_counter()) - started, len(chunks))
     except GatewayError as exc:  # the stream had started: OpenAI's in-stream error event
         yield b"data: " + json.dumps(openai_error(exc.status, exc.message, exc.param)).encode() + b"\n\n"
+        error = exc.message
+    gateway.record(
+        request,
+        request_id,
+        req.model,
+        body["model"],
+        time.perf_counter() - started,
+        req=req,
+        chunks=chunks,
+        error=error,
+    )
     yield b"data: [DONE]\n\n"
 
 

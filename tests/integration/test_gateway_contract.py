@@ -17,9 +17,11 @@ from typing import Any
 import httpx
 import pytest
 
+from infra.artifacts import ArtifactStore, LocalBackend
 from infra.services import free_port
 from serving.app import GatewayConfig, create_app
 from serving.middleware import OVERHEAD_HEADER
+from serving.request_log import RequestLog, RequestLogConfig
 from serving.server import ExposedGateway, serve_in_thread
 from serving.upstream import VllmUpstream
 
@@ -32,12 +34,13 @@ PROMPT = "### Instruction:\nHow many ships have color red?\n\n### Response:\n"
 def start_gateway() -> Iterator[Callable[..., str]]:
     with contextlib.ExitStack() as stack:
 
-        def start(upstream_url: str | None = None, host: str = "127.0.0.1", **config: Any) -> str:
+        def start(
+            upstream_url: str | None = None, host: str = "127.0.0.1", request_log: Any = None, **config: Any
+        ) -> str:
             values = {"aliases": {"champion": "base"}, "api_keys": [KEY], **config}
             upstream = VllmUpstream(upstream_url or f"http://127.0.0.1:{free_port()}")  # nothing listens there
-            return stack.enter_context(
-                serve_in_thread(create_app(GatewayConfig(**values), upstream), host=host, port=free_port())
-            )
+            app = create_app(GatewayConfig(**values), upstream, request_log)
+            return stack.enter_context(serve_in_thread(app, host=host, port=free_port()))
 
         yield start
 
@@ -182,9 +185,10 @@ def test_the_contract_in_front_of_vllm(start_gateway, vllm_server) -> None:
 
 
 @pytest.mark.slow
-def test_fuzzing_from_the_openapi_document_finds_no_server_error(start_gateway, vllm_server) -> None:
+def test_fuzzing_from_the_openapi_document_finds_no_server_error(start_gateway, vllm_server, tmp_path) -> None:
     """Over 1,000 requests generated from the gateway's OpenAPI document, valid and invalid, against the gateway in
-    front of vLLM: no 5xx, and every answer has a documented status, content type and schema."""
+    front of vLLM (with its request log on, so /feedback runs for real): no 5xx, and every answer has a documented
+    status, content type and schema."""
     import hypothesis
     import schemathesis
     from hypothesis import strategies as st
@@ -200,6 +204,7 @@ def test_fuzzing_from_the_openapi_document_finds_no_server_error(start_gateway, 
     url = start_gateway(
         upstream_url=vllm_server.base_url, admin_keys=[KEY], max_tokens_cap=4, default_max_tokens=2, max_batch=4,
         max_prompt_chars=2000, max_body_bytes=32_768,
+        request_log=RequestLog(ArtifactStore(LocalBackend(tmp_path / "store"), tmp_path / "cache"), RequestLogConfig()),
     )  # fmt: skip
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     checks = [
@@ -229,7 +234,7 @@ def test_fuzzing_from_the_openapi_document_finds_no_server_error(start_gateway, 
             response = case.call(base_url=url, headers=AUTH, timeout=60)
             sent[operation.label] = sent.get(operation.label, 0) + 1
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-            if response.status_code not in (200, 401, 413, 422, 429):
+            if response.status_code not in (200, 202, 401, 404, 413, 422, 429):
                 odd.setdefault(f"{operation.label} {response.status_code}", response.text[:300])
             try:  # a body over the size limit is refused (413) before anyone reads whether it is valid
                 case.validate_response(response, checks=checks if response.status_code != 413 else checks[:-1])

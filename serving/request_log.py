@@ -1,0 +1,397 @@
+"""The request log: a record of every completion the gateway serves, and the feedback users send on them.
+
+The request path only appends to a bounded in-memory queue (a few microseconds, ``make bench``:
+request_log); a background thread turns queued items into records, scrubs personal data out of every text
+(:mod:`infra.pii`) and writes *segments* to the artifact store:
+
+    requests/2026/11/28/14/<first-ms>-<replica>-<seq>/records.jsonl.gz   one JSON record per line
+                                                     /index.json         request id → API-key id, served model
+                                                     /_manifest.json     written last: a segment without it is
+                                                                         never read
+    feedback/2026/11/28/14/…                         the same layout for feedback records
+
+A segment is written every ``flush_records`` records or ``flush_interval_s`` seconds, whichever comes first,
+and on shutdown (SIGTERM: nothing queued is lost). A process killed with SIGKILL loses what was not yet in a
+complete segment: the records of the last ``flush_interval_s`` seconds, at most ``2 × flush_records`` at a
+high rate (one segment being written, one filling). A full queue drops the record and counts it
+(``tuneship_request_log_dropped_total``); it never blocks a request.
+
+Modes (``TUNESHIP_REQUEST_LOG``): ``off`` logs nothing and refuses feedback; ``metadata`` keeps ids, models,
+token counts, finish reasons and latency but no prompt or output; ``full`` keeps the scrubbed texts too.
+
+Request ids are ``<12 hex: issue time in ms><16 hex: random>`` (a batch item adds ``-<index>``); the OpenAI
+routes answer them as ``cmpl-<id>`` / ``chatcmpl-<id>`` (vLLM takes the id from the ``X-Request-Id`` the gateway
+sends it), and ``POST /feedback`` accepts either form.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import gzip
+import hashlib
+import json
+import logging
+import random
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from infra.artifacts import ArtifactStore
+from infra.pii import Scrubber
+
+log = logging.getLogger("tuneship.request_log")
+
+Mode = Literal["off", "metadata", "full"]
+REQUESTS, FEEDBACK = "requests", "feedback"
+REQUEST_ID_HEADER = "X-Request-Id"
+RECORDS_FILE, INDEX_FILE = "records.jsonl.gz", "index.json"
+REQUEST_ID = re.compile(r"(?:chatcmpl-|cmpl-)?([0-9a-f]{12})([0-9a-f]{16})(-\d{1,4})?")
+SERVED_VERSION = re.compile(r"(.+)-v(\d+)")
+
+
+class RequestLogConfig(BaseModel):
+    """How the gateway logs requests and feedback (from ``TUNESHIP_REQUEST_LOG*`` settings)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    mode: Mode = "full"
+    flush_records: int = Field(default=256, ge=1, description="write a segment once this many records wait")
+    flush_interval_s: float = Field(default=5.0, gt=0, description="… or once the oldest has waited this long")
+    max_pending: int = Field(default=10_000, ge=1, description="queued records beyond this are dropped, counted")
+    pii_patterns: dict[str, str] = Field(default_factory=dict, description="extra patterns to scrub, by name")
+    pii_regions: list[str] = Field(default_factory=lambda: ["US", "GB"], description="phone numbering plans")
+    max_request_s: float = Field(default=300.0, gt=0, description="longest a request may run (the upstream timeout)")
+    index_size: int = Field(default=100_000, ge=1, description="recent request ids each replica remembers")
+    feedback_window: int = Field(default=200, ge=1, description="feedback per model behind the thumbs-down rate")
+
+    @property
+    def join_window_s(self) -> float:
+        """How long after its issue a request's record may still be on its way to the store (another replica's)."""
+        return self.max_request_s + 2 * self.flush_interval_s + 5
+
+
+def new_request_id() -> str:
+    return f"{time.time_ns() // 1_000_000:012x}{random.getrandbits(64):016x}"
+
+
+def parse_request_id(value: str) -> tuple[str, float] | None:
+    """The bare request id in ``value`` (``cmpl-`` / ``chatcmpl-`` removed) and its issue time, or None."""
+    match = REQUEST_ID.fullmatch(value)
+    if match is None:
+        return None
+    return match.group(1) + match.group(2) + (match.group(3) or ""), int(match.group(1), 16) / 1000
+
+
+def registered(served: str) -> tuple[str, int | None]:
+    """The registered model name and version behind a served model name (``retail-sql-v3`` → retail-sql, 3)."""
+    match = SERVED_VERSION.fullmatch(served)
+    return (match.group(1), int(match.group(2))) if match else (served, None)
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _hour_prefix(prefix: str, seconds: float) -> str:
+    return f"{prefix}/{datetime.fromtimestamp(seconds, UTC):%Y/%m/%d/%H}"
+
+
+def read_segment(store: ArtifactStore, key: str) -> list[dict[str, Any]]:
+    """The records of one complete segment (verified against its manifest)."""
+    path = store.get_dir(key) / RECORDS_FILE
+    with gzip.open(path, "rt", encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines]
+
+
+def segment_keys(store: ArtifactStore, prefix: str) -> list[str]:
+    """Keys of the complete segments under ``prefix`` (``requests`` or ``feedback``, or a day or hour in them)."""
+    return store.keys(prefix)
+
+
+class SegmentWriter:
+    """Items in (from any thread, never blocking), segments out (from one daemon thread)."""
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        prefix: str,
+        config: RequestLogConfig,
+        prepare: Callable[[Any], dict[str, Any]],
+        *,
+        replica: str,
+        on_drop: Callable[[], None],
+        on_segment: Callable[[int], None],
+    ) -> None:
+        self.store, self.prefix, self.config, self.prepare = store, prefix, config, prepare
+        self.replica, self.on_drop, self.on_segment = replica, on_drop, on_segment
+        self.pending: collections.deque[Any] = collections.deque()
+        self.wake = threading.Event()
+        self.closing = False
+        self.segments = 0
+        self.written = 0
+        self._idle = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=f"{prefix}-log-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, item: Any) -> bool:
+        """Queue ``item``; False (and counted) when the queue is full."""
+        pending = self.pending
+        if len(pending) >= self.config.max_pending:
+            self.on_drop()
+            return False
+        pending.append(item)
+        if len(pending) >= self.config.flush_records:
+            self.wake.set()
+        return True
+
+    def _run(self) -> None:
+        while True:
+            self.wake.wait(self.config.flush_interval_s)
+            self.wake.clear()
+            closing = self.closing
+            while self.pending:
+                self._write(min(len(self.pending), self.config.flush_records))
+            with self._idle:
+                self._idle.notify_all()
+            if closing:
+                return
+
+    def _write(self, count: int) -> None:
+        items = [self.pending.popleft() for _ in range(count)]
+        records = []
+        for item in items:
+            try:
+                records.append(self.prepare(item))
+            except Exception:  # a record that cannot be read is dropped and counted, never the segment
+                log.exception("request log: could not prepare a record")
+                self.on_drop()
+        if not records:
+            return
+        first = records[0]["issued_ms"] / 1000
+        self.segments += 1
+        key = f"{_hour_prefix(self.prefix, first)}/{records[0]['issued_ms']:012x}-{self.replica}-{self.segments:06d}"
+        index = {r["request_id"]: [r["key_id"], r.get("served")] for r in records} if self.prefix == REQUESTS else None
+        for attempt in range(5):
+            try:
+                with tempfile.TemporaryDirectory(prefix="tuneship-segment-") as tmp:
+                    folder = Path(tmp)
+                    with gzip.open(folder / RECORDS_FILE, "wt", encoding="utf-8", compresslevel=6) as out:
+                        out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+                    if index is not None:  # who made each request: what feedback is checked against
+                        (folder / INDEX_FILE).write_text(json.dumps(index))
+                    self.store.put_dir(folder, key, overwrite=True)
+                break
+            except Exception:
+                if attempt == 4:
+                    log.exception("request log: segment %s lost (%d records)", key, len(records))
+                    for _ in records:
+                        self.on_drop()
+                    return
+                time.sleep(0.5 * 2**attempt)
+        self.written += len(records)
+        self.on_segment(len(records))
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Write everything queued now; True once the queue was empty (for tests and shutdown)."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self.pending and time.monotonic() < deadline:
+                self.wake.set()
+                self._idle.wait(max(0.0, min(1.0, deadline - time.monotonic())))
+        return not self.pending
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Write what is queued and stop the thread."""
+        self.closing = True
+        self.wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+
+class Origin(BaseModel):
+    """Who made a request and which model answered it: what feedback on it is checked against."""
+
+    key_id: str
+    served: str | None
+
+
+class RequestLog:
+    """The gateway's request and feedback logs, with the index that feedback is checked against."""
+
+    def __init__(self, store: ArtifactStore, config: RequestLogConfig, metrics: Any = None) -> None:
+        self.store, self.config, self.metrics = store, config, metrics
+        self.scrub = Scrubber(config.pii_patterns, regions=config.pii_regions)
+        self.replica = f"{random.getrandbits(32):08x}"
+        self.recent: dict[str, tuple[str, str | None]] = {}  # request id → (key id, served model)
+        self._segment_index: dict[str, dict[str, list[str | None]]] = {}
+        self._key_ids: dict[str, str] = {}
+        self.down: dict[str, collections.deque[bool]] = {}
+        counted = {"on_drop": self._dropped, "on_segment": self._segment}
+        self.requests = SegmentWriter(store, REQUESTS, config, self._request_record, replica=self.replica, **counted)
+        self.feedback = SegmentWriter(store, FEEDBACK, config, self._feedback_record, replica=self.replica, **counted)
+
+    @property
+    def full(self) -> bool:
+        return self.config.mode == "full"
+
+    def start(self) -> None:
+        self.requests.start()
+        self.feedback.start()
+
+    def close(self) -> None:
+        self.requests.close()
+        self.feedback.close()
+
+    def flush(self) -> bool:
+        return self.requests.flush() & self.feedback.flush()
+
+    def _dropped(self) -> None:
+        if self.metrics is not None:
+            self.metrics.log_dropped.inc()
+
+    def _segment(self, records: int) -> None:
+        if self.metrics is not None:
+            self.metrics.log_records.inc(records)
+            self.metrics.log_segments.inc()
+
+    # The request path ------------------------------------------------------------------------------------------
+
+    def key_id(self, key: str) -> str:
+        """A stable, non-reversible id for an API key (``open`` on a gateway without keys)."""
+        if not key:
+            return "open"
+        if (found := self._key_ids.get(key)) is None:
+            found = self._key_ids[key] = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return found
+
+    def issued(self, request_id: str, key_id: str, served: str | None) -> None:
+        """Remember who made ``request_id`` (for feedback checks before its segment is written)."""
+        recent = self.recent
+        if len(recent) >= self.config.index_size:
+            del recent[next(iter(recent))]
+        recent[request_id] = (key_id, served)
+
+    def completed(self, **item: Any) -> None:
+        """Queue one request's record. Items are raw (the request model, the engine's bytes): the writer thread
+        parses and scrubs them, so the request path spends only an append here."""
+        item["done"] = time.time()
+        self.requests.put(item)
+
+    # The writer thread -----------------------------------------------------------------------------------------
+
+    def _request_record(self, item: dict[str, Any]) -> dict[str, Any]:
+        request_id = item["request_id"]
+        issued_ms = int(request_id[:12], 16)
+        name, version = registered(item["served"])
+        prompt, outputs, finish, usage = _read_exchange(item)
+        record: dict[str, Any] = {
+            "request_id": request_id,
+            "issued_ms": issued_ms,
+            "time": _iso(issued_ms / 1000),
+            "key_id": item["key_id"],
+            "route": item["route"],
+            "alias": item["alias"],
+            "served": item["served"],
+            "model": name,
+            "version": version,
+            "finish_reason": finish,
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": usage.get("completion_tokens"),
+            "latency_s": round(item["latency_s"], 4),
+            "error": item.get("error"),
+        }
+        if self.full:
+            record["prompt"] = self.scrub.value(prompt)
+            record["output"] = self.scrub.value(outputs[0] if len(outputs) == 1 else outputs)
+        return record
+
+    def _feedback_record(self, item: dict[str, Any]) -> dict[str, Any]:
+        item = dict(item)
+        for field in ("correction", "comment"):
+            if item.get(field) is not None:
+                item[field] = self.scrub(item[field])
+        return item
+
+    # Feedback --------------------------------------------------------------------------------------------------
+
+    def origin(self, request_id: str) -> Origin | None:
+        """Who made ``request_id``: from this replica's memory, else from the written segments (blocking I/O)."""
+        if (found := self.recent.get(request_id)) is not None:
+            return Origin(key_id=found[0], served=found[1])
+        issued = int(request_id[:12], 16) / 1000
+        for hour in {_hour_prefix(REQUESTS, issued), _hour_prefix(REQUESTS, issued - 3600)}:
+            for key in segment_keys(self.store, hour):
+                if key not in self._segment_index:
+                    index = json.loads((self.store.get_dir(key) / INDEX_FILE).read_text())
+                    self._segment_index[key] = index
+                if (entry := self._segment_index[key].get(request_id)) is not None:
+                    return Origin(key_id=str(entry[0]), served=entry[1])
+        return None
+
+    def rate(self, request_id: str, key_id: str, origin: Origin | None, **feedback: Any) -> None:
+        """Queue a feedback record and count it (``tuneship_feedback_total``, the thumbs-down rate)."""
+        now = time.time()
+        served = origin.served if origin else None
+        name, version = registered(served) if served else (None, None)
+        record = {
+            "feedback_id": new_request_id(),
+            "issued_ms": int(now * 1000),
+            "time": _iso(now),
+            "request_id": request_id,
+            "key_id": key_id,
+            "served": served,
+            "model": name,
+            "version": version,
+            "joined": origin is not None,
+            **feedback,
+        }
+        self.feedback.put(record)
+        if self.metrics is not None and served is not None:
+            window = self.down.setdefault(served, collections.deque(maxlen=self.config.feedback_window))
+            window.append(feedback["rating"] == "down")
+            self.metrics.feedback.labels(rating=feedback["rating"], model=served).inc()
+            self.metrics.down_ratio.labels(model=served).set(sum(window) / len(window))
+        elif self.metrics is not None:
+            self.metrics.feedback.labels(rating=feedback["rating"], model="unjoined").inc()
+
+
+def _read_exchange(item: dict[str, Any]) -> tuple[Any, list[str], Any, dict[str, Any]]:
+    """(prompt, outputs, finish reason(s), usage) from what a route queued."""
+    req = item.get("req")
+    prompt: Any = item.get("prompt")
+    if prompt is None and req is not None:
+        prompt = [m.model_dump(exclude_none=True) for m in req.messages] if hasattr(req, "messages") else req.prompt
+    if "text" in item:  # /generate: the route already has the text
+        return prompt, [item["text"]], item.get("finish_reason"), item.get("usage") or {}
+    texts: dict[int, list[str]] = collections.defaultdict(list)
+    finishes: dict[int, str | None] = {}
+    usage: dict[str, Any] = {}
+    documents = [item["answer"]] if item.get("answer") else item.get("chunks") or []
+    for raw in documents:
+        with contextlib.suppress(ValueError):
+            document = json.loads(raw)
+            usage = document.get("usage") or usage
+            for choice in document.get("choices") or ():
+                index = choice.get("index", 0)
+                piece = choice.get("text")
+                if piece is None:
+                    part = choice.get("message") or choice.get("delta") or {}
+                    piece = part.get("content")
+                if piece:
+                    texts[index].append(piece)
+                if choice.get("finish_reason"):
+                    finishes[index] = choice["finish_reason"]
+    order = sorted(set(texts) | set(finishes)) or [0]
+    finish_list = [finishes.get(i) for i in order]
+    finish = finish_list[0] if len(finish_list) == 1 else finish_list
+    return prompt, ["".join(texts.get(i, [])) for i in order], finish, usage
