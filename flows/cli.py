@@ -196,6 +196,31 @@ def preprocess_cmd(config: ConfigPath, overrides: Overrides = None) -> None:
     console.print_json(ref.model_dump_json())
 
 
+@app.command("curate")
+def curate_cmd(
+    config: ConfigPath,
+    labels: Annotated[
+        Path | None, typer.Option(help="A needs_labels.jsonl export with 'correction' filled in by people.")
+    ] = None,
+    overrides: Overrides = None,
+) -> None:
+    """Production feedback since the last curated version → a new curated dataset (training rows + feedback
+    holdout), with every rejected row's reason; prints its ref."""
+    from tasks.config import load_run_config
+    from tasks.curate import curate
+
+    cfg = load_run_config(config, overrides)
+    settings = load_settings()
+    ref = curate(cfg, store=open_store(settings), workdir=settings.home / "work", labels=labels)
+    c = ref.counts
+    console.print(
+        f"curated v{ref.version}: {c['rows_in']} feedback rows in → {c['train_added']} training rows, "
+        f"{c['holdout_added']} holdout rows, {c['rejected']} rejected ({ref.reasons}); "
+        f"{c['needs_labels']} need a label ({ref.needs_labels})"
+    )
+    console.print_json(ref.model_dump_json())
+
+
 @app.command("train")
 def train_cmd(
     config: ConfigPath,

@@ -51,6 +51,7 @@ from tasks.config import (
 )
 from tasks.refs import (
     AdapterRef,
+    CuratedRef,
     DatasetRef,
     Deployment,
     EvalReport,
@@ -97,6 +98,11 @@ class RetrainParams(BaseModel):
     overrides: list[str] = Field(default_factory=list, description="Dotted overrides, e.g. finetune.train.epochs=1.")
     deploy: bool = Field(default=True, description="Hot-swap a promoted model into the serving stack.")
     max_eval_examples: int | None = Field(default=None, gt=0, le=100_000, description="Cap on test examples.")
+    curate: bool = Field(
+        default=False,
+        description="Start with a curate stage: production feedback since the last curated version joins the "
+        "training data, and its holdout becomes the 'feedback' test split.",
+    )
     placement: dict[Literal["fine-tune"], str] = Field(
         default_factory=dict,
         description='Stages to run as their own deployment on another work pool, e.g. {"fine-tune": '
@@ -115,6 +121,7 @@ class RetrainSummary(BaseModel):
     metrics: dict[str, float]
     deployment: Deployment | None = None
     training_cost: TrainingCost | None = None
+    curated: CuratedRef | None = None
 
 
 def config_file(config: str, store: ArtifactStore) -> Path:
@@ -252,6 +259,26 @@ def _answers(url: str) -> bool:
 
 
 # Stages. Each takes the shared services (excluded from the cache key by the key functions) and refs.
+
+
+@task(name="curate", cache_policy=NO_CACHE, **IO_RETRIES)
+def curate_stage(cfg: RunConfig, services: Services) -> CuratedRef:
+    """Requests + feedback since the last curated version → a new curated dataset (or the last one, unchanged)."""
+    from tasks.curate import curate
+
+    ref = curate(cfg, store=services.store, workdir=services.settings.home / "work")
+    rows = [{"outcome": key, "rows": n} for key, n in ref.counts.items()]
+    rows += [{"outcome": f"rejected: {code}", "rows": n} for code, n in ref.reasons.items()]
+    create_table_artifact(rows, key="curation", description=f"curated v{ref.version}: {ref.train}")
+    return ref
+
+
+def curated_overrides(ref: CuratedRef) -> list[str]:
+    """Run-config overrides that train on a curated version and test on its feedback holdout (when it has one)."""
+    overrides = [f"data.source={ref.train}"]
+    if ref.counts.get("holdout_rows", 0):
+        overrides.append(f"data.extra_test.feedback={ref.holdout}")
+    return overrides
 
 
 @task(name="resolve base model", cache_policy=NO_CACHE, **IO_RETRIES)
@@ -511,6 +538,12 @@ def retrain(params: RetrainParams) -> RetrainSummary:
     try:
         with stage("load run config"):
             cfg = load_run_config(config_file(params.config, services.store), overrides)
+        curated = None
+        if params.curate:
+            with stage("curate"):
+                curated = curate_stage(cfg, services)
+                overrides += curated_overrides(curated)
+                cfg = load_run_config(config_file(params.config, services.store), overrides)
         with stage("resolve base model"):
             base = resolve_stage(cfg.base_model, services)
         services.base = base
@@ -557,6 +590,7 @@ def retrain(params: RetrainParams) -> RetrainSummary:
         metrics=report.metrics,
         deployment=deployment,
         training_cost=cost,
+        curated=curated,
     )
 
 

@@ -25,8 +25,9 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from infra.segments import new_request_id
 from serving.metrics import GatewayMetrics
-from serving.request_log import RequestLog, new_request_id
+from serving.request_log import RequestLog
 from serving.routes import RouteTable
 from serving.upstream import Upstream, UpstreamError
 

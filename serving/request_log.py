@@ -28,33 +28,31 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import gzip
 import hashlib
 import json
-import logging
 import random
-import re
-import tempfile
-import threading
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from infra.artifacts import ArtifactStore
 from infra.pii import Scrubber
-
-log = logging.getLogger("tuneship.request_log")
+from infra.segments import (
+    FEEDBACK,
+    INDEX_FILE,
+    REQUESTS,
+    SegmentWriter,
+    hour_prefix,
+    iso_time,
+    new_request_id,
+    registered,
+    request_issued,
+    segment_keys,
+)
 
 Mode = Literal["off", "metadata", "full"]
-REQUESTS, FEEDBACK = "requests", "feedback"
 REQUEST_ID_HEADER = "X-Request-Id"
-RECORDS_FILE, INDEX_FILE = "records.jsonl.gz", "index.json"
-REQUEST_ID = re.compile(r"(?:chatcmpl-|cmpl-)?([0-9a-f]{12})([0-9a-f]{16})(-\d{1,4})?")
-SERVED_VERSION = re.compile(r"(.+)-v(\d+)")
 
 
 class RequestLogConfig(BaseModel):
@@ -78,146 +76,6 @@ class RequestLogConfig(BaseModel):
         return self.max_request_s + 2 * self.flush_interval_s + 5
 
 
-def new_request_id() -> str:
-    return f"{time.time_ns() // 1_000_000:012x}{random.getrandbits(64):016x}"
-
-
-def parse_request_id(value: str) -> tuple[str, float] | None:
-    """The bare request id in ``value`` (``cmpl-`` / ``chatcmpl-`` removed) and its issue time, or None."""
-    match = REQUEST_ID.fullmatch(value)
-    if match is None:
-        return None
-    return match.group(1) + match.group(2) + (match.group(3) or ""), int(match.group(1), 16) / 1000
-
-
-def registered(served: str) -> tuple[str, int | None]:
-    """The registered model name and version behind a served model name (``retail-sql-v3`` → retail-sql, 3)."""
-    match = SERVED_VERSION.fullmatch(served)
-    return (match.group(1), int(match.group(2))) if match else (served, None)
-
-
-def _iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _hour_prefix(prefix: str, seconds: float) -> str:
-    return f"{prefix}/{datetime.fromtimestamp(seconds, UTC):%Y/%m/%d/%H}"
-
-
-def read_segment(store: ArtifactStore, key: str) -> list[dict[str, Any]]:
-    """The records of one complete segment (verified against its manifest)."""
-    path = store.get_dir(key) / RECORDS_FILE
-    with gzip.open(path, "rt", encoding="utf-8") as lines:
-        return [json.loads(line) for line in lines]
-
-
-def segment_keys(store: ArtifactStore, prefix: str) -> list[str]:
-    """Keys of the complete segments under ``prefix`` (``requests`` or ``feedback``, or a day or hour in them)."""
-    return store.keys(prefix)
-
-
-class SegmentWriter:
-    """Items in (from any thread, never blocking), segments out (from one daemon thread)."""
-
-    def __init__(
-        self,
-        store: ArtifactStore,
-        prefix: str,
-        config: RequestLogConfig,
-        prepare: Callable[[Any], dict[str, Any]],
-        *,
-        replica: str,
-        on_drop: Callable[[], None],
-        on_segment: Callable[[int], None],
-    ) -> None:
-        self.store, self.prefix, self.config, self.prepare = store, prefix, config, prepare
-        self.replica, self.on_drop, self.on_segment = replica, on_drop, on_segment
-        self.pending: collections.deque[Any] = collections.deque()
-        self.wake = threading.Event()
-        self.closing = False
-        self.segments = 0
-        self.written = 0
-        self._idle = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name=f"{prefix}-log-writer", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def put(self, item: Any) -> bool:
-        """Queue ``item``; False (and counted) when the queue is full."""
-        pending = self.pending
-        if len(pending) >= self.config.max_pending:
-            self.on_drop()
-            return False
-        pending.append(item)
-        if len(pending) >= self.config.flush_records:
-            self.wake.set()
-        return True
-
-    def _run(self) -> None:
-        while True:
-            self.wake.wait(self.config.flush_interval_s)
-            self.wake.clear()
-            closing = self.closing
-            while self.pending:
-                self._write(min(len(self.pending), self.config.flush_records))
-            with self._idle:
-                self._idle.notify_all()
-            if closing:
-                return
-
-    def _write(self, count: int) -> None:
-        items = [self.pending.popleft() for _ in range(count)]
-        records = []
-        for item in items:
-            try:
-                records.append(self.prepare(item))
-            except Exception:  # a record that cannot be read is dropped and counted, never the segment
-                log.exception("request log: could not prepare a record")
-                self.on_drop()
-        if not records:
-            return
-        first = records[0]["issued_ms"] / 1000
-        self.segments += 1
-        key = f"{_hour_prefix(self.prefix, first)}/{records[0]['issued_ms']:012x}-{self.replica}-{self.segments:06d}"
-        index = {r["request_id"]: [r["key_id"], r.get("served")] for r in records} if self.prefix == REQUESTS else None
-        for attempt in range(5):
-            try:
-                with tempfile.TemporaryDirectory(prefix="tuneship-segment-") as tmp:
-                    folder = Path(tmp)
-                    with gzip.open(folder / RECORDS_FILE, "wt", encoding="utf-8", compresslevel=6) as out:
-                        out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-                    if index is not None:  # who made each request: what feedback is checked against
-                        (folder / INDEX_FILE).write_text(json.dumps(index))
-                    self.store.put_dir(folder, key, overwrite=True)
-                break
-            except Exception:
-                if attempt == 4:
-                    log.exception("request log: segment %s lost (%d records)", key, len(records))
-                    for _ in records:
-                        self.on_drop()
-                    return
-                time.sleep(0.5 * 2**attempt)
-        self.written += len(records)
-        self.on_segment(len(records))
-
-    def flush(self, timeout: float = 30.0) -> bool:
-        """Write everything queued now; True once the queue was empty (for tests and shutdown)."""
-        deadline = time.monotonic() + timeout
-        with self._idle:
-            while self.pending and time.monotonic() < deadline:
-                self.wake.set()
-                self._idle.wait(max(0.0, min(1.0, deadline - time.monotonic())))
-        return not self.pending
-
-    def close(self, timeout: float = 60.0) -> None:
-        """Write what is queued and stop the thread."""
-        self.closing = True
-        self.wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-
 class Origin(BaseModel):
     """Who made a request and which model answered it: what feedback on it is checked against."""
 
@@ -236,9 +94,16 @@ class RequestLog:
         self._segment_index: dict[str, dict[str, list[str | None]]] = {}
         self._key_ids: dict[str, str] = {}
         self.down: dict[str, collections.deque[bool]] = {}
-        counted = {"on_drop": self._dropped, "on_segment": self._segment}
-        self.requests = SegmentWriter(store, REQUESTS, config, self._request_record, replica=self.replica, **counted)
-        self.feedback = SegmentWriter(store, FEEDBACK, config, self._feedback_record, replica=self.replica, **counted)
+        counted = {
+            "on_drop": self._dropped,
+            "on_segment": self._segment,
+            "flush_records": config.flush_records,
+            "flush_interval_s": config.flush_interval_s,
+            "max_pending": config.max_pending,
+            "replica": self.replica,
+        }
+        self.requests = SegmentWriter(store, REQUESTS, self._request_record, **counted)
+        self.feedback = SegmentWriter(store, FEEDBACK, self._feedback_record, **counted)
 
     @property
     def full(self) -> bool:
@@ -291,13 +156,13 @@ class RequestLog:
 
     def _request_record(self, item: dict[str, Any]) -> dict[str, Any]:
         request_id = item["request_id"]
-        issued_ms = int(request_id[:12], 16)
+        issued_ms = int(request_issued(request_id) * 1000)
         name, version = registered(item["served"])
         prompt, outputs, finish, usage = _read_exchange(item)
         record: dict[str, Any] = {
             "request_id": request_id,
             "issued_ms": issued_ms,
-            "time": _iso(issued_ms / 1000),
+            "time": iso_time(issued_ms / 1000),
             "key_id": item["key_id"],
             "route": item["route"],
             "alias": item["alias"],
@@ -328,8 +193,8 @@ class RequestLog:
         """Who made ``request_id``: from this replica's memory, else from the written segments (blocking I/O)."""
         if (found := self.recent.get(request_id)) is not None:
             return Origin(key_id=found[0], served=found[1])
-        issued = int(request_id[:12], 16) / 1000
-        for hour in {_hour_prefix(REQUESTS, issued), _hour_prefix(REQUESTS, issued - 3600)}:
+        issued = request_issued(request_id)
+        for hour in {hour_prefix(REQUESTS, issued), hour_prefix(REQUESTS, issued - 3600)}:
             for key in segment_keys(self.store, hour):
                 if key not in self._segment_index:
                     index = json.loads((self.store.get_dir(key) / INDEX_FILE).read_text())
@@ -346,7 +211,7 @@ class RequestLog:
         record = {
             "feedback_id": new_request_id(),
             "issued_ms": int(now * 1000),
-            "time": _iso(now),
+            "time": iso_time(now),
             "request_id": request_id,
             "key_id": key_id,
             "served": served,

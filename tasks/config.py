@@ -170,6 +170,18 @@ class PromotionRules(_Strict):
     """What a challenger must show before it becomes the champion."""
 
     ci_margin: float = Field(default=0.0, description="The accuracy-difference CI lower bound must exceed this.")
+    improve_on: str = Field(
+        default="test",
+        description="The split on which the candidate must beat the champion: 'test', or an extra test split (e.g. "
+        "'feedback', the curated feedback holdout). For another split, the test split must also not regress.",
+    )
+    max_regression: float = Field(
+        default=0.03,
+        ge=0,
+        le=1,
+        description="With improve_on another split: the test split's CI lower bound vs the champion must stay at "
+        "or above -max_regression (0.03: three points).",
+    )
     max_perplexity_increase: float = Field(default=0.05, ge=0, description="Relative to the champion's perplexity.")
     min_parity: float = Field(default=0.99, ge=0, le=1, description="PEFT/vLLM greedy agreement.")
     max_error_rate: float = Field(default=0.25, ge=0, le=1, description="Share of outputs that failed to score.")
@@ -202,6 +214,20 @@ class DeployConfig(_Strict):
     gpus: int = Field(default=1, ge=0, description="GPUs requested for the vLLM container (manifests).")
 
 
+class CurateConfig(_Strict):
+    """How production feedback becomes training rows (``tuneship curate``, the retrain flow's curate stage)."""
+
+    keep_thumbs_up: bool = Field(default=False, description="Keep answers rated up (validated) as training rows.")
+    holdout_share: float = Field(
+        default=0.3, ge=0, lt=1, description="Share of corrected rows held out as the feedback test split."
+    )
+    near_duplicate: float = Field(
+        default=0.8, gt=0, le=1, description="Questions this similar (Jaccard of character 5-grams) are duplicates."
+    )
+    min_new_rows: int = Field(default=20, ge=1, description="A curation adding this many rows starts a retrain.")
+    max_correction_chars: int = Field(default=4000, gt=0, description="Longer corrections are rejected.")
+
+
 class RunConfig(_Strict):
     """One training run: the base model, the data, and what each stage does."""
 
@@ -213,6 +239,7 @@ class RunConfig(_Strict):
     evaluate: EvalConfig = Field(default_factory=lambda: EvalConfig(scorer="exact_match"))
     registry: RegisterConfig = Field(default_factory=RegisterConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+    curate: CurateConfig = Field(default_factory=CurateConfig)
 
     @field_validator("base_model")
     @classmethod

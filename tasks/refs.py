@@ -38,6 +38,20 @@ class DatasetRef(_Ref):
     stats: DatasetStats
 
 
+class CuratedRef(_Ref):
+    """A curated dataset version: the training rows (previous + from feedback) and the feedback holdout."""
+
+    key: str
+    version: int
+    train: str = Field(description="artifact://… of train.jsonl, for data.source")
+    holdout: str = Field(description="artifact://… of feedback_holdout.jsonl, for data.extra_test.feedback")
+    needs_labels: str
+    fingerprint: str = Field(description="sha256 of train.jsonl")
+    previous_fingerprint: str
+    counts: dict[str, int]
+    reasons: dict[str, int]
+
+
 class AdapterRef(_Ref):
     """A LoRA adapter (PEFT ``save_pretrained`` + tokenizer) in the artifact store."""
 

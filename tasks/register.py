@@ -33,7 +33,7 @@ from infra.registry import (
 )
 from infra.tracking import MlflowTracker
 from tasks.config import PromotionRules, RunConfig
-from tasks.refs import AdapterRef, DatasetRef, EvalReport, ModelVersionRef, PromotionDecision, RuleResult
+from tasks.refs import AdapterRef, Comparison, DatasetRef, EvalReport, ModelVersionRef, PromotionDecision, RuleResult
 
 
 def git_sha() -> str:
@@ -148,6 +148,30 @@ def _requirements() -> list[str]:
     return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "transformers", "peft", "mlflow", "tuneship")]
 
 
+def _champion_rules(rules_cfg: PromotionRules, report: EvalReport, vs: Comparison) -> dict[str, RuleResult]:
+    """Head to head with the champion: better on ``improve_on`` (CI low above the margin), and, when that is another
+    split than the test split, no regression on the test split beyond ``max_regression`` (CI low)."""
+
+    def shown(c: Comparison) -> str:
+        return f"diff {c.accuracy_diff:+.4f}, CI [{c.ci_low:+.4f}, {c.ci_high:+.4f}]"
+
+    split = rules_cfg.improve_on
+    if split == "test":
+        return {
+            "beats_champion": RuleResult(
+                passed=vs.ci_low > rules_cfg.ci_margin, value=f"{shown(vs)} vs margin {rules_cfg.ci_margin}"
+            )
+        }
+    on_split = report.split_comparisons.get(split, {}).get("champion")
+    better = RuleResult(
+        passed=on_split is not None and on_split.ci_low > rules_cfg.ci_margin,
+        value=f"{shown(on_split)} vs margin {rules_cfg.ci_margin}" if on_split else f"no {split!r} split was evaluated",
+    )
+    floor = -rules_cfg.max_regression
+    kept = RuleResult(passed=vs.ci_low >= floor, value=f"test split: {shown(vs)} vs floor {floor:+.4f}")
+    return {f"beats_champion_on_{split}": better, "no_regression_on_test": kept}
+
+
 def promote(
     rules_cfg: PromotionRules, version: ModelVersionRef, report: EvalReport, *, tracking_uri: str
 ) -> PromotionDecision:
@@ -183,11 +207,7 @@ def promote(
                 )
             rules["beats_champion"] = RuleResult(passed=False, value=why)
         else:
-            rules["beats_champion"] = RuleResult(
-                passed=vs.ci_low > rules_cfg.ci_margin,
-                value=f"diff {vs.accuracy_diff:+.4f}, CI [{vs.ci_low:+.4f}, {vs.ci_high:+.4f}] "
-                f"vs margin {rules_cfg.ci_margin}",
-            )
+            rules.update(_champion_rules(rules_cfg, report, vs))
         champion_ppl = champion.tags.get("tuneship.eval.perplexity_candidate")
         if champion_ppl is not None:
             limit = float(champion_ppl) * (1 + rules_cfg.max_perplexity_increase)

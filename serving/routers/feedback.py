@@ -13,9 +13,9 @@ import time
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from infra.segments import parse_request_id
 from serving.contract import FeedbackAccepted, FeedbackRequest, Problem, error_responses
 from serving.gateway import GatewayDep, require_api_key
-from serving.request_log import parse_request_id
 
 router = APIRouter(
     tags=["feedback"],

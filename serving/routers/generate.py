@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from infra.segments import new_request_id
 from serving.contract import (
     SSE_EVENT,
     BatchRequest,
@@ -23,7 +24,6 @@ from serving.contract import (
 from serving.gateway import Gateway, GatewayDep, GatewayError, require_api_key
 from serving.middleware import overhead_header
 from serving.request_log import REQUEST_ID_HEADER as REQUEST_ID
-from serving.request_log import new_request_id
 
 router = APIRouter(
     tags=["generate"],

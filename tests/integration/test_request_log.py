@@ -23,9 +23,10 @@ import pytest
 
 from flows.serve import start_gateway_process
 from infra.artifacts import ArtifactStore, S3Backend, make_s3_client
+from infra.segments import read_segment, segment_keys
 from infra.services import free_port
 from serving.app import GatewayConfig, create_app
-from serving.request_log import RequestLog, RequestLogConfig, read_segment, segment_keys
+from serving.request_log import RequestLog, RequestLogConfig
 from serving.server import serve_in_thread
 from serving.upstream import VllmUpstream
 

@@ -11,17 +11,10 @@ from pathlib import Path
 import pytest
 
 from infra.artifacts import ArtifactStore, LocalBackend
+from infra.segments import new_request_id, parse_request_id, read_segment, registered, segment_keys
 from serving.contract import ChatCompletionRequest
 from serving.metrics import GatewayMetrics
-from serving.request_log import (
-    RequestLog,
-    RequestLogConfig,
-    new_request_id,
-    parse_request_id,
-    read_segment,
-    registered,
-    segment_keys,
-)
+from serving.request_log import RequestLog, RequestLogConfig
 
 
 @pytest.fixture
