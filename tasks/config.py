@@ -226,6 +226,16 @@ class CurateConfig(_Strict):
     )
     min_new_rows: int = Field(default=20, ge=1, description="A curation adding this many rows starts a retrain.")
     max_correction_chars: int = Field(default=4000, gt=0, description="Longer corrections are rejected.")
+    trigger_down_rate: float = Field(
+        default=0.4, gt=0, le=1, description="A champion's thumbs-down share at or above this requests a retrain."
+    )
+    trigger_min_feedback: int = Field(
+        default=20, ge=1, description="… once it has this many ratings in the window (fewer say little)."
+    )
+    trigger_window_s: float = Field(default=3600, gt=0, description="The window the thumbs-down share is taken over.")
+    cooldown_s: float = Field(
+        default=3600, ge=0, description="No second retrain request this soon after one: a burst starts one retrain."
+    )
 
 
 class RunConfig(_Strict):

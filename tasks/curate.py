@@ -253,8 +253,10 @@ def curate(
         carried = _jsonl(prev_dir / "pending.jsonl")
         consumed = set(lineage["consumed_feedback_segments"])
         previous_fingerprint = lineage["fingerprint"]
+        feedback_rows = lineage["counts"]["feedback_rows"]
     else:
         train_rows, holdout_rows, carried, consumed = _rows_of(data.source, cfg, store), [], [], set()
+        feedback_rows = 0
         previous_fingerprint = hashlib.sha256(
             "".join(json.dumps(r, sort_keys=True) + "\n" for r in train_rows).encode()
         ).hexdigest()
@@ -335,6 +337,7 @@ def curate(
         "pending": len(out.pending),
         "train_rows": len(train_all),
         "holdout_rows": len(holdout_all),
+        "feedback_rows": feedback_rows + kept,  # every row curation ever kept, in all versions so far
     }
     lineage = {
         "version": version,

@@ -548,7 +548,16 @@ def test_ci_script_registers_deployments_and_a_worker_runs_a_ui_style_run(first_
     run_id = created.json()["id"]
     with contextlib.suppress(subprocess.TimeoutExpired):
         worker = subprocess.Popen(
-            [Path(sys.executable).parent / "prefect", "worker", "start", "--pool", "tuneship-cpu", "--run-once"],
+            [
+                Path(sys.executable).parent / "prefect",
+                "worker",
+                "start",
+                "--pool",
+                "tuneship-cpu",
+                "--work-queue",
+                "default",
+                "--run-once",
+            ],  # not the feedback queue: the watch-feedback schedule may be due
             env={**os.environ, **flow_env},
             cwd=REPO,
             stdout=subprocess.PIPE,
@@ -624,7 +633,15 @@ def test_a_worker_killed_mid_fine_tune_resumes_from_its_checkpoint_on_retry(firs
     run_id = created.json()["id"]
     log = Path(flow_env["TUNESHIP_HOME"]) / "kill-worker.log"
     worker = subprocess.Popen(
-        [Path(sys.executable).parent / "prefect", "worker", "start", "--pool", "tuneship-cpu"],
+        [
+            Path(sys.executable).parent / "prefect",
+            "worker",
+            "start",
+            "--pool",
+            "tuneship-cpu",
+            "--work-queue",
+            "default",
+        ],
         env={**os.environ, **flow_env, "PREFECT_WORKER_QUERY_SECONDS": "2"},
         cwd=REPO,
         stdout=log.open("w"),
@@ -666,3 +683,76 @@ def test_a_worker_killed_mid_fine_tune_resumes_from_its_checkpoint_on_retry(firs
     )
     assert metrics["resumed_from_step"] >= 40 and metrics["global_step"] == 300
     assert not [p.pid for p in killed if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]  # no orphan left
+
+
+def _feedback_burst(store, count: int, seed: int) -> int:
+    """``count`` questions in the paraphrase style, each answered wrong and corrected by its user (the gold SQL),
+    written through the gateway's request log; returns how many."""
+    import sqlite3
+
+    from infra.prompts import alpaca_prompt
+    from infra.segments import new_request_id
+    from offline.demo_task import PARAPHRASE, build_database, generate
+    from serving.request_log import Origin, RequestLog, RequestLogConfig
+
+    db_path = Path(store.cache_dir) / f"burst-{seed}.db"
+    build_database(db_path)
+    rows = list(generate(sqlite3.connect(db_path), PARAPHRASE, count, seed=seed, exclude=set()).values())
+    log = RequestLog(store, RequestLogConfig(flush_interval_s=0.2))
+    log.start()
+    for question, sql in rows:
+        rid = new_request_id()
+        log.completed(
+            request_id=rid, key_id="user", route="/generate", alias="champion", served=f"{MODEL}-v1",
+            latency_s=0.3, prompt=alpaca_prompt(question), text="SELECT 1", finish_reason="stop", usage={},
+        )  # fmt: skip
+        log.rate(rid, "user", Origin(key_id="user", served=f"{MODEL}-v1"), rating="down", correction=sql, comment=None)
+    log.close()
+    return len(rows)
+
+
+def test_a_burst_of_feedback_starts_exactly_one_retrain(first_run, flow_env) -> None:
+    """Two bursts of corrections and three watch-feedback runs: the first run requests a retrain (a Prefect event),
+    the automation of the retrain-on-feedback deployment starts one run for it, and the cool-down keeps the second
+    burst from starting another."""
+    from flows.feedback import WatchParams, watch_feedback
+    from infra.artifacts import open_store
+    from infra.settings import load_settings
+
+    api = prefect_api(flow_env)
+    if "retrain-on-feedback" not in {d["name"] for d in api.post("/deployments/filter", json={}).json()}:
+        env = {**os.environ, **flow_env, "PREFECT": str(Path(sys.executable).parent / "prefect")}
+        done = subprocess.run(["bash", "deployments/ci-deploy.sh"], env=env, capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    deployment = next(d for d in api.post("/deployments/filter", json={}).json() if d["name"] == "retrain-on-feedback")
+    store = open_store(load_settings())
+    params = WatchParams(config=CONFIG, overrides=[f"registry.model_name={MODEL}", "curate.min_new_rows=10"])
+
+    assert _feedback_burst(store, 40, seed=101) == 40
+    first = watch_feedback(params)
+    assert first.requested and first.rows_since_request >= 10, first
+    assert _feedback_burst(store, 40, seed=202) == 40
+    second = watch_feedback(params)
+    assert not second.requested and second.reason.startswith("cooling down"), second
+    assert second.curated.version == first.curated.version + 1
+    third = watch_feedback(params)
+    assert not third.requested and third.curated.version == second.curated.version  # nothing new: same version
+
+    def runs() -> list[dict]:
+        return api.post("/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}}).json()
+
+    deadline = time.monotonic() + 120
+    while not runs():
+        assert time.monotonic() < deadline, "the automation started no retrain"
+        time.sleep(1)
+    time.sleep(15)  # any second run the bursts would have started has had time to appear
+    started = runs()
+    try:
+        assert len(started) == 1, [(r["name"], r["created"]) for r in started]
+        params_of_run = started[0]["parameters"]["params"]
+        assert params_of_run["curate"] is True
+        assert f"registry.model_name={MODEL}" in params_of_run["overrides"]
+        assert "registry.rules.improve_on=feedback" in params_of_run["overrides"]
+    finally:  # leave nothing for a later worker to pick up
+        for run in started:
+            api.post(f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "CANCELLED"}, "force": True})
