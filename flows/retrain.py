@@ -18,7 +18,7 @@ import json
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +28,9 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.events import emit_event
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
@@ -57,6 +60,7 @@ from tasks.refs import (
     EvalReport,
     ModelVersionRef,
     PromotionDecision,
+    RuleResult,
     split_metric,
 )
 
@@ -399,7 +403,8 @@ def register_stage(
         tracker=services.tracker,
         flow_run_id=str(flow_run.get_id() or "none"),
     )
-    decision = promote(cfg.registry.rules, version, report, tracking_uri=uri)
+    approve = _ask_approval(cfg, version) if cfg.registry.require_approval else None
+    decision = promote(cfg.registry.rules, version, report, tracking_uri=uri, approve=approve)
     verdict = "**promoted** to @champion" if decision.promoted else "**not promoted** (stays @challenger)"
     lines = [f"# Gate: {cfg.model_name} v{version.version} {verdict}", "", "| rule | passed | value |", "|---|---|---|"]
     lines += [f"| {name} | {'yes' if r.passed else 'no'} | {r.value} |" for name, r in decision.rules.items()]
@@ -414,6 +419,30 @@ def register_stage(
             },
         )
     return version, decision
+
+
+class Approval(RunInput):
+    """A person's answer to a promotion the gate allows (the Prefect UI shows this as the resume form)."""
+
+    approve: bool = Field(description="true: make this version the champion; false: keep the current one")
+    reason: str = Field(min_length=1, max_length=500, description="Why; kept on the model version")
+
+
+def _ask_approval(cfg: RunConfig, version: ModelVersionRef) -> Callable[[dict[str, RuleResult]], RuleResult]:
+    def ask(rules: dict[str, RuleResult]) -> RuleResult:
+        lines = [f"# Approve {version.name} v{version.version} as @champion?", "", "| rule | value |", "|---|---|"]
+        lines += [f"| {name} | {r.value} |" for name, r in rules.items()]
+        lines += ["", "Resume this run with `approve` (true/false) and a `reason`."]
+        create_markdown_artifact("\n".join(lines), key="approval-request")
+        timeout = cfg.registry.approval_timeout_s
+        try:
+            answer = pause_flow_run(wait_for_input=Approval, timeout=timeout, poll_interval=2)
+        except FlowPauseTimeout:
+            return RuleResult(passed=False, value=f"no answer within {timeout} s")
+        verdict = "approved" if answer.approve else "rejected"
+        return RuleResult(passed=answer.approve, value=f"{verdict}: {answer.reason}")
+
+    return ask
 
 
 @task(name="deploy", cache_policy=NO_CACHE, **IO_RETRIES)

@@ -190,6 +190,14 @@ class PromotionRules(_Strict):
 class RegisterConfig(_Strict):
     model_name: str | None = Field(default=None, description="Registered model name; default: the run name.")
     rules: PromotionRules = Field(default_factory=PromotionRules)
+    require_approval: bool = Field(
+        default=False,
+        description="A person approves (or rejects, with a reason) each promotion the gate allows, from the Prefect "
+        "UI or API, before the champion alias moves; the run waits paused.",
+    )
+    approval_timeout_s: int = Field(
+        default=86_400, gt=0, description="With no answer this long, the promotion is refused (and the run ends)."
+    )
 
     @field_validator("model_name")
     @classmethod

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from infra.artifacts import ArtifactStore
@@ -173,9 +174,15 @@ def _champion_rules(rules_cfg: PromotionRules, report: EvalReport, vs: Compariso
 
 
 def promote(
-    rules_cfg: PromotionRules, version: ModelVersionRef, report: EvalReport, *, tracking_uri: str
+    rules_cfg: PromotionRules,
+    version: ModelVersionRef,
+    report: EvalReport,
+    *,
+    tracking_uri: str,
+    approve: Callable[[dict[str, RuleResult]], RuleResult] | None = None,
 ) -> PromotionDecision:
-    """Move ``champion`` to ``version`` if every rule holds; tag the version with the decision either way."""
+    """Move ``champion`` to ``version`` if every rule holds (and ``approve``, when given, says yes once they do);
+    tag the version with the decision either way."""
     mlflow_client = registry_client(tracking_uri)
     champion = champion_version(mlflow_client, version.name)
     previous = str(champion.version) if champion else None
@@ -224,6 +231,9 @@ def promote(
         value=f"{m['error_rate_candidate']:.4f} vs maximum {rules_cfg.max_error_rate}",
     )
     promoted = all(r.passed for r in rules.values())
+    if promoted and approve is not None:
+        rules["human_approval"] = approve(rules)
+        promoted = rules["human_approval"].passed
     if promoted:  # before any tag says so: the champion may have moved while this run was judging
         try:
             make_champion(mlflow_client, version.name, version.version, expect=previous)

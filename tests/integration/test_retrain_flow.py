@@ -756,3 +756,45 @@ def test_a_burst_of_feedback_starts_exactly_one_retrain(first_run, flow_env) -> 
     finally:  # leave nothing for a later worker to pick up
         for run in started:
             api.post(f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "CANCELLED"}, "force": True})
+
+
+def test_a_refused_approval_leaves_the_champion(first_run, flow_env) -> None:
+    """registry.require_approval: the gate passes, the run pauses for a person's answer (Prefect's pause with a
+    typed input, answered here through the API as the UI's resume form would), and a rejection keeps the champion
+    where it was, with the reason on the refused version."""
+    from infra.registry import client, get_version
+
+    name = f"{MODEL}-approval"
+    settled = [*OVERRIDES, f"registry.model_name={name}"]
+    state, _ = run_flow(overrides=settled, deploy=False)  # its stages come from the first run's cache
+    assert state.is_completed() and state.result().promoted
+    asking = [
+        *settled,
+        "registry.require_approval=true",
+        "finetune.train.seed=3",  # another adapter: a candidate the gate can judge against the champion
+        "registry.rules.ci_margin=-1",
+        "registry.rules.max_perplexity_increase=10",
+    ]
+    outcome: dict[str, object] = {}
+    runner = threading.Thread(target=lambda: outcome.update(state=run_flow(overrides=asking, deploy=False)[0]))
+    runner.start()
+    api = prefect_api(flow_env)
+    deadline = time.monotonic() + 600
+    paused: list[dict] = []
+    while not paused:
+        assert runner.is_alive() and time.monotonic() < deadline, outcome
+        time.sleep(2)
+        runs = api.post("/flow_runs/filter", json={"flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}}}).json()
+        paused = [r for r in runs if f"registry.model_name={name}" in r["parameters"]["params"]["overrides"]]
+    refused = api.post(
+        f"/flow_runs/{paused[0]['id']}/resume", json={"run_input": {"approve": False, "reason": "not before the audit"}}
+    )
+    assert refused.status_code in (200, 201) and refused.json()["status"] == "ACCEPT", refused.text
+    runner.join(300)
+    summary = outcome["state"].result()
+    assert not summary.promoted and "rejected: not before the audit" in summary.reasons
+    uri = flow_env["TUNESHIP_MLFLOW_TRACKING_URI"]
+    assert str(get_version(name, "champion", tracking_uri=uri).version) == "1"
+    tags = client(uri).get_model_version(name, summary.version).tags
+    assert tags["tuneship.gate.human_approval"] == "fail: rejected: not before the audit"
+    assert tags["tuneship.gate.decision"] == "refused"
