@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup test test-quick demo ui bench lint clean-venvs
+.PHONY: setup test test-quick demo demo-loop ui bench lint clean-venvs
 
 # The two venvs install side by side (downloads and unpacking overlap): ≈4 min on a fresh 2-core machine.
 setup:
@@ -49,6 +49,10 @@ test-quick: $(VENV)/.installed
 
 demo: setup
 	$(VENV)/bin/tuneship demo
+
+# The feedback loop: v1 serves, simulated users rate and correct it, curation → trigger → retrain → gate → swap.
+demo-loop: setup
+	$(VENV)/bin/tuneship demo-loop
 
 # The Prefect UI (flow runs, artifacts) and the MLflow UI (runs, registry) over what make demo wrote.
 ui: $(VENV)/.installed

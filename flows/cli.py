@@ -264,8 +264,11 @@ def retrain_cmd(
         bool, typer.Option("--deploy/--no-deploy", help="Hot-swap a promoted model into the serving stack.")
     ] = True,
     max_eval_examples: Annotated[int | None, typer.Option(help="Score only the first N test examples.")] = None,
+    curate: Annotated[
+        bool, typer.Option(help="Curate the production feedback first and train on it (the retrain-on-feedback way).")
+    ] = False,
 ) -> None:
-    """Run the retrain flow once: preprocess → fine-tune → evaluate → register + gate → deploy.
+    """Run the retrain flow once: [curate →] preprocess → fine-tune → evaluate → register + gate → deploy.
 
     The flow runs against PREFECT_API_URL if set, else a local `prefect server` started for the run. Deploying
     needs the serving stack in TUNESHIP_VLLM_URL / TUNESHIP_GATEWAY_URL (`tuneship serve` starts one).
@@ -277,7 +280,9 @@ def retrain_cmd(
     load_run_config(config, overrides)  # a bad config or override ends here, before any service starts
     settings = load_settings()
     named = publish_config(config, open_store(settings))  # a file outside deployments/configs/ goes to the store
-    params = RetrainParams(config=named, overrides=overrides or [], deploy=deploy, max_eval_examples=max_eval_examples)
+    params = RetrainParams(
+        config=named, overrides=overrides or [], deploy=deploy, max_eval_examples=max_eval_examples, curate=curate
+    )
     with prefect_api(settings, say=console.print):
         state = retrain(params, return_state=True)
     if not state.is_completed():
@@ -481,6 +486,16 @@ def demo(
     from flows.demo import run_demo
 
     run_demo(load_settings(), overrides=overrides, compare=compare, say=console.print)
+
+
+@app.command("demo-loop")
+def demo_loop(
+    users: Annotated[int, typer.Option(help="Simulated users' questions, each answered and rated.")] = 480,
+) -> None:
+    """The feedback loop end to end (what `make demo-loop` runs): v1 serves, users correct it, v2 learns from them."""
+    from flows.demo_loop import run_demo_loop
+
+    run_demo_loop(load_settings(), users=users, say=console.print)
 
 
 def _terminate(signum: int, frame: object) -> None:

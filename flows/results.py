@@ -30,15 +30,25 @@ class StoredError(RuntimeError):
 
 def _types() -> dict[str, type]:
     """The types a persisted result may hold, by name (imported here, not named by the record)."""
+    from flows.feedback import WatchResult
     from flows.retrain import RetrainSummary
     from infra.artifacts import ArtifactRef
     from infra.costs import TrainingCost
     from tasks.base_model import ResolvedModel
-    from tasks.refs import AdapterRef, DatasetRef, Deployment, EvalReport, ModelVersionRef, PromotionDecision
+    from tasks.refs import (
+        AdapterRef,
+        CuratedRef,
+        DatasetRef,
+        Deployment,
+        EvalReport,
+        ModelVersionRef,
+        PromotionDecision,
+    )
 
     kinds = (
         AdapterRef,
         ArtifactRef,
+        CuratedRef,
         DatasetRef,
         Deployment,
         EvalReport,
@@ -47,6 +57,7 @@ def _types() -> dict[str, type]:
         ResolvedModel,
         RetrainSummary,
         TrainingCost,
+        WatchResult,
     )
     return {kind.__name__: kind for kind in kinds}
 
@@ -63,7 +74,16 @@ def _encode(value: Any) -> Any:
     if isinstance(value, BaseException):
         return {"__error__": type(value).__name__, "message": str(value)}
     name = type(value).__name__
-    if _types().get(name) is not type(value):
+    kind = _types().get(name)
+    # A worker imports the flow's file under a name of its own (Prefect loads the entrypoint by path), so its
+    # RetrainSummary is a second class object of the same definition: the same qualified name and fields.
+    same = kind is type(value) or (
+        kind is not None
+        and kind.__qualname__ == type(value).__qualname__
+        and getattr(kind, "model_fields", None) is not None
+        and set(kind.model_fields) == set(getattr(type(value), "model_fields", ()))
+    )
+    if not same:
         raise TypeError(f"{name} is not a type tuneship persists as a task result")
     if isinstance(value, BaseModel):
         return {"__ref__": name, "data": value.model_dump(mode="json")}

@@ -319,12 +319,19 @@ def preprocess_stage(
     retry_condition_fn=_transient,
 )
 def finetune_stage(
-    cfg: FinetuneConfig, data: DatasetRef, name: str, base: ResolvedModel, services: Services
+    cfg: FinetuneConfig,
+    data: DatasetRef,
+    name: str,
+    base: ResolvedModel,
+    services: Services,
+    init: AdapterRef | None = None,
 ) -> AdapterRef:
     from tasks.finetune import finetune
 
     work = services.settings.home / "work"
-    adapter = finetune(cfg, data, name=name, base=base, store=services.store, tracker=services.tracker, workdir=work)
+    adapter = finetune(
+        cfg, data, name=name, base=base, store=services.store, tracker=services.tracker, workdir=work, init=init
+    )
     m = adapter.metrics
     create_markdown_artifact(
         f"# Fine-tune\n\n{m.get('global_step', 0):.0f} steps, train loss {m.get('train_loss', float('nan')):.3f}, "
@@ -479,7 +486,12 @@ def deploy_stage(cfg: DeployConfig, name: str, version: str, services: Services)
 
 
 def finetune_elsewhere(
-    deployment: str, cfg: RunConfig, data: DatasetRef, base: ResolvedModel, services: Services
+    deployment: str,
+    cfg: RunConfig,
+    data: DatasetRef,
+    base: ResolvedModel,
+    services: Services,
+    init: AdapterRef | None = None,
 ) -> AdapterRef:
     """Run the fine-tune as deployment ``deployment`` (e.g. on a GPU work pool) and wait; the adapter ref comes
     back through the artifact store, so the two sides share nothing but the store and the registry."""
@@ -491,6 +503,7 @@ def finetune_elsewhere(
         "data": data.model_dump(mode="json"),
         "base_revision": base.revision,
         "result_key": key,
+        "init": init.model_dump(mode="json") if init else None,
     }
     child = run_deployment(deployment, parameters={"params": params}, timeout=None)
     if child.state is None or not child.state.is_completed():
@@ -505,6 +518,7 @@ class FinetuneStageParams(BaseModel):
     data: DatasetRef
     base_revision: str = Field(description="The base model revision the caller resolved; the worker must match.")
     result_key: str = Field(description="Artifact-store key the adapter ref is written to.")
+    init: AdapterRef | None = Field(default=None, description="The adapter to continue from (finetune.init_from).")
 
 
 @flow(name="finetune-stage", log_prints=True, validate_parameters=True, **PERSISTED)
@@ -521,7 +535,7 @@ def finetune_stage_flow(params: FinetuneStageParams) -> AdapterRef:
             f"base model {cfg.base_model} is revision {base.revision[:12]} here, "
             f"{params.base_revision[:12]} for the caller"
         )
-    adapter = finetune_stage(cfg.finetune, params.data, cfg.name, base, services)
+    adapter = finetune_stage(cfg.finetune, params.data, cfg.name, base, services, params.init)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "adapter.json").write_text(adapter.model_dump_json())
         services.store.put_dir(Path(tmp), params.result_key, overwrite=True)
@@ -578,26 +592,30 @@ def retrain(params: RetrainParams) -> RetrainSummary:
         services.base = base
         with stage("preprocess"):
             data = preprocess_stage(cfg.preprocess, cfg.data, cfg.name, base, services)
+        with stage("look up the champion"):
+            champion = champion_adapter(cfg.model_name, tracking_uri=settings.mlflow_tracking_uri, store=services.store)
+        champion_base = (champion.base_model, champion.base_model_revision) if champion else None
+        if champion_base and champion_base != (base.id, base.revision):
+            # An adapter only means something on its own base weights: no head-to-head on this base, and nothing
+            # to continue from. The gate then keeps the candidate as challenger and says why (tasks.register).
+            print(
+                f"the champion was trained on {champion_base[0]}@{champion_base[1][:12]}, the candidate on "
+                f"{base.id}@{base.revision[:12]}: not compared"
+            )
+            champion = None
+        init = champion if cfg.finetune.init_from == "champion" else None
+        if cfg.finetune.init_from == "champion" and champion is None:
+            print("finetune.init_from: champion, but there is no champion on this base: training a new LoRA")
         with stage("fine-tune"):
             started = time.perf_counter()
             if "fine-tune" in params.placement:
-                adapter = finetune_elsewhere(params.placement["fine-tune"], cfg, data, base, services)
+                adapter = finetune_elsewhere(params.placement["fine-tune"], cfg, data, base, services, init)
             else:
-                adapter = finetune_stage(cfg.finetune, data, cfg.name, base, services)
+                adapter = finetune_stage(cfg.finetune, data, cfg.name, base, services, init)
             training_s = time.perf_counter() - started  # every attempt, retries included
         with stage("evaluate"):
-            champion = champion_adapter(cfg.model_name, tracking_uri=settings.mlflow_tracking_uri, store=services.store)
             if champion is not None and champion.sha256 == adapter.sha256:
                 champion = None  # unchanged inputs: the candidate is the champion already
-            champion_base = (champion.base_model, champion.base_model_revision) if champion else None
-            if champion_base and champion_base != (base.id, base.revision):
-                # An adapter only means something on its own base weights: no head-to-head on this base. The
-                # gate then keeps the candidate as challenger and says why (tasks.register.promote).
-                print(
-                    f"the champion was trained on {champion_base[0]}@{champion_base[1][:12]}, the candidate on "
-                    f"{base.id}@{base.revision[:12]}: not compared"
-                )
-                champion = None
             report = evaluate_stage(cfg.evaluate, adapter, data, base, champion, services)
         with stage("register"):
             version, decision = register_stage(cfg, adapter, report, data, services)

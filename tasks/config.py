@@ -113,6 +113,11 @@ class FinetuneConfig(_Strict):
     quantization: Literal["none", "nf4", "int8"] = Field(
         default="none", description="QLoRA: nf4 (double quant) or int8."
     )
+    init_from: Literal["base", "champion"] = Field(
+        default="base",
+        description="base: a new LoRA; champion: continue training the registry's champion adapter (same base, "
+        "rank and target modules), e.g. a retrain on feedback that keeps what the champion knew.",
+    )
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     gradient_checkpointing: bool = False

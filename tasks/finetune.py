@@ -207,10 +207,29 @@ def estimate_memory(
 # ---------------------------------------------------------------------------------- the stage
 
 
-def default_run_id(name: str, cfg: FinetuneConfig, data: DatasetRef, base: ResolvedModel) -> str:
-    """Same name, config, data and base → same run id: a re-run resumes or reuses instead of starting over."""
-    blob = json.dumps([cfg.model_dump(mode="json"), data.fingerprint, base.id, base.revision], sort_keys=True)
+def default_run_id(
+    name: str, cfg: FinetuneConfig, data: DatasetRef, base: ResolvedModel, init: AdapterRef | None = None
+) -> str:
+    """Same name, config, data, base (and starting adapter) → same run id: a re-run resumes or reuses."""
+    parts = [cfg.model_dump(mode="json"), data.fingerprint, base.id, base.revision]
+    blob = json.dumps(parts + ([init.sha256] if init else []), sort_keys=True)
     return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def _check_init(init: AdapterRef, ft: FinetuneConfig, base: ResolvedModel) -> None:
+    """An adapter training may continue from: trained on these base weights, with this LoRA shape."""
+    problems = []
+    if (init.base_model, init.base_model_revision) != (base.id, base.revision):
+        problems.append(f"it was trained on {init.base_model}@{init.base_model_revision[:12]}, not {base.id}")
+    if init.rank != ft.lora.r or sorted(init.target_modules) != sorted(ft.lora.target_modules):
+        problems.append(
+            f"its LoRA is rank {init.rank} on {sorted(init.target_modules)}, the config's rank {ft.lora.r} on "
+            f"{sorted(ft.lora.target_modules)}"
+        )
+    if problems:
+        raise FinetuneError(
+            f"finetune.init_from: cannot continue from adapter {init.artifact.uri}: " + "; ".join(problems)
+        )
 
 
 def _latest_checkpoint(store: ArtifactStore, run_id: str) -> tuple[int, Path] | None:
@@ -293,17 +312,22 @@ def finetune(
     tracker: MlflowTracker,
     workdir: Path,
     run_id: str | None = None,
+    init: AdapterRef | None = None,
 ) -> AdapterRef:
     """Train a LoRA/QLoRA adapter on ``data`` and store it; resume if ``run_id`` has checkpoints.
 
     ``name`` (the run's name) prefixes the run id, which defaults to a hash of ``cfg``, the data and the base.
+    With ``init`` (``finetune.init_from: champion``), training continues from that adapter's weights instead of
+    a new LoRA; it must be on the same base with the same rank and target modules.
     """
     import torch
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer
 
     ft = cfg
-    run_id = run_id or default_run_id(name, cfg, data, base)
+    if init is not None:
+        _check_init(init, ft, base)
+    run_id = run_id or default_run_id(name, cfg, data, base, init)
     adapter_key = f"adapters/{run_id}"
     if store.exists(adapter_key):  # finished before: the stage is idempotent
         saved = json.loads((store.get_dir(adapter_key) / "tuneship_adapter.json").read_text())
@@ -344,7 +368,10 @@ def finetune(
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ft.gradient_checkpointing)
         elif ft.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        model = get_peft_model(model, build_lora_config(ft.lora))
+        if init is not None:
+            model = PeftModel.from_pretrained(model, store.get_dir(init.artifact), is_trainable=True)
+        else:
+            model = get_peft_model(model, build_lora_config(ft.lora))
 
         train = ft.train
         resumed_from = 0
@@ -423,6 +450,7 @@ def finetune(
             "run_id": run_id,
             "mlflow_run_id": mlflow_run,
             "metrics": metrics,
+            "init_sha256": init.sha256 if init else None,
         }
         (adapter_dir / "tuneship_adapter.json").write_text(json.dumps(saved, indent=1))
         final = store.put_dir(adapter_dir, adapter_key, overwrite=True)

@@ -66,6 +66,7 @@ class AdapterRef(_Ref):
     run_id: str
     mlflow_run_id: str | None = None
     metrics: dict[str, float] = Field(default_factory=dict)
+    init_sha256: str | None = Field(default=None, description="the adapter training continued from, if any")
 
     @property
     def sha256(self) -> str:

@@ -32,11 +32,17 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 LAUNCH = """
 import sys, uvicorn
+from pathlib import Path
 from serving.app import create_app, GatewayConfig
 from serving.upstream import VllmUpstream
-port, upstream, loop, http = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+port, upstream, loop, http, log_dir = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
 config = GatewayConfig(aliases={"champion": "base"}, api_keys=["bench"], max_in_flight=256, max_tokens_cap=4096)
-uvicorn.run(create_app(config, VllmUpstream(upstream)), host="127.0.0.1", port=int(port), loop=loop, http=http,
+log = None
+if log_dir != "-":  # the request log on (full mode: texts scrubbed), into a local artifact store
+    from infra.artifacts import ArtifactStore, LocalBackend
+    from serving.request_log import RequestLog, RequestLogConfig
+    log = RequestLog(ArtifactStore(LocalBackend(Path(log_dir)), Path(log_dir) / ".cache"), RequestLogConfig())
+uvicorn.run(create_app(config, VllmUpstream(upstream), log), host="127.0.0.1", port=int(port), loop=loop, http=http,
             log_level="warning")
 """
 
@@ -64,10 +70,14 @@ def start_upstream(ttft_ms: float, token_ms: float) -> tuple[subprocess.Popen, s
     return proc, url
 
 
-def launch_gateway(upstream: str, *, src: Path = REPO, loop: str = "uvloop", http: str = "httptools"):
+def launch_gateway(
+    upstream: str, *, src: Path = REPO, loop: str = "uvloop", http: str = "httptools", log_dir: Path | None = None
+):
+    """The gateway from ``src`` as its own process; with ``log_dir``, its request log writes there."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(src)}
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, str(port), upstream, loop, http], env=env, cwd=src)
+    argv = [sys.executable, "-c", LAUNCH, str(port), upstream, loop, http, str(log_dir) if log_dir else "-"]
+    proc = subprocess.Popen(argv, env=env, cwd=src)
     url = f"http://127.0.0.1:{port}"
     _wait(f"{url}/health", proc)
     return proc, url
@@ -171,15 +181,23 @@ def measure(
 
 
 def run_variant(
-    name: str, upstream: str, *, src: Path = REPO, loop: str = "uvloop", http: str = "httptools", **kwargs: Any
+    name: str,
+    upstream: str,
+    *,
+    src: Path = REPO,
+    loop: str = "uvloop",
+    http: str = "httptools",
+    log_dir: Path | None = None,
+    **kwargs: Any,
 ) -> dict[str, Any]:
-    """Launch the gateway from ``src`` with uvicorn's ``loop`` and ``http``, measure it, stop it."""
-    proc, url = launch_gateway(upstream, src=src, loop=loop, http=http)
+    """Launch the gateway from ``src`` with uvicorn's ``loop`` and ``http``, measure it, stop it (SIGTERM: its
+    request log, when on, writes what it holds before the process ends)."""
+    proc, url = launch_gateway(upstream, src=src, loop=loop, http=http, log_dir=log_dir)
     try:
         return {"variant": name, "loop": loop, "http": http, **measure(upstream, url, proc.pid, **kwargs)}
     finally:
         proc.terminate()
-        proc.wait(10)
+        proc.wait(30)
 
 
 if __name__ == "__main__":

@@ -306,6 +306,117 @@ def gateway_isolated(workdir: Path) -> dict[str, Any]:
 
 
 @bench
+def request_log(workdir: Path) -> dict[str, Any]:
+    """The request log's CPU cost per request in the gateway: (1) the request path alone (issuing the id and
+    queueing the record, in-process), (2) the writer's work per record (parse, scrub, gzip, write a segment), and
+    (3) end to end, the gateway process's CPU-ms per request with the log on and off in front of the fixed-rate
+    upstream, alternating, in one run."""
+    import statistics
+
+    from infra.artifacts import ArtifactStore, LocalBackend
+    from infra.segments import new_request_id
+    from serving.request_log import RequestLog, RequestLogConfig
+    from tests.benchmarks.overhead import run_variant, start_upstream
+
+    store = ArtifactStore(LocalBackend(workdir / "store"), workdir / "cache")
+    log = RequestLog(store, RequestLogConfig(max_pending=1_000_000))
+    prompt = "### Instruction:\nHow many customers joined in 2021 in Lagos?\n\n### Response:\n"
+    chunk = json.dumps({"id": "cmpl-x", "choices": [{"index": 0, "text": " tok", "finish_reason": None}]}).encode()
+    count = 20_000
+    started = time.perf_counter()
+    for _ in range(count):  # what a route does per request: issue the id, queue the raw record
+        rid = new_request_id()
+        log.issued(rid, log.key_id("bench-key"), "base")
+        log.completed(
+            request_id=rid, key_id=log.key_id("bench-key"), route="/v1/completions", alias="champion", served="base",
+            latency_s=0.1, prompt=prompt, chunks=[chunk] * 64,
+        )  # fmt: skip
+    request_path_us = (time.perf_counter() - started) / count * 1e6
+    started = time.process_time()
+    log.start()
+    log.close()  # the writer: every queued record parsed, scrubbed, compressed and written
+    writer_us = (time.process_time() - started) / count * 1e6
+
+    upstream, url = start_upstream(ttft_ms=10, token_ms=5)
+    on: list[dict[str, Any]] = []
+    off: list[dict[str, Any]] = []
+    try:
+        for round_ in range(3):  # alternate: drift on a noisy machine hits both alike
+            off.append(run_variant("log off", url, rounds=1, requests=192))
+            on.append(run_variant("log on", url, rounds=1, requests=192, log_dir=workdir / f"gateway-log-{round_}"))
+    finally:
+        upstream.terminate()
+    stream_delta = statistics.median(
+        a["cpu_ms_per_streamed_request"] - b["cpu_ms_per_streamed_request"] for a, b in zip(on, off, strict=True)
+    )
+    plain_delta = statistics.median(
+        a["cpu_ms_per_plain_request"] - b["cpu_ms_per_plain_request"] for a, b in zip(on, off, strict=True)
+    )
+    per_request_ms = (request_path_us + writer_us) / 1000
+    return {
+        "request_path_us": request_path_us,
+        "writer_us_per_record": writer_us,
+        "ratio": per_request_ms,
+        "cpu_ms_per_request": per_request_ms,
+        "gateway_cpu_ms_added_per_stream": stream_delta,
+        "gateway_cpu_ms_added_per_plain_request": plain_delta,
+        "streamed_64_tokens": {"log_on": on, "log_off": off},
+        "goal": "<= 0.1 CPU-ms per request (request path + writer, full mode, 64-chunk stream)",
+        "met": per_request_ms <= 0.1,
+        "note": "the end-to-end deltas are differences of two noisy CPU figures of the gateway process; the first "
+        "two figures are the log's own work, measured alone",
+    }
+
+
+@bench
+def curation_throughput(workdir: Path) -> dict[str, Any]:
+    """Curation over 100,000 logged requests, 2 % of them corrected (validated on the demo database): rows/s."""
+    import random
+
+    from infra.artifacts import ArtifactStore, LocalBackend
+    from infra.prompts import alpaca_prompt
+    from infra.segments import new_request_id
+    from offline.demo_task import PARAPHRASE, generate
+    from serving.request_log import Origin, RequestLog, RequestLogConfig
+    from tasks.curate import curate
+
+    cfg = _demo_config(workdir, f"evaluate.database={workdir / 'demo-task' / 'retail.db'}")
+    store = ArtifactStore(LocalBackend(workdir / "store"), workdir / "cache")
+    import sqlite3
+
+    db = sqlite3.connect(workdir / "demo-task" / "retail.db")
+    asked = list(generate(db, PARAPHRASE, 2000, seed=99, exclude=set()).values())
+    log = RequestLog(store, RequestLogConfig(flush_records=5000, max_pending=200_000))
+    rng = random.Random(5)
+    total = 100_000
+    for n in range(total):
+        question, gold = asked[n % len(asked)]
+        rid = new_request_id()
+        log.completed(
+            request_id=rid, key_id="k", route="/generate", alias="champion", served="retail-sql-v1", latency_s=0.2,
+            prompt=alpaca_prompt(f"{question} (#{n})"), text="SELECT 1", finish_reason="stop", usage={},
+        )  # fmt: skip
+        if rng.random() < 0.02:
+            log.rate(rid, "k", Origin(key_id="k", served="retail-sql-v1"), rating="down", correction=gold, comment=None)
+    log.start()
+    log.close()
+    started = time.perf_counter()
+    ref = curate(cfg, store=store, workdir=workdir / "work")
+    seconds = time.perf_counter() - started
+    return {
+        "logged_requests": total,
+        "feedback": ref.counts["rows_in"],
+        "kept": ref.counts["kept"],
+        "reasons": ref.reasons,
+        "seconds": seconds,
+        "ratio": total / seconds,
+        "rows_per_s": total / seconds,
+        "goal": "reported (rows/s over 100k logged requests)",
+        "met": True,
+    }
+
+
+@bench
 def serving_vs_naive(workdir: Path) -> dict[str, Any]:
     """64 concurrent requests: vLLM's continuous batching vs the seed's per-request ``model.generate``."""
     import asyncio
@@ -519,6 +630,14 @@ def summary(results: dict[str, dict[str, Any]]) -> str:
         for key, label in (("ratio_base_only", "base only"), ("ratio_streamed", "streamed")):
             if key in result:
                 shown += f" ({label} {result[key]:.3g}×)"
+        if "writer_us_per_record" in result:
+            shown = (
+                f"{result['cpu_ms_per_request']:.3f} CPU-ms/request (request path {result['request_path_us']:.1f} µs "
+                f"+ writer {result['writer_us_per_record']:.0f} µs); gateway end to end "
+                f"{result['gateway_cpu_ms_added_per_stream']:+.2f} CPU-ms/stream"
+            )
+        if "rows_per_s" in result:
+            shown = f"{result['rows_per_s']:,.0f} logged requests/s ({result['seconds']:.1f} s for 100k)"
         if "median_swap_s" in result:
             shown += f" ({result['median_swap_s']:.2f} s swap vs {result['restart_s']:.0f} s restart)"
         if "first_s" in result:

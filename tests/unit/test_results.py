@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import sys
 from datetime import UTC, datetime
 
 import pytest
@@ -59,3 +60,22 @@ def test_anything_else_is_refused_both_ways(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(ValueError):
         serializer.loads(pickle.dumps(Planted()))
     assert "pwned" not in capsys.readouterr().out
+
+
+def test_a_flow_module_loaded_by_path_persists_its_summary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Prefect worker imports flows/retrain.py by path, under another module name: its RetrainSummary is a second
+    class of the same definition, and it still persists (and loads back as the allow-listed class)."""
+    import importlib.util
+
+    from flows import retrain
+
+    spec = importlib.util.spec_from_file_location("loaded_by_path", retrain.__file__)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "loaded_by_path", module)  # as Prefect's loader registers it
+    spec.loader.exec_module(module)
+    summary = module.RetrainSummary(
+        model_name="m", dataset="d", adapter="a", report="r", version="1", promoted=False, reasons="", metrics={}
+    )
+    assert type(summary) is not retrain.RetrainSummary
+    back = RefSerializer().loads(RefSerializer().dumps(summary))
+    assert type(back) is retrain.RetrainSummary and back.model_dump() == summary.model_dump()
