@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from flows.prefect_api import configured_api_url, launch_local_server, prefect_api
-from flows.serve import gateway_config, local_vllm, upstream
+from flows.serve import gateway_config, local_vllm, request_log, upstream
 from infra.artifacts import open_store
 from infra.registry import RegistryError, base_of, get_version
 from infra.services import free_port
@@ -113,7 +113,8 @@ def run_demo(
         vllm_url = stack.enter_context(local_vllm(settings, Path(base.path)))
         say(f"vLLM: {vllm_url}")
         stack.enter_context(prefect_api(settings, server=prefect, say=say))
-        app = create_app(gateway_config(settings, admin_keys=[admin_key]), upstream(settings, vllm_url))
+        log = request_log(settings, store)  # as `tuneship serve` runs it: every completion logged, scrubbed
+        app = create_app(gateway_config(settings, admin_keys=[admin_key]), upstream(settings, vllm_url), log)
         with serve_in_thread(app, port=free_port()) as gw:
             say(f"gateway: {gw}")
             serving = {"TUNESHIP_VLLM_URL": vllm_url, "TUNESHIP_GATEWAY_URL": gw, "TUNESHIP_ADMIN_KEYS": admin_key}
@@ -177,6 +178,8 @@ def run_demo(
             routes = httpx.get(f"{gw}/admin/routes", headers={"Authorization": f"Bearer {admin_key}"}).json()
             say(f"gateway aliases: {routes['aliases']}")
             _requests(gw, model, task_dir, say)
+            if log is not None and log.flush():
+                say(f"request log: every completion above is in {store.root_uri}/requests/ (personal data scrubbed)")
             if champion is not None and compare:
                 comparison = _comparison(settings, store, base, champion, gw, task_dir, say)
                 _costs(summary, comparison, settings, say)

@@ -5,7 +5,8 @@ versioned dataset in the artifact store.
     ref.train     # artifact://curated/retail-sql/v0003/train.jsonl: the previous rows + the new ones
     ref.holdout   # artifact://curated/retail-sql/v0003/feedback_holdout.jsonl: a test split no training row shaped
 
-Each feedback record is joined to its request's record (the request log's segments) and becomes one of:
+Each feedback record on an answer of this model (any of its registered versions; feedback on other models is
+theirs to curate) is joined to its request's record (the request log's segments) and becomes one of:
 
 - a training row (question, correction) — a correction passes the task's validator first (for SQL: it runs on the
   task database in the evaluation sandbox, read-only, with a time limit); a thumbs-up answer is kept only with
@@ -266,8 +267,14 @@ def curate(
     if not new_feedback and not carried and not label_rows and not label_problems and previous is not None:
         return CuratedRef.model_validate_json((store.get_dir(previous) / "curated.json").read_text())
 
-    feedback = carried + new_feedback
-    requests, request_keys = _requests(store, [f["request_id"] for f in feedback])
+    requests, request_keys = _requests(store, [f["request_id"] for f in carried + new_feedback])
+
+    def about_this_model(record: dict[str, Any]) -> bool:
+        """Feedback on an answer of one of this model's versions (or not yet known to be about another)."""
+        model = record.get("model") or requests.get(record["request_id"], {}).get("model")
+        return model is None or model == cfg.model_name
+
+    feedback = [f for f in carried + new_feedback if about_this_model(f)]
     out = Outcome()
     for where, problem in label_problems:
         out.rejected.append({"where": where, "code": "bad_label", "reason": problem})

@@ -50,13 +50,13 @@ class Traffic:
         self.log = RequestLog(store, RequestLogConfig(flush_interval_s=0.2))
         self.log.start()
 
-    def ask(self, question: str, output: str = "SELECT 1", key: str = ALICE) -> str:
+    def ask(self, question: str, output: str = "SELECT 1", key: str = ALICE, served: str = "retail-sql-v1") -> str:
         from infra.segments import new_request_id
 
         rid = new_request_id()
-        self.log.issued(rid, key, "retail-sql-v1")
+        self.log.issued(rid, key, served)
         self.log.completed(
-            request_id=rid, key_id=key, route="/generate", alias="champion", served="retail-sql-v1", latency_s=0.2,
+            request_id=rid, key_id=key, route="/generate", alias="champion", served=served, latency_s=0.2,
             prompt=alpaca_prompt(question), text=output, finish_reason="stop", usage={"completion_tokens": 3},
         )  # fmt: skip
         return rid
@@ -91,6 +91,8 @@ def test_curation_counts_reasons_leaks_and_lineage(demo_task: Path, demo_config,
     traffic.rate(rid, "down", COUNT, key=BOB)  # feedback with another key than the request's
     early = f"{int(time.time() * 1000):012x}{'c' * 16}"
     traffic.rate(early, "down", COUNT)  # its request's record has not arrived
+    other = traffic.ask("how many shoppers bought shoes", served="shoe-sql-v2")  # another model's answer
+    traffic.rate(other, "down", COUNT)  # is that model's to curate: not counted here
     rid = traffic.ask("how many buyers, reach me at jo@example.com")
     traffic.rate(rid, "down", "SELECT COUNT(*) FROM customers WHERE full_name = 'jo@example.com'")
     traffic.flush()

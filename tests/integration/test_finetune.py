@@ -220,3 +220,37 @@ def test_killed_run_resumes_from_its_checkpoint(
     # Trainer itself reports where the second process began: at the newest checkpoint, not at 0.
     assert saved["metrics"]["start_step"] == saved["metrics"]["resumed_from_step"] == killed_at > 0
     assert saved["metrics"]["global_step"] == 45
+
+
+def test_training_continues_from_an_adapter(demo_task, base, s3_store, dataset, mlflow_server, tmp_path) -> None:
+    """finetune.init_from: champion — a few more steps from a trained adapter start where it ended (its held-out
+    loss, not the base's), the new adapter records where it came from; a different LoRA shape is refused."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tracker = MlflowTracker(mlflow_server.tracking_uri, experiment=f"test-{uuid.uuid4().hex[:6]}", system_metrics=False)
+
+    def train(*overrides: str, init=None):
+        cfg = config(demo_task, *overrides)
+        return finetune(
+            cfg.finetune, dataset, name=cfg.name, base=base, store=s3_store, tracker=tracker, workdir=tmp_path,
+            init=init,
+        )  # fmt: skip
+
+    first = train("finetune.train.max_steps=120")
+    more = train("finetune.train.max_steps=5", "finetune.init_from=champion", init=first)
+    fresh = train("finetune.train.max_steps=5")
+    assert more.init_sha256 == first.sha256 and fresh.init_sha256 is None
+    assert more.run_id != fresh.run_id  # the starting adapter is part of the run's identity
+
+    held_out = load_splits(dataset, s3_store)["eval"]
+
+    def loss(adapter) -> float:
+        model = AutoModelForCausalLM.from_pretrained(base.path)
+        return eval_loss(PeftModel.from_pretrained(model, s3_store.get_dir(adapter.artifact)), held_out)
+
+    losses = {"first": loss(first), "more": loss(more), "fresh": loss(fresh)}
+    print(f"held-out loss: {losses}")
+    assert losses["more"] < 1.2 * losses["first"] and losses["more"] < 0.7 * losses["fresh"]
+    with pytest.raises(FinetuneError, match="rank 16 .*the config's rank 8"):
+        train("finetune.train.max_steps=5", "finetune.lora.r=8", "finetune.lora.alpha=16", init=first)
