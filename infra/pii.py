@@ -104,16 +104,17 @@ class Scrubber:
         """Non-overlapping ``(start, end, kind)`` finds. Where finds overlap, the stricter recognizer wins (a
         checksum or a fixed shape over the phone matcher's looser reading), then the longer find."""
         found: list[tuple[int, int, int, str]] = []
+        numbers = _DIGITS.search(text) is not None  # every built-in kind but e-mail needs a digit (or IPv6 a colon)
         recognizers = [
-            ("EMAIL", (m.span() for m in EMAIL.finditer(text))),
-            ("IBAN", _iban(text)),
-            ("CARD", _card(text)),
-            ("IP", _ip(text)),
+            ("EMAIL", (m.span() for m in EMAIL.finditer(text)) if "@" in text else ()),
+            ("IBAN", _iban(text) if numbers else ()),
+            ("CARD", _card(text) if numbers else ()),
+            ("IP", _ip(text) if numbers or ":" in text else ()),
             *(
                 (name.upper(), (m.span() for m in p.finditer(text) if m.end() > m.start()))
                 for name, p in self.patterns.items()
             ),
-            ("PHONE", self._phones(text)),
+            ("PHONE", self._phones(text) if numbers else ()),
         ]
         for rank, (kind, spans) in enumerate(recognizers):
             found.extend((rank, start, end, kind) for start, end in spans)

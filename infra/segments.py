@@ -27,6 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from infra.artifacts import ArtifactStore
 
 log = logging.getLogger("tuneship.request_log")
@@ -152,8 +154,8 @@ class SegmentWriter:
             try:
                 with tempfile.TemporaryDirectory(prefix="tuneship-segment-") as tmp:
                     folder = Path(tmp)
-                    with gzip.open(folder / RECORDS_FILE, "wt", encoding="utf-8", compresslevel=6) as out:
-                        out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+                    with gzip.open(folder / RECORDS_FILE, "wb", compresslevel=6) as out:
+                        out.writelines(orjson.dumps(r) + b"\n" for r in records)
                     if index is not None:  # who made each request: what feedback is checked against
                         (folder / INDEX_FILE).write_text(json.dumps(index))
                     self.store.put_dir(folder, key, overwrite=True)
