@@ -70,6 +70,13 @@ def hour_prefix(prefix: str, seconds: float) -> str:
     return f"{prefix}/{datetime.fromtimestamp(seconds, UTC):%Y/%m/%d/%H}"
 
 
+def segment_hours(prefix: str, issued: float) -> list[str]:
+    """The hour folders that can hold the record of a request issued at ``issued``: a segment is filed under the
+    hour its *first* record was issued, and a segment gathers records for a while (the flush interval, and the
+    requests that ran long), so the record may sit under the hour before or the hour after its own."""
+    return sorted({hour_prefix(prefix, issued + shift) for shift in (-3600, 0, 3600)})
+
+
 def read_segment(store: ArtifactStore, key: str) -> list[dict[str, Any]]:
     """The records of one complete segment (verified against its manifest)."""
     path = store.get_dir(key) / RECORDS_FILE

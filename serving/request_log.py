@@ -2,13 +2,8 @@
 
 The request path only appends to a bounded in-memory queue (a few microseconds, ``make bench``:
 request_log); a background thread turns queued items into records, scrubs personal data out of every text
-(:mod:`infra.pii`) and writes *segments* to the artifact store:
-
-    requests/2026/11/28/14/<first-ms>-<replica>-<seq>/records.jsonl.gz   one JSON record per line
-                                                     /index.json         request id → API-key id, served model
-                                                     /_manifest.json     written last: a segment without it is
-                                                                         never read
-    feedback/2026/11/28/14/…                         the same layout for feedback records
+(:mod:`infra.pii`) and writes them as *segments* to the artifact store, under ``requests/`` and ``feedback/``
+(the layout: :mod:`infra.segments`).
 
 A segment is written every ``flush_records`` records or ``flush_interval_s`` seconds, whichever comes first,
 and on shutdown (SIGTERM: nothing queued is lost). A process killed with SIGKILL loses what was not yet in a
@@ -44,11 +39,11 @@ from infra.segments import (
     INDEX_FILE,
     REQUESTS,
     SegmentWriter,
-    hour_prefix,
     iso_time,
     new_request_id,
     registered,
     request_issued,
+    segment_hours,
     segment_keys,
 )
 
@@ -150,7 +145,6 @@ class RequestLog:
     def completed(self, **item: Any) -> None:
         """Queue one request's record. Items are raw (the request model, the engine's bytes): the writer thread
         parses and scrubs them, so the request path spends only an append here."""
-        item["done"] = time.time()
         self.requests.put(item)
 
     # The writer thread -----------------------------------------------------------------------------------------
@@ -194,10 +188,11 @@ class RequestLog:
         """Who made ``request_id``: from this replica's memory, else from the written segments (blocking I/O)."""
         if (found := self.recent.get(request_id)) is not None:
             return Origin(key_id=found[0], served=found[1])
-        issued = request_issued(request_id)
-        for hour in {hour_prefix(REQUESTS, issued), hour_prefix(REQUESTS, issued - 3600)}:
+        for hour in segment_hours(REQUESTS, request_issued(request_id)):
             for key in segment_keys(self.store, hour):
                 if key not in self._segment_index:
+                    if len(self._segment_index) >= 10_000:  # a long-running replica: forget, read again if asked
+                        self._segment_index.clear()
                     index = json.loads((self.store.get_dir(key) / INDEX_FILE).read_text())
                     self._segment_index[key] = index
                 if (entry := self._segment_index[key].get(request_id)) is not None:

@@ -38,7 +38,7 @@ from typing import Any
 
 from infra.artifacts import ARTIFACT_SCHEME, ArtifactStore, local_path
 from infra.errors import UserError
-from infra.segments import FEEDBACK, REQUESTS, hour_prefix, read_segment, request_issued
+from infra.segments import FEEDBACK, REQUESTS, read_segment, request_issued, segment_hours
 from tasks.config import RunConfig
 from tasks.preprocess import read_rows
 from tasks.refs import CuratedRef
@@ -223,8 +223,7 @@ def _requests(store: ArtifactStore, request_ids: Iterable[str]) -> tuple[dict[st
     """The request records for ``request_ids``, from the segments of the hours they were issued in."""
     hours = set()
     for request_id in request_ids:
-        issued = request_issued(request_id)
-        hours.update({hour_prefix(REQUESTS, issued), hour_prefix(REQUESTS, issued - 3600)})
+        hours.update(segment_hours(REQUESTS, request_issued(request_id)))
     records: dict[str, dict[str, Any]] = {}
     keys = sorted({key for hour in hours for key in store.keys(hour)})
     for key in keys:

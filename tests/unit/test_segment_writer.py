@@ -133,3 +133,14 @@ def test_request_ids() -> None:
     for bad in ("", "cmpl-xyz", rid[:-1], rid + "0", f"{rid}; drop table", "../" + rid):
         assert parse_request_id(bad) is None
     assert registered("retail-sql-v12") == ("retail-sql", 12) and registered("base") == ("base", None)
+
+
+def test_a_record_is_looked_for_in_the_hours_around_its_issue() -> None:
+    from infra.segments import segment_hours
+
+    issued = 1_795_830_000.0  # 2026-11-28T01:40:00Z
+    assert segment_hours("requests", issued) == [
+        "requests/2026/11/28/00",
+        "requests/2026/11/28/01",
+        "requests/2026/11/28/02",
+    ]
