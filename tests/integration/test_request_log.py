@@ -29,6 +29,7 @@ from serving.app import GatewayConfig, create_app
 from serving.request_log import RequestLog, RequestLogConfig
 from serving.server import serve_in_thread
 from serving.upstream import VllmUpstream
+from tasks.curate import curate
 
 pytestmark = pytest.mark.slow
 PROMPT = "### Instruction:\nHow many customers are there?\n\n### Response:\n"
@@ -167,7 +168,9 @@ def test_feedback_only_from_the_requests_key_and_only_on_known_requests(gateway,
         assert joined.status_code == 202 and joined.json()["joined"] is True
 
 
-def test_seeded_personal_data_never_reaches_the_store(gateway, pii_corpus, store, s3_server, s3_bucket) -> None:
+def test_seeded_personal_data_never_reaches_the_store(
+    gateway, pii_corpus, store, s3_server, s3_bucket, demo_config, tmp_path
+) -> None:
     url, log, _ = gateway
     client = httpx.Client(base_url=url, headers=auth(ALICE), timeout=300)
     rng = random.Random(3)
@@ -192,16 +195,21 @@ def test_seeded_personal_data_never_reaches_the_store(gateway, pii_corpus, store
             body["comment"] = f"wrong; my contact is {value}"
         assert client.post("/feedback", json=body).status_code == 202
     assert log.flush()
+    # Curation reads the log into a dataset, a feedback holdout and a needs-labels export: all in the bucket too.
+    curated = curate(demo_config("registry.model_name=base"), store=store, workdir=tmp_path)
+    assert curated.counts["rows_in"] == len(in_feedback) and curated.counts["kept"] > 0
 
     s3 = make_s3_client(s3_server.endpoint_url)
-    texts = []
+    texts, keys = [], []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket):
         for obj in page.get("Contents", []):
+            keys.append(obj["Key"])
             raw = s3.get_object(Bucket=s3_bucket, Key=obj["Key"])["Body"].read()
             texts.append(gzip.decompress(raw).decode() if raw[:2] == b"\x1f\x8b" else raw.decode())
     everything = "\n".join(texts)
     feedback = [r for key in segment_keys(store, "feedback") for r in read_segment(store, key)]
     assert len(stored(store)) == len(ids) and len(feedback) == len(in_feedback)
+    assert any(key.startswith("tuneship/curated/base/v0001/") for key in keys)
     leaked = [value for value in seeded if value in everything]
     assert leaked == [], f"{len(leaked)} of {len(seeded)} seeded strings stored, e.g. {leaked[:5]}"
     for placeholder in ("<EMAIL>", "<PHONE>", "<CARD>", "<IBAN>", "<IP>", "<TICKET>"):

@@ -5,6 +5,7 @@ registered by the CI script and run by a real `process` worker."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import socket
 import subprocess
@@ -771,12 +772,19 @@ def test_a_refused_approval_leaves_the_champion(first_run, flow_env) -> None:
     asking = [
         *settled,
         "registry.require_approval=true",
+        "registry.approval_timeout_s=900",
         "finetune.train.seed=3",  # another adapter: a candidate the gate can judge against the champion
         "registry.rules.ci_margin=-1",
         "registry.rules.max_perplexity_increase=10",
     ]
     outcome: dict[str, object] = {}
-    runner = threading.Thread(target=lambda: outcome.update(state=run_flow(overrides=asking, deploy=False)[0]))
+    # The run goes on a thread of its own, in this test's Prefect settings (a context variable threads do not inherit).
+    context = contextvars.copy_context()
+    runner = threading.Thread(  # a daemon, so a run left paused by a failing test cannot keep pytest from exiting
+        target=context.run,
+        args=(lambda: outcome.update(state=run_flow(overrides=asking, deploy=False)[0]),),
+        daemon=True,
+    )
     runner.start()
     api = prefect_api(flow_env)
     deadline = time.monotonic() + 600
