@@ -161,7 +161,8 @@ def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 
 def versions(store: ArtifactStore, model_name: str) -> list[str]:
     """Keys of the curated versions of ``model_name``, oldest first."""
-    return [k for k in store.keys(f"{CURATED}/{model_name}") if re.fullmatch(r".*/v\d{4}", k)]
+    own = re.compile(rf"{CURATED}/{re.escape(model_name)}/v\d{{4}}")  # not retail-sql-loop's when asked for retail-sql
+    return [key for key in store.keys(f"{CURATED}/{model_name}") if own.fullmatch(key)]
 
 
 def read_labels(path: Path) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:

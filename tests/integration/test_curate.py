@@ -185,3 +185,16 @@ def test_near_duplicates_are_found_whenever_they_are_near(demo_task: Path) -> No
     assert len(near) >= 100
     assert all(index.find(v) is not None for v, _ in near)
     assert index.find("an unrelated question about the weather on mars") is None
+
+
+def test_versions_are_the_models_own(store, tmp_path: Path) -> None:
+    """A model's curated versions, not those of another model whose name starts the same way."""
+    from tasks.curate import versions
+
+    folder = tmp_path / "v"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("{}\n")
+    for key in ("curated/retail-sql/v0001", "curated/retail-sql-loop-1/v0001", "curated/retail-sql/trigger"):
+        store.put_dir(folder, key)
+    assert versions(store, "retail-sql") == ["curated/retail-sql/v0001"]
+    assert versions(store, "retail-sql-loop-1") == ["curated/retail-sql-loop-1/v0001"]
