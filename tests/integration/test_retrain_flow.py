@@ -27,7 +27,17 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 ADMIN = f"admin-{uuid.uuid4().hex}"
 MODEL = f"flow-{uuid.uuid4().hex[:6]}"
-CONFIG = "deployments/configs/tiny-cpu.yaml"  # its data: artifact://data/retail-sql/ (flow_env publishes it)
+CONFIG = "deployments/configs/tiny-cpu.yaml"
+# A worker for the default queue of tuneship-cpu, not its feedback queue: the watch-feedback schedule may be due.
+CPU_WORKER = [
+    str(Path(sys.executable).parent / "prefect"),
+    "worker",
+    "start",
+    "--pool",
+    "tuneship-cpu",
+    "--work-queue",
+    "default",
+]  # its data: artifact://data/retail-sql/ (flow_env publishes it)
 # A short fine-tune and a small evaluation keep the flow ≈2 min on 2 cores; the gate accepts this weaker run.
 OVERRIDES = [
     f"registry.model_name={MODEL}",
@@ -549,16 +559,7 @@ def test_ci_script_registers_deployments_and_a_worker_runs_a_ui_style_run(first_
     run_id = created.json()["id"]
     with contextlib.suppress(subprocess.TimeoutExpired):
         worker = subprocess.Popen(
-            [
-                Path(sys.executable).parent / "prefect",
-                "worker",
-                "start",
-                "--pool",
-                "tuneship-cpu",
-                "--work-queue",
-                "default",
-                "--run-once",
-            ],  # not the feedback queue: the watch-feedback schedule may be due
+            [*CPU_WORKER, "--run-once"],
             env={**os.environ, **flow_env},
             cwd=REPO,
             stdout=subprocess.PIPE,
@@ -634,15 +635,7 @@ def test_a_worker_killed_mid_fine_tune_resumes_from_its_checkpoint_on_retry(firs
     run_id = created.json()["id"]
     log = Path(flow_env["TUNESHIP_HOME"]) / "kill-worker.log"
     worker = subprocess.Popen(
-        [
-            Path(sys.executable).parent / "prefect",
-            "worker",
-            "start",
-            "--pool",
-            "tuneship-cpu",
-            "--work-queue",
-            "default",
-        ],
+        CPU_WORKER,
         env={**os.environ, **flow_env, "PREFECT_WORKER_QUERY_SECONDS": "2"},
         cwd=REPO,
         stdout=log.open("w"),
