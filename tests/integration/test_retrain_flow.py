@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 ADMIN = f"admin-{uuid.uuid4().hex}"
 MODEL = f"flow-{uuid.uuid4().hex[:6]}"
-CONFIG = "deployments/configs/tiny-cpu.yaml"
+CONFIG = "deployments/configs/tiny-cpu.yaml"  # its data: artifact://data/retail-sql/ (flow_env publishes it)
 # A worker for the default queue of tuneship-cpu, not its feedback queue: the watch-feedback schedule may be due.
 CPU_WORKER = [
     str(Path(sys.executable).parent / "prefect"),
@@ -37,7 +37,7 @@ CPU_WORKER = [
     "tuneship-cpu",
     "--work-queue",
     "default",
-]  # its data: artifact://data/retail-sql/ (flow_env publishes it)
+]
 # A short fine-tune and a small evaluation keep the flow ≈2 min on 2 cores; the gate accepts this weaker run.
 OVERRIDES = [
     f"registry.model_name={MODEL}",
