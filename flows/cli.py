@@ -400,7 +400,7 @@ def serve(
     """Serve the champion: a local vLLM (when TUNESHIP_VLLM_URL=local), the gateway, the adapters hot-loaded."""
     import threading
 
-    from flows.serve import gateway_config, request_log, serving_stack, upstream
+    from flows.serve import gateway_config, registry_source, request_log, serving_stack, upstream
 
     settings = load_settings()
     if not deploy_aliases:
@@ -409,8 +409,10 @@ def serve(
 
         if settings.vllm_url == "local":
             raise SettingsError("TUNESHIP_VLLM_URL: --no-deploy serves an existing vLLM server; give its URL")
-        log = request_log(settings, open_store(settings))
-        app_ = create_app(gateway_config(settings), upstream(settings, settings.vllm_url), log)
+        store = open_store(settings)
+        config = gateway_config(settings, default_model=name)
+        registry = registry_source(settings, store, name)
+        app_ = create_app(config, upstream(settings, settings.vllm_url), request_log(settings, store), registry)
         host, port, grace = settings.gateway_host, settings.gateway_port, settings.gateway_shutdown_grace_s
         with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises SIGTERM once it has shut down cleanly
             serve_forever(app_, host=host, port=port, grace_s=grace)

@@ -33,6 +33,7 @@ from infra.services import free_port
 from infra.settings import Settings
 from offline.demo_task import build_demo_task
 from serving.app import create_app
+from serving.catalog import RegistrySource
 from serving.server import serve_in_thread
 from tasks.base_model import resolve_base_model
 from tasks.config import DeployConfig
@@ -114,7 +115,9 @@ def run_demo(
         say(f"vLLM: {vllm_url}")
         stack.enter_context(prefect_api(settings, server=prefect, say=say))
         log = request_log(settings, store)  # as `tuneship serve` runs it: every completion logged, scrubbed
-        app = create_app(gateway_config(settings, admin_keys=[admin_key]), upstream(settings, vllm_url), log)
+        registry = RegistrySource(settings.mlflow_tracking_uri, store, (base.id, base.revision))
+        config = gateway_config(settings, admin_keys=[admin_key])
+        app = create_app(config, upstream(settings, vllm_url), log, registry)
         with serve_in_thread(app, port=free_port()) as gw:
             say(f"gateway: {gw}")
             serving = {"TUNESHIP_VLLM_URL": vllm_url, "TUNESHIP_GATEWAY_URL": gw, "TUNESHIP_ADMIN_KEYS": admin_key}
@@ -154,19 +157,21 @@ def run_demo(
                 champion = get_version(summary.model_name, "champion", tracking_uri=settings.mlflow_tracking_uri)
             except RegistryError:
                 champion = None
+            alias = "champion"
             if champion is not None and base_of(champion) != (base.id, base.revision):
                 # An earlier champion on another base cannot serve on this vLLM server: show this run's version.
                 say(
                     f"the registry's champion v{champion.version} was trained on another base; serving this run's "
-                    f"v{summary.version} instead (`tuneship promote {summary.model_name} {summary.version} "
-                    f"--reason …` makes it the champion)"
+                    f"v{summary.version} as the challenger instead (`tuneship promote {summary.model_name} "
+                    f"{summary.version} --reason …` makes it the champion)"
                 )
                 champion = get_version(summary.model_name, summary.version, tracking_uri=settings.mlflow_tracking_uri)
+                alias = "challenger"
             if champion is not None and summary.deployment is None:
                 deploy(
                     summary.model_name,
                     str(champion.version),
-                    DeployConfig(),
+                    DeployConfig(alias=alias),
                     store=store,
                     tracking_uri=settings.mlflow_tracking_uri,
                     vllm_url=vllm_url,
@@ -174,20 +179,20 @@ def run_demo(
                     admin_key=admin_key,
                     vllm_key=settings.vllm_key,
                 )
-            model = "champion" if champion is not None else "base"
+            model = f"{summary.model_name}@{alias}" if champion is not None else "base"
             routes = httpx.get(f"{gw}/admin/routes", headers={"Authorization": f"Bearer {admin_key}"}).json()
             say(f"gateway aliases: {routes['aliases']}")
             _requests(gw, model, task_dir, say)
             if log is not None and log.flush():
                 say(f"request log: every completion above is in {store.root_uri}/requests/ (personal data scrubbed)")
             if champion is not None and compare:
-                comparison = _comparison(settings, store, base, champion, gw, task_dir, say)
+                comparison = _comparison(settings, store, base, champion, gw, model, task_dir, say)
                 _costs(summary, comparison, settings, say)
     return {"summary": summary.model_dump(mode="json"), "flow_run_id": str(state.state_details.flow_run_id)}
 
 
 def _comparison(
-    settings: Settings, store, base, champion, gw: str, task_dir: Path, say: Callable[[str], None]
+    settings: Settings, store, base, champion, gw: str, model: str, task_dir: Path, say: Callable[[str], None]
 ) -> list[dict]:
     """The seed's comparison table: base vs the fine-tuned adapter (runtime LoRA) vs the adapter merged into the
     base weights (a second vLLM server), same prompts, same load; and the configured API price."""
@@ -203,7 +208,7 @@ def _comparison(
     with local_vllm(settings, merged, served_name="merged") as merged_url:
         rows = [
             ("base model (vLLM)", gw, "base"),
-            ("fine-tuned: runtime LoRA (vLLM)", gw, "champion"),
+            ("fine-tuned: runtime LoRA (vLLM)", gw, model),
             ("fine-tuned: merged weights (vLLM)", merged_url, "merged"),
         ]
         table, results = compare(rows, prompts, spec, instance=settings.instance_type)

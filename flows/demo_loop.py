@@ -35,14 +35,14 @@ from flows.demo import CONFIG, DATA_KEY, _env
 from flows.prefect_api import configured_api_url, launch_local_server, prefect_api
 from flows.serve import gateway_config, local_vllm, request_log, upstream
 from infra.artifacts import open_store
-from infra.registry import client, get_version
+from infra.registry import client, get_version, served_id
 from infra.services import free_port
 from infra.settings import Settings
 from offline.demo_task import PARAPHRASE, build_demo_task, generate
 from serving.app import create_app
+from serving.catalog import RegistrySource
 from serving.server import serve_in_thread
 from tasks.base_model import resolve_base_model
-from tasks.deploy import served_name
 from tasks.generation import instruction_prompt
 from tasks.sql_exec import connect_readonly, execute_sql, is_ordered, results_match
 
@@ -173,8 +173,9 @@ def run_demo_loop(settings: Settings, *, users: int = 480, say: Callable[[str], 
         api_url = stack.enter_context(prefect_api(settings, server=prefect, say=say))
         log = request_log(settings, store)
         config = gateway_config(settings, api_keys=[user_key], admin_keys=[admin_key])
+        registry = RegistrySource(uri, store, (base.id, base.revision))
         gw = stack.enter_context(
-            serve_in_thread(create_app(config, upstream(settings, vllm_url), log), port=free_port())
+            serve_in_thread(create_app(config, upstream(settings, vllm_url), log, registry), port=free_port())
         )
         serving = {
             "TUNESHIP_VLLM_URL": vllm_url,
@@ -204,7 +205,7 @@ def run_demo_loop(settings: Settings, *, users: int = 480, say: Callable[[str], 
 
         questions = users_questions(task_dir, users)
         say(f"{len(questions)} users ask in phrasings the training data never used, and rate the answers:")
-        counts = simulate_users(gw, user_key, "champion", questions, task_dir, say)
+        counts = simulate_users(gw, user_key, model, questions, task_dir, say)
         last_feedback = time.time()
         assert log is not None and log.flush()
         say(f"  v1 answered {counts['right']} right, {counts['wrong']} wrong; every wrong one came back corrected")
@@ -218,9 +219,9 @@ def run_demo_loop(settings: Settings, *, users: int = 480, say: Callable[[str], 
             raise RuntimeError(f"the retrain-on-feedback run ended {run['state_name']}; worker log: {worker_log}")
         champion = get_version(model, "champion", tracking_uri=uri)
         routes = httpx.get(f"{gw}/admin/routes", headers={"Authorization": f"Bearer {admin_key}"}).json()
-        serving_now = routes["aliases"].get("champion")
+        serving_now = routes["aliases"].get(f"{model}@champion")
         swapped = time.time()
-        if str(champion.version) == str(v1.version) or serving_now != served_name(model, str(champion.version)):
+        if str(champion.version) == str(v1.version) or serving_now != served_id(model, str(champion.version)):
             tags = client(uri).get_model_version(model, str(int(v1.version) + 1)).tags
             gate = {k: v for k, v in tags.items() if k.startswith("tuneship.gate.")}
             raise RuntimeError(f"v2 was not promoted and served; its gate: {gate}")

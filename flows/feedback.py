@@ -30,12 +30,11 @@ from pydantic import BaseModel, Field
 from flows.results import PERSISTED
 from flows.retrain import Services, config_file, curate_stage
 from infra.artifacts import ArtifactNotFoundError, ArtifactStore
-from infra.registry import RegistryError, get_version
+from infra.registry import RegistryError, get_version, served_id
 from infra.segments import FEEDBACK, hour_prefix, read_segment
 from infra.settings import load_settings
 from tasks.config import RunConfig, load_run_config
 from tasks.curate import CURATED
-from tasks.deploy import served_name
 from tasks.refs import CuratedRef
 
 EVENT = "tuneship.feedback.retrain-requested"
@@ -72,7 +71,7 @@ def champion_down_rate(cfg: RunConfig, store: ArtifactStore, tracking_uri: str, 
         champion = get_version(cfg.model_name, "champion", tracking_uri=tracking_uri)
     except RegistryError:
         return None, 0
-    served = served_name(cfg.model_name, str(champion.version))
+    served = served_id(cfg.model_name, str(champion.version))
     since = now - cfg.curate.trigger_window_s
     hours = {hour_prefix(FEEDBACK, t) for t in range(int(since), int(now) + 3600, 3600)}
     ratings = [

@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.artifacts import ArtifactStore, open_store
-from infra.registry import RegistryError, get_version
+from infra.registry import RegistryError, base_of, get_version
 from infra.services import ManagedProcess, free_port
 from infra.settings import Settings
 from infra.vllm_server import VllmLaunch, start_vllm
 from serving.app import GatewayConfig, create_app
+from serving.catalog import RegistrySource
 from serving.request_log import RequestLog, RequestLogConfig
 from serving.server import check_exposure, serve_in_thread
+from serving.tenants import load_key_models
 from serving.upstream import VllmUpstream
 from tasks.base_model import resolve_base_model
 from tasks.config import DeployConfig
@@ -71,7 +73,12 @@ def local_vllm(settings: Settings, base_path: Path, *, served_name: str = "base"
         yield settings.vllm_url
         return
     launch = VllmLaunch(
-        model=base_path, served_model_name=served_name, device=settings.vllm_device, api_key=settings.vllm_key
+        model=base_path,
+        served_model_name=served_name,
+        device=settings.vllm_device,
+        api_key=settings.vllm_key,
+        max_loras=settings.vllm_max_loras,
+        max_cpu_loras=settings.vllm_max_cpu_loras,
     )
     workdir = settings.home / "services"
     with start_vllm(launch, python=settings.vllm_python, workdir=workdir, stop_with_parent=True) as server:
@@ -98,9 +105,27 @@ def request_log(settings: Settings, store: ArtifactStore) -> RequestLog | None:
     return RequestLog(store, config)
 
 
+def registry_source(settings: Settings, store: ArtifactStore, model_name: str | None) -> RegistrySource | None:
+    """What the gateway follows (``TUNESHIP_GATEWAY_REGISTRY``): the registry, routing only versions trained on the
+    base of ``model_name``'s champion (the base vLLM serves) when it has one."""
+    if not settings.gateway_registry:
+        return None
+    uri = settings.mlflow_tracking_uri
+    base = None
+    if model_name:
+        try:
+            base = base_of(get_version(model_name, "champion", tracking_uri=uri))
+        except RegistryError:
+            base = None  # nothing registered yet: route every registered version
+    return RegistrySource(uri, store, base)
+
+
 def gateway_config(settings: Settings, **overrides: object) -> GatewayConfig:
     values = {
         "api_keys": _secret_list(settings.api_keys),
+        "key_models": load_key_models(settings.api_keys_file) if settings.api_keys_file else {},
+        "max_adapters": settings.gateway_max_adapters,
+        "registry_refresh_s": settings.gateway_registry_refresh_s,
         "admin_keys": _secret_list(settings.admin_keys),
         "aliases": {"base": "base", **settings.gateway_aliases},
         "canary_share": settings.canary_share,
@@ -134,11 +159,14 @@ def serving_stack(
     if admin_key is None:  # /admin stays closed to others; this process deploys with a key of its own
         admin_key = secrets.token_urlsafe(24)
         say("admin routes: no TUNESHIP_ADMIN_KEYS, so only this process can switch aliases")
-    config = gateway_config(settings, admin_keys=_secret_list(settings.admin_keys) or [admin_key])
+    config = gateway_config(
+        settings, admin_keys=_secret_list(settings.admin_keys) or [admin_key], default_model=model_name
+    )
     check_exposure(config, settings.gateway_host)  # before a vLLM server is started for nothing
     with local_vllm(settings, Path(base.path)) as vllm_url:
         say(f"vLLM: {vllm_url} serving {base.id}")
-        app = create_app(config, upstream(settings, vllm_url), request_log(settings, store))
+        registry = registry_source(settings, store, model_name)
+        app = create_app(config, upstream(settings, vllm_url), request_log(settings, store), registry)
         gw_port = port if port is not None else settings.gateway_port
         grace = settings.gateway_shutdown_grace_s
         with serve_in_thread(app, host=settings.gateway_host, port=gw_port, grace_s=grace) as gateway_url:

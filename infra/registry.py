@@ -44,6 +44,11 @@ def check_model_name(name: str, *, what: str = "registered model name") -> str:
     return name
 
 
+def served_id(name: str, version: str) -> str:
+    """The name vLLM serves version ``version`` of registered model ``name`` under (its adapter, loaded at runtime)."""
+    return f"{name}-v{version}"
+
+
 class RegistryError(UserError, RuntimeError):
     """A registry operation cannot be done (no such model or version, nothing to roll back to)."""
 
@@ -124,6 +129,42 @@ def make_champion(mlflow_client: Any, name: str, version: str, *, expect: str | 
     history = champion_history(mlflow_client, name)
     retry(mlflow_client.set_registered_model_alias, name, CHAMPION, version)
     retry(mlflow_client.set_registered_model_tag, name, HISTORY_TAG, json.dumps([*history, version]))
+
+
+def alias_version(mlflow_client: Any, name: str, alias: str) -> str | None:
+    """The version number ``alias`` of ``name`` points at, or None."""
+    if alias == CHAMPION:
+        mv = champion_version(mlflow_client, name)
+        return None if mv is None else str(mv.version)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(mlflow_client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as exc:
+        if exc.error_code not in NOT_FOUND:
+            raise
+        return None
+
+
+def move_alias(mlflow_client: Any, name: str, alias: str, version: str, *, expect: str | None) -> None:
+    """Point ``alias`` at ``version`` if it still points at ``expect`` (the champion keeps its history)."""
+    if alias == CHAMPION:
+        make_champion(mlflow_client, name, version, expect=expect)
+        return
+    now = alias_version(mlflow_client, name, alias)
+    if now != expect:
+        raise ChampionMoved(f"{name}@{alias} is v{now} now, not v{expect}: not moving it to v{version}")
+    retry(mlflow_client.set_registered_model_alias, name, alias, version)
+
+
+def restore_alias(mlflow_client: Any, name: str, alias: str, version: str, *, failed: str) -> None:
+    """Point ``alias`` back at ``version`` after ``failed`` could not be served; the champion history forgets it."""
+    retry(mlflow_client.set_registered_model_alias, name, alias, version)
+    if alias == CHAMPION:
+        history = champion_history(mlflow_client, name)
+        if history and history[-1] == failed:
+            history = history[:-1]
+        retry(mlflow_client.set_registered_model_tag, name, HISTORY_TAG, json.dumps(history))
 
 
 def set_version_tags(name: str, version: str, tags: dict[str, str], *, tracking_uri: str) -> None:

@@ -82,6 +82,29 @@ class Settings(BaseSettings):
         description="Comma-separated keys for the gateway's /admin routes (alias switches). Empty: /admin is closed "
         "(`tuneship serve` then makes a key for its own deploys).",
     )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="YAML file of tenants, each with its API keys and the models they may call (see "
+        "docs/multi-adapter.md); their keys join TUNESHIP_API_KEYS, which may call every model.",
+    )
+    gateway_registry: bool = Field(
+        default=True,
+        description="The gateway follows the MLflow registry: serves NAME, NAME@ALIAS, NAME/VERSION of every "
+        "registered model. false: fixed aliases (TUNESHIP_GATEWAY_ALIASES) only.",
+    )
+    gateway_registry_refresh_s: float = Field(
+        default=15.0, gt=0, description="How often the gateway re-reads the registry's aliases (a deploy asks at once)."
+    )
+    gateway_max_adapters: int = Field(
+        default=8,
+        ge=1,
+        description="Adapters the gateway keeps loaded in vLLM, champions (pinned) included; beyond, the least "
+        "recently used other one is unloaded. Keep ≤ TUNESHIP_VLLM_MAX_CPU_LORAS.",
+    )
+    vllm_max_loras: int = Field(default=4, ge=1, description="vLLM --max-loras: adapters one batch can mix.")
+    vllm_max_cpu_loras: int = Field(
+        default=8, ge=1, description="vLLM --max-cpu-loras: adapters vLLM keeps in host memory (≥ max_loras)."
+    )
     gateway_local_admin: bool = Field(
         default=False, description="With no admin keys, open the gateway's /admin routes to loopback clients."
     )
@@ -92,7 +115,7 @@ class Settings(BaseSettings):
     )
     gateway_url: str | None = Field(
         default=None,
-        description="URL of a running tuneship gateway whose aliases a deploy switches; empty: no gateway.",
+        description="URLs of the running gateway replicas a deploy switches (comma-separated); empty: none.",
     )
     gateway_aliases: dict[str, str] = Field(
         default_factory=dict,
@@ -152,15 +175,27 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not an http(s) URL")
         return value.rstrip("/")
 
-    @field_validator("vllm_url", "gateway_url")
+    @field_validator("vllm_url")
     @classmethod
-    def _check_vllm_url(cls, value: str | None) -> str | None:
-        if value in ("local", None):
+    def _check_vllm_url(cls, value: str) -> str:
+        if value == "local":
             return value
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"{value!r} is neither 'local' nor an http(s) URL")
         return value.rstrip("/")
+
+    @field_validator("gateway_url")
+    @classmethod
+    def _check_gateway_urls(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        urls = [url.strip().rstrip("/") for url in value.split(",")]
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"{url!r} is not an http(s) URL")
+        return ",".join(urls)
 
     @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod

@@ -37,7 +37,8 @@ class VllmLaunch:
     max_model_len: int = 512
     enable_lora: bool = True
     max_lora_rank: int = 16
-    max_loras: int = 4
+    max_loras: int = 4  # adapters one batch can mix (GPU slots)
+    max_cpu_loras: int | None = None  # adapters vLLM keeps in host memory (its default: max_loras)
     kv_cache_gib: int = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE
     gpu_memory_utilization: float = 0.9  # GPU only
     extra_args: tuple[str, ...] = ()
@@ -72,6 +73,8 @@ def build_vllm_command(python: Path, launch: VllmLaunch, *, host: str, port: int
         argv += ["--dtype", "auto", "--gpu-memory-utilization", str(launch.gpu_memory_utilization)]
     if launch.enable_lora:
         argv += ["--enable-lora", "--max-lora-rank", str(launch.max_lora_rank), "--max-loras", str(launch.max_loras)]
+        if launch.max_cpu_loras is not None:
+            argv += ["--max-cpu-loras", str(launch.max_cpu_loras)]
     return argv + list(launch.extra_args)
 
 

@@ -838,10 +838,18 @@ def _usable(db: sqlite3.Connection, sql: str) -> bool:
 
 
 def generate(
-    db: sqlite3.Connection, style: Style, n: int, *, seed: int, exclude: set[str]
+    db: sqlite3.Connection,
+    style: Style,
+    n: int,
+    *,
+    seed: int,
+    exclude: set[str],
+    intents: list[Callable[[Ctx], Intent]] | None = None,
 ) -> dict[str, tuple[str, str]]:
     """``n`` questions in ``style``: {question as the form words it: (question as asked, gold SQL)}. No two
-    differ only by the style's finish (a greeting, a typo), and none is worded as any question in ``exclude``."""
+    differ only by the style's finish (a greeting, a typo), and none is worded as any question in ``exclude``.
+    ``intents``: the task's question generators (default: this retail task's)."""
+    intents = intents or INTENTS
     ctx = Ctx(random.Random(seed), db, style)
     pairs: dict[str, tuple[str, str]] = {}
     attempts = 0
@@ -849,7 +857,7 @@ def generate(
         attempts += 1
         if attempts > 50 * n:
             raise RuntimeError(f"only {len(pairs)} distinct questions after {attempts} attempts")
-        intent, slots, sql = ctx.rng.choice(INTENTS)(ctx)
+        intent, slots, sql = ctx.rng.choice(intents)(ctx)
         core, question = style.phrase(ctx.rng, intent, slots)
         if core not in pairs and core not in exclude and question not in exclude and _usable(db, sql):
             pairs[core] = (question, sql)

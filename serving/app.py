@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+from serving.catalog import RegistrySource
 from serving.contract import openai_error
 from serving.gateway import Gateway, GatewayConfig, GatewayError
 from serving.middleware import BodyLimit
@@ -31,21 +32,32 @@ from serving.upstream import Upstream
 __all__ = ["GatewayConfig", "create_app"]
 
 
-def create_app(config: GatewayConfig, upstream: Upstream, request_log: RequestLog | None = None) -> FastAPI:
+def create_app(
+    config: GatewayConfig,
+    upstream: Upstream,
+    request_log: RequestLog | None = None,
+    registry: RegistrySource | None = None,
+) -> FastAPI:
     """Build the gateway around ``upstream``; every piece of state lives on this app, none in modules.
 
     With ``request_log``, every completion is logged and ``/feedback`` is open; the log's writer starts with the
-    app and, on shutdown, writes everything still queued before the app exits.
+    app and, on shutdown, writes everything still queued before the app exits. With ``registry``, the gateway
+    serves the registered models (``serving.catalog``) and re-reads the registry every ``registry_refresh_s``.
     """
-    gateway = Gateway(config, upstream, request_log)
+    gateway = Gateway(config, upstream, request_log, registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if request_log is not None:
             request_log.start()
+        follower = asyncio.create_task(gateway.follow_registry()) if registry is not None else None
         try:
             yield
         finally:
+            if follower is not None:
+                follower.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await follower
             await upstream.aclose()
             if request_log is not None:
                 await asyncio.to_thread(request_log.close)

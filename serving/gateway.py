@@ -7,8 +7,14 @@ metrics once, where it is raised; the app answers it in the route's error shape 
 requests → 429, a request the engine refuses (its 4xx) → 422, its 5xx or no answer → 503.
 
 Keys: API keys guard the generating routes, each key (or, on an open loopback gateway, each client address)
-with its own token bucket when ``key_rate`` is set; the admin routes need admin keys and are closed when none
-are configured, unless ``local_admin`` opens them to loopback clients.
+with its own token bucket when ``key_rate`` is set; a key listed in ``key_models`` may call only those models
+(403 for another), every other key any model. The admin routes need admin keys and are closed when none are
+configured, unless ``local_admin`` opens them to loopback clients.
+
+Models: with a :class:`~serving.catalog.RegistrySource` the gateway follows the MLflow registry (names as in
+``serving.catalog``; :meth:`Gateway.refresh` re-reads it, periodically and when a deploy asks) and loads each
+version's adapter into vLLM on its first request (``serving.adapters``). Without one, it routes a fixed alias
+map to models vLLM serves.
 """
 
 from __future__ import annotations
@@ -17,19 +23,25 @@ import asyncio
 import contextlib
 import hmac
 import ipaddress
+import logging
 import math
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from infra.registry import served_id
 from infra.segments import new_request_id
+from serving.adapters import AdapterCache, AdapterLoadError
+from serving.catalog import Catalog, Name, RegistrySource
 from serving.metrics import GatewayMetrics
 from serving.request_log import RequestLog
 from serving.routes import RouteTable
 from serving.upstream import Upstream, UpstreamError
+
+log = logging.getLogger("tuneship.gateway")
 
 
 class GatewayConfig(BaseModel):
@@ -42,7 +54,13 @@ class GatewayConfig(BaseModel):
     local_admin: bool = Field(default=False, description="with no admin keys, open /admin to loopback clients")
     key_rate: float = Field(default=0.0, ge=0, description="requests/s per key (token bucket); 0: no limit")
     key_burst: int = Field(default=32, ge=1, description="token bucket size per key")
+    key_models: dict[str, list[str]] = Field(
+        default_factory=dict, description="API key → the models it may call (registered names, 'base'); others: all"
+    )
     aliases: dict[str, str] = Field(default_factory=dict, description="alias (champion, challenger) → served model")
+    default_model: str | None = Field(default=None, description="registered model that bare champion/challenger name")
+    max_adapters: int = Field(default=8, ge=1, description="adapters kept loaded in vLLM (pinned champions count)")
+    registry_refresh_s: float = Field(default=15.0, gt=0, description="how often the registry is re-read")
     canary_share: float = Field(default=0.0, ge=0, le=1, description="share of champion traffic sent to challenger")
     max_prompt_chars: int = Field(default=8000, gt=0, description="per prompt; for chat, all messages together")
     max_tokens_cap: int = Field(default=512, gt=0)
@@ -53,6 +71,14 @@ class GatewayConfig(BaseModel):
     max_in_flight: int = 64
     max_queue: int = 256
     batch_concurrency: int = 16
+
+    @model_validator(mode="after")
+    def _tenant_keys_are_keys(self) -> GatewayConfig:
+        """A key given only in ``key_models`` is an API key as well."""
+        extra = [key for key in self.key_models if key not in self.api_keys]
+        if extra:
+            object.__setattr__(self, "api_keys", [*self.api_keys, *extra])
+        return self
 
 
 class GatewayError(Exception):
@@ -139,7 +165,13 @@ class Limiter:
 class Gateway:
     """The gateway's state and the checks every route applies: keys, model names, limits, slots."""
 
-    def __init__(self, config: GatewayConfig, upstream: Upstream, request_log: RequestLog | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        upstream: Upstream,
+        request_log: RequestLog | None = None,
+        registry: RegistrySource | None = None,
+    ) -> None:
         self.config = config
         self.upstream = upstream
         self.metrics = GatewayMetrics()
@@ -150,6 +182,18 @@ class Gateway:
         self.routes = RouteTable(config.aliases, canary_share=config.canary_share)
         self.metrics.track_routes(self.routes)
         self.buckets = KeyBuckets(config.key_rate, config.key_burst) if config.key_rate else None
+        self.registry = registry
+        self.catalog: Catalog | None = None  # None until the registry is first read (or without a registry)
+        self.adapters: AdapterCache | None = None
+        if registry is not None:
+            self.adapters = AdapterCache(
+                upstream,
+                registry.fetch,
+                capacity=config.max_adapters,
+                metrics=self.metrics,
+                in_flight=self.routes.in_flight,
+            )
+        self._refreshing: asyncio.Lock | None = None
 
     def refuse(
         self, status: int, message: str, headers: dict[str, str] | None = None, *, param: str | None = None
@@ -171,11 +215,32 @@ class Gateway:
         header = request.headers.get("authorization", "")
         return header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
 
-    def check_key(self, request: Request, keys: list[str]) -> None:
+    def check_key(self, request: Request, keys: list[str]) -> str:
+        """The caller's key, if it is one of ``keys``; 401 otherwise."""
         token = self.bearer(request).encode()
         # Compare against every key, in constant time, so timing tells nothing about which prefix matched.
-        if not any([hmac.compare_digest(token, key.encode()) for key in keys]):  # noqa: C419
+        matches = [hmac.compare_digest(token, key.encode()) for key in keys]
+        if not any(matches):
             raise self.refuse(401, "missing or invalid API key", {"WWW-Authenticate": "Bearer"})
+        return keys[matches.index(True)]
+
+    def check_model(self, request: Request, model: str) -> None:
+        """403 unless the caller's key may call ``model`` (a registered name, or a static alias such as base)."""
+        allowed = getattr(request.state, "models", None)
+        if allowed is not None and model not in allowed:
+            raise self.refuse(403, f"this API key may not call {model[:128]!r}", param="model")
+
+    def callable_models(self, request: Request) -> list[str]:
+        """The names ``/v1/models`` lists for this caller: base, then each registered model it may call with its
+        aliases and versions (with a registry), or the static aliases and what vLLM serves (without)."""
+        allowed = getattr(request.state, "models", None)
+        names: list[str] = [a for a in self.routes.aliases if "@" not in a]
+        if self.catalog is not None:
+            for model in sorted(self.catalog.models):
+                aliases = sorted(self.catalog.aliases.get(model, {}))
+                numbers = sorted((v.version for v in self.catalog.versions.values() if v.name == model), key=int)
+                names += [model, *(f"{model}@{a}" for a in aliases), *(f"{model}/{n}" for n in numbers)]
+        return [n for n in names if allowed is None or Name.parse(n).model in allowed or n in allowed]
 
     def check_rate(self, request: Request) -> None:
         if self.buckets is None:
@@ -217,8 +282,33 @@ class Gateway:
         except UpstreamError as exc:
             raise self.upstream_failed(exc) from None
 
-    async def served(self, name: str) -> str:
-        """The upstream model behind ``name``: an alias from the route table, or a model vLLM serves."""
+    async def served(self, request: Request, name: str) -> str:
+        """The upstream model behind the request's ``model``, loaded; 403 if the caller's key may not call it."""
+        if self.registry is None or ("@" not in name and "/" not in name and name in self.routes.aliases):
+            return await self._served_static(request, name)  # fixed aliases (base) come first
+        catalog = self.catalog or Catalog()
+        parsed = Name.parse(name, self.config.default_model).routed(catalog)
+        self.check_model(request, parsed.model or name)
+        if parsed.version is not None:
+            target: str | None = served_id(parsed.model or "", parsed.version)
+        else:
+            target = self.routes.resolve(parsed.key or "")
+        version = catalog.versions.get(target or "")
+        if version is None:
+            if target is not None and parsed.model is None:
+                return target  # a static alias: base
+            hint = "base, NAME, NAME@ALIAS or NAME/VERSION of a registered model"
+            raise self.refuse(422, f"unknown model {name[:256]!r}: use {hint} (GET /v1/models)", param="model")
+        if self.adapters is not None:
+            try:
+                await self.adapters.ensure(version)
+            except AdapterLoadError as exc:
+                raise self.refuse(503, str(exc)) from None
+        return version.served
+
+    async def _served_static(self, request: Request, name: str) -> str:
+        """Without a registry: an alias from the route table, or a model vLLM serves."""
+        self.check_model(request, name)
         target = self.routes.resolve(name)
         if target is not None:
             return target
@@ -227,6 +317,35 @@ class Gateway:
             return name
         choices = sorted(set(self.routes.aliases) | known)
         raise self.refuse(422, f"unknown model {name[:256]!r}: use one of {choices}", param="model")
+
+    async def refresh(self) -> Catalog:
+        """Re-read the registry and make the route table its cache: every ``NAME@ALIAS`` points where MLflow's
+        alias does, champions are pinned and loaded, and the adapter cache matches what vLLM holds."""
+        if self.registry is None or self.adapters is None:
+            raise self.refuse(409, "this gateway follows no registry: its routes are static")
+        self._refreshing = self._refreshing or asyncio.Lock()
+        async with self._refreshing:
+            catalog = await asyncio.to_thread(self.registry.read)
+            fixed = {k: v for k, v in self.routes.aliases.items() if "@" not in k}
+            self.routes.replace({**fixed, **catalog.routes()})
+            self.catalog = catalog
+            self.adapters.pinned = catalog.pinned()
+            self.adapters.sync(await self.upstream_models(), set(catalog.versions))
+        for served in sorted(self.adapters.pinned):
+            try:
+                await self.adapters.ensure(catalog.versions[served])
+            except AdapterLoadError as exc:  # reported; requests for it get the same error as a 503
+                log.warning("champion not loaded: %s", exc)
+        return catalog
+
+    async def follow_registry(self) -> None:
+        """Re-read the registry every ``registry_refresh_s`` until cancelled; a failed read keeps the last routes."""
+        while True:
+            try:
+                await self.refresh()
+            except Exception as exc:  # noqa: BLE001 - a registry or vLLM outage must not stop this
+                log.warning("registry refresh failed, keeping the last routes: %s", exc)
+            await asyncio.sleep(self.config.registry_refresh_s)
 
     def request_id(self, request: Request, served: str, request_id: str | None = None) -> str:
         """A new request id (or ``request_id``), remembered with its caller and model for feedback checks."""
@@ -277,7 +396,9 @@ GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 async def require_api_key(request: Request, gateway: GatewayDep) -> None:
     if gateway.config.api_keys:
-        gateway.check_key(request, gateway.config.api_keys)
+        key = gateway.check_key(request, gateway.config.api_keys)
+        if (models := gateway.config.key_models.get(key)) is not None:
+            request.state.models = frozenset(models)
     gateway.check_rate(request)
 
 

@@ -132,6 +132,22 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+        self.adapters_loaded = Gauge(
+            "tuneship_adapters_loaded", "Adapters this gateway keeps loaded in vLLM.", registry=self.registry
+        )
+        self.adapter_loads = Counter(
+            "tuneship_adapter_loads", "Adapters loaded on a first request (cold loads).", registry=self.registry
+        )
+        self.adapter_evictions = Counter(
+            "tuneship_adapter_evictions", "Unpinned adapters unloaded to stay under the cap.", registry=self.registry
+        )
+        self.adapter_cold_load = Histogram(
+            "tuneship_adapter_cold_load_seconds",
+            "Fetch, verify and load of an adapter on its first request.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
     def track_routes(self, routes: RouteTable) -> None:
         self.registry.register(RouteCollector(routes))
 

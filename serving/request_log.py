@@ -49,6 +49,7 @@ from infra.segments import (
 
 Mode = Literal["off", "metadata", "full"]
 REQUEST_ID_HEADER = "X-Request-Id"
+SERVED_HEADER = "X-Served-Model"  # the served id (NAME-vN, base) that answered: which version it was
 
 
 class RequestLogConfig(BaseModel):

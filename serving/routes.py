@@ -26,11 +26,13 @@ class RouteTable:
         self._rng = random.Random(seed)
 
     def resolve(self, alias: str) -> str | None:
-        """The served model for ``alias`` (``None`` if it is not an alias); canary traffic goes to the challenger."""
+        """The served model for ``alias`` (``None`` if it is not an alias); canary traffic goes from a champion
+        (``champion``, ``NAME@champion``) to its challenger."""
         aliases = self.aliases
-        canary = alias == CHAMPION and self.canary_share > 0 and CHALLENGER in aliases
-        if canary and self._rng.random() < self.canary_share:
-            return aliases[CHALLENGER]
+        if self.canary_share > 0 and alias.endswith(CHAMPION) and alias.rpartition("@")[2] == CHAMPION:
+            challenger = aliases.get(alias[: -len(CHAMPION)] + CHALLENGER)
+            if challenger is not None and self._rng.random() < self.canary_share:
+                return challenger
         return aliases.get(alias)
 
     def switch(self, alias: str, target: str, *, expect: str | None = None) -> str | None:
@@ -41,6 +43,12 @@ class RouteTable:
         self.aliases = {**self.aliases, alias: target}
         self.switches += 1
         return previous
+
+    def replace(self, aliases: dict[str, str]) -> None:
+        """Make ``aliases`` the whole map in one step (a registry refresh); each changed alias counts as a switch."""
+        old = self.aliases
+        self.switches += sum(old.get(alias) != target for alias, target in aliases.items())
+        self.aliases = dict(aliases)
 
     def set_canary(self, share: float) -> None:
         if not 0.0 <= share <= 1.0:

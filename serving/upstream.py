@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
@@ -25,6 +26,8 @@ class Upstream(Protocol):
     async def complete(self, path: str, body: dict[str, Any], request_id: str | None = None) -> bytes: ...
     def events(self, path: str, body: dict[str, Any], request_id: str | None = None) -> AsyncIterator[list[bytes]]: ...
     async def models(self) -> list[dict[str, Any]]: ...
+    async def load_adapter(self, name: str, path: Path) -> None: ...
+    async def unload_adapter(self, name: str) -> None: ...
     async def aclose(self) -> None: ...
 
 
@@ -104,6 +107,25 @@ class VllmUpstream:
                 if r.status != 200:
                     raise UpstreamError(f"vLLM answered {r.status} to /v1/models")
                 return list(json.loads(await r.read())["data"])
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._unreachable(exc) from None
+
+    async def load_adapter(self, name: str, path: Path) -> None:
+        """Load a LoRA adapter directory (on vLLM's file system) under ``name`` (runtime LoRA updating)."""
+        body = {"lora_name": name, "lora_path": str(path)}
+        await self._admin("/v1/load_lora_adapter", body, ok_if="already been loaded")
+
+    async def unload_adapter(self, name: str) -> None:
+        """Unload the adapter ``name``; one vLLM no longer has is not an error."""
+        await self._admin("/v1/unload_lora_adapter", {"lora_name": name}, ok_if="not found")
+
+    async def _admin(self, path: str, body: dict[str, Any], *, ok_if: str) -> None:
+        try:
+            async with self.session.post(path, data=json.dumps(body), headers=_JSON) as r:
+                if r.status != 200:
+                    error = await self._refused(r)
+                    if ok_if not in str(error).lower() and r.status != 404:
+                        raise error
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._unreachable(exc) from None
 

@@ -1,18 +1,21 @@
 """Deploy stage: ship a registered model version to vLLM with a zero-downtime swap, or render manifests.
 
     dep = deploy("retail-sql", "champion", cfg.deploy, store=store, tracking_uri=uri,
-                 vllm_url="http://127.0.0.1:8000", gateway_url="http://127.0.0.1:8080")
+                 vllm_url="http://127.0.0.1:8000", gateway_url="http://127.0.0.1:8080,http://127.0.0.1:8081")
 
-The swap, in order — any failure before step 4 unloads what it loaded and leaves the old model serving:
+The gateways follow the registry (``serving.catalog``): ``NAME@ALIAS`` routes where MLflow's alias points. The
+swap, in order — any failure before step 4 unloads what it loaded and leaves the old model serving:
 
 1. fetch the version's adapter from the artifact store (through its lineage tag), refusing bytes whose
    sha256 differs from the one the version was registered with;
-2. load it into the running vLLM server under a new name, ``<model>-v<version>`` (runtime LoRA);
+2. load it into the running vLLM server under its served id, ``<model>-v<version>`` (runtime LoRA);
 3. smoke-test it: greedy outputs on the first evaluation prompts must equal the outputs recorded in the
    eval report the version was registered with (same engine, same prompts, temperature 0; the report is
-   verified by its sha256 tag) — this catches a wrong base, template or adapter;
-4. switch the gateway alias to the new name in one compare-and-set call (``PUT /admin/routes/<alias>``);
-5. wait for the requests still running on the old adapter to finish, then unload it.
+   verified by its sha256 tag) — this catches a wrong base, template or adapter. If it fails and the
+   registry's alias already named this version (a promotion), the alias goes back to what the gateways serve;
+4. move the registry's alias to the version (compare-and-set), then have every gateway replica re-read the
+   registry at once (``POST /admin/refresh``), so all of them route the alias to the new version;
+5. wait until no replica has requests on the old adapter, then unload it (and let the replicas see that).
 
 The deployment is recorded on the model version (``tuneship.deployment`` tag) and returned as a ref.
 Target ``local`` starts the vLLM server first (``start_local_server``); target ``manifests`` writes
@@ -30,7 +33,18 @@ import httpx
 
 from infra.artifacts import ArtifactError, ArtifactStore
 from infra.errors import UserError
-from infra.registry import EVAL_REPORT, RegistryError, get_version, set_version_tags, version_artifact
+from infra.registry import (
+    EVAL_REPORT,
+    RegistryError,
+    alias_version,
+    client,
+    get_version,
+    move_alias,
+    restore_alias,
+    served_id,
+    set_version_tags,
+    version_artifact,
+)
 from infra.services import ServiceError
 from infra.vllm_server import complete, load_lora_adapter, unload_lora_adapter
 from tasks.config import DeployConfig
@@ -39,10 +53,6 @@ from tasks.refs import Deployment, adapter_of
 
 class DeployError(UserError, RuntimeError):
     """The deploy did not happen; the message says why and what still serves."""
-
-
-def served_name(model_name: str, version: str) -> str:
-    return f"{model_name}-v{version}"
 
 
 def _now() -> str:
@@ -64,26 +74,28 @@ def smoke_examples(mv: Any, store: ArtifactStore, count: int) -> tuple[list[str]
 
 
 class Gateway:
-    """The gateway's admin API: read the routes, switch an alias, wait for a target to drain."""
+    """One gateway replica's admin API: read the routes, re-read the registry, wait for a target to drain."""
 
     def __init__(self, url: str, admin_key: str | None = None) -> None:
         headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
         self.url = url.rstrip("/")
-        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=30)
+        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=60)
 
-    def routes(self) -> dict[str, Any]:
+    def _call(self, method: str, path: str) -> dict[str, Any]:
         try:
-            response = self.client.get("/admin/routes")
+            response = self.client.request(method, path)
         except httpx.HTTPError as exc:
             raise DeployError(f"gateway {self.url} is unreachable ({exc.__class__.__name__})") from None
         if response.status_code != 200:
-            raise DeployError(f"gateway {self.url} refused /admin/routes: {response.status_code} {response.text}")
+            raise DeployError(f"gateway {self.url} refused {path}: {response.status_code} {response.text}")
         return response.json()
 
-    def switch(self, alias: str, target: str, expect: str | None) -> None:
-        response = self.client.put(f"/admin/routes/{alias}", json={"target": target, "expect": expect})
-        if response.status_code != 200:
-            raise DeployError(f"gateway {self.url} refused to switch {alias!r} to {target!r}: {response.text}")
+    def routes(self) -> dict[str, Any]:
+        return self._call("GET", "/admin/routes")
+
+    def refresh(self) -> dict[str, Any]:
+        """Re-read the registry now; the routes it gave."""
+        return self._call("POST", "/admin/refresh")
 
     def wait_drained(self, target: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -92,6 +104,11 @@ class Gateway:
                 return False
             time.sleep(0.1)
         return True
+
+
+def gateways(urls: str | None, admin_key: str | None) -> list[Gateway]:
+    """The replicas named in ``urls`` (comma-separated)."""
+    return [Gateway(url.strip(), admin_key) for url in (urls or "").split(",") if url.strip()]
 
 
 def deploy(
@@ -107,14 +124,20 @@ def deploy(
     vllm_key: str | None = None,
 ) -> Deployment:
     """Hot-swap ``model_name`` version ``version`` (a number or an alias) into the vLLM server at ``vllm_url``
-    (``vllm_key``: its API key, when it has one)."""
+    (``vllm_key``: its API key, when it has one) and every gateway in ``gateway_url`` (comma-separated)."""
     started = time.perf_counter()
     mv = get_version(model_name, version, tracking_uri=tracking_uri)
     number = str(mv.version)
-    name = served_name(model_name, number)
-    gateway = Gateway(gateway_url, admin_key) if gateway_url else None
-    previous = gateway.routes()["aliases"].get(cfg.alias) if gateway else None
-    serving = f"{cfg.alias} still serves {previous!r}" if gateway else "nothing was switched"
+    name = served_id(model_name, number)
+    key = f"{model_name}@{cfg.alias}"
+    replicas = gateways(gateway_url, admin_key)
+    registry = client(tracking_uri)
+    registered = alias_version(registry, model_name, cfg.alias)
+    if replicas:
+        previous = replicas[0].routes()["aliases"].get(key)
+    else:
+        previous = served_id(model_name, registered) if registered else None
+    serving = f"{key} still serves {previous!r}" if replicas else "nothing was switched"
 
     try:
         adapter = adapter_of(mv, store)  # the bytes the version was registered with, or an error
@@ -123,26 +146,34 @@ def deploy(
         raise DeployError(f"{model_name} v{number} not deployed: {exc}; {serving}") from None
     try:
         checked = _smoke_test(mv, store, vllm_url, name, cfg.smoke_examples, vllm_key)
-        if gateway and previous != name:
-            gateway.switch(cfg.alias, name, expect=previous)
+        if registered != number:
+            move_alias(registry, model_name, cfg.alias, number, expect=registered)
     except (DeployError, RegistryError, ArtifactError, ServiceError) as exc:
         if previous != name:
             unload_lora_adapter(vllm_url, name, api_key=vllm_key)
+            before = _version_of(model_name, previous)
+            if registered == number and before is not None:  # a promotion named it: back to what serves
+                restore_alias(registry, model_name, cfg.alias, before, failed=number)
         raise DeployError(f"{model_name} v{number} not deployed: {exc}; {serving}") from None
 
-    # The alias has switched: the deploy happened. Unload the adapter it served before, once idle — only one a
-    # deploy loaded and no alias still uses. A failure here (the gateway or vLLM gone after the switch) leaves
-    # the old adapter loaded, which is reported on the deployment, not as a failed deploy.
-    ours = bool(previous) and previous != name and previous.startswith(f"{model_name}-v")
-    cleanup = None
-    try:
-        unused = gateway is not None and ours and previous not in gateway.routes()["aliases"].values()
-        if unused and gateway.wait_drained(previous, cfg.drain_timeout_s):
-            unload_lora_adapter(vllm_url, previous, api_key=vllm_key)
-        elif unused:
-            cleanup = f"{previous} still had requests after {cfg.drain_timeout_s:g} s: left loaded"
-    except (DeployError, ServiceError, httpx.HTTPError) as exc:
-        cleanup = f"switched, but {previous} was not unloaded: {exc}"
+    # The registry names the version: every replica re-reads it now (each would within its refresh interval).
+    unreached = []
+    for replica in replicas:
+        try:
+            routed = replica.refresh()["aliases"].get(key)
+        except DeployError as exc:
+            unreached.append(str(exc))
+            continue
+        if routed != name:
+            unreached.append(f"gateway {replica.url} routes {key} to {routed!r}, not {name!r} (the registry moved?)")
+
+    # Unload the adapter the alias served before, once idle on every replica — only one this model's deploys
+    # loaded and no replica still routes to. A failure here (a replica or vLLM gone after the switch) leaves it
+    # loaded, which is reported on the deployment, not as a failed deploy.
+    ours = bool(previous) and previous != name and _version_of(model_name, previous) is not None
+    cleanup = "; ".join(unreached) or None
+    if ours and replicas and not unreached:
+        cleanup = _retire(replicas, previous or "", vllm_url, cfg.drain_timeout_s, vllm_key)
     dep = Deployment(
         model_name=model_name,
         version=number,
@@ -150,7 +181,7 @@ def deploy(
         adapter_name=name,
         vllm_url=vllm_url,
         gateway_url=gateway_url,
-        alias=cfg.alias if gateway else None,
+        alias=cfg.alias if replicas else None,
         previous=previous,
         deployed_at=_now(),
         swap_s=time.perf_counter() - started,
@@ -160,6 +191,28 @@ def deploy(
     tags = {"tuneship.deployment": dep.model_dump_json(), "tuneship.deployed_at": dep.deployed_at}
     set_version_tags(model_name, number, tags, tracking_uri=tracking_uri)
     return dep
+
+
+def _version_of(model_name: str, served: str | None) -> str | None:
+    """The version number in served id ``served`` of ``model_name`` (None: another model's, or base)."""
+    prefix = served_id(model_name, "")
+    number = served[len(prefix) :] if served and served.startswith(prefix) else ""
+    return number if number.isdigit() else None
+
+
+def _retire(replicas: list[Gateway], previous: str, vllm_url: str, timeout: float, key: str | None) -> str | None:
+    """Unload ``previous`` once no replica routes to it or has requests on it; what was left undone, if anything."""
+    try:
+        if any(previous in replica.routes()["aliases"].values() for replica in replicas):
+            return None  # another alias still serves it
+        if not all(replica.wait_drained(previous, timeout) for replica in replicas):
+            return f"{previous} still had requests after {timeout:g} s: left loaded"
+        unload_lora_adapter(vllm_url, previous, api_key=key)
+        for replica in replicas:
+            replica.refresh()  # each replica's adapter cache sees it gone
+    except (DeployError, ServiceError, httpx.HTTPError) as exc:
+        return f"switched, but {previous} was not unloaded: {exc}"
+    return None
 
 
 def _smoke_test(mv: Any, store: ArtifactStore, vllm_url: str, name: str, count: int, key: str | None) -> int:
@@ -196,7 +249,7 @@ def render_manifests(
     spec = ManifestSpec(
         model_name=model_name,
         version=number,
-        adapter_name=served_name(model_name, number),
+        adapter_name=served_id(model_name, number),
         adapter_uri=adapter.artifact.uri,
         base_model=base,
         base_model_uri=stored_base_uri(base, store),

@@ -1,4 +1,5 @@
-"""Admin routes (their own keys): what a deploy uses to switch an alias atomically and to watch it drain."""
+"""Admin routes (their own keys): what a deploy uses to move a gateway onto the registry's aliases (or, on a gateway
+without a registry, to switch an alias atomically) and to watch the old target drain."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.contract import Problem, error_responses
-from serving.gateway import GatewayDep, require_admin_key
+from serving.gateway import Gateway, GatewayDep, GatewayError, require_admin_key
 from serving.routes import RouteConflict
 
 router = APIRouter(
@@ -32,13 +33,36 @@ class CanaryShare(BaseModel):
     share: float = Field(ge=0, le=1)
 
 
+def _snapshot(gateway: Gateway) -> dict[str, Any]:
+    routes = gateway.routes.snapshot()
+    if gateway.adapters is not None:
+        adapters = gateway.adapters
+        routes["adapters"] = {"loaded": list(adapters.loaded), "pinned": sorted(adapters.pinned)}
+    return routes
+
+
 @router.get("/routes")
 async def get_routes(gateway: GatewayDep) -> dict[str, Any]:
-    return gateway.routes.snapshot()
+    return _snapshot(gateway)
+
+
+@router.post("/refresh")
+async def refresh(gateway: GatewayDep) -> dict[str, Any]:
+    """Re-read the registry now (a deploy calls this on every replica), and answer the routes it gave."""
+    try:
+        await gateway.refresh()
+    except GatewayError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the registry or vLLM unreachable: the last routes stay
+        raise gateway.refuse(503, f"registry not read, the last routes stay: {exc.__class__.__name__}: {exc}") from None
+    return _snapshot(gateway)
 
 
 @router.put("/routes/{alias}")
 async def switch_route(alias: str, req: RouteSwitch, gateway: GatewayDep) -> dict[str, Any]:
+    if gateway.registry is not None and "@" in alias:
+        message = f"{alias} follows the registry: move the MLflow alias, then POST /admin/refresh"
+        raise gateway.refuse(409, message)
     known = await gateway.upstream_models()
     if req.target not in known:
         raise gateway.refuse(422, f"{req.target!r} is not served upstream; it serves {sorted(known)}")

@@ -24,6 +24,7 @@ from serving.contract import (
 from serving.gateway import Gateway, GatewayDep, GatewayError, require_api_key
 from serving.middleware import overhead_header
 from serving.request_log import REQUEST_ID_HEADER as REQUEST_ID
+from serving.request_log import SERVED_HEADER as SERVED
 
 router = APIRouter(
     tags=["generate"],
@@ -49,7 +50,7 @@ def sse(data: str, event: str | None = None) -> bytes:
 )
 async def generate(req: GenerateRequest, request: Request, gateway: GatewayDep) -> Response:
     gateway.check_prompts([req.prompt])
-    served = await gateway.served(req.model)
+    served = await gateway.served(request, req.model)
     body = _completion(served, req.prompt, gateway.max_tokens(req.max_tokens), req)
     request_id = gateway.request_id(request, served)
     started = time.perf_counter()
@@ -72,11 +73,12 @@ async def generate(req: GenerateRequest, request: Request, gateway: GatewayDep) 
             usage=usage,
         )
         answer = {"text": choice["text"], "finish_reason": finish, "usage": usage, "request_id": request_id}
-        return JSONResponse(answer, headers={**overhead_header(request.scope, elapsed), REQUEST_ID: request_id})
+        headers = {**overhead_header(request.scope, elapsed), REQUEST_ID: request_id, SERVED: served}
+        return JSONResponse(answer, headers=headers)
     gateway.admit()
     body["stream_options"] = {"include_usage": True}
     events = _sse(gateway, request, req, body, request_id, started)
-    return StreamingResponse(events, media_type="text/event-stream", headers={REQUEST_ID: request_id})
+    return StreamingResponse(events, media_type="text/event-stream", headers={REQUEST_ID: request_id, SERVED: served})
 
 
 async def _sse(
@@ -128,7 +130,7 @@ async def generate_batch(req: BatchRequest, request: Request, gateway: GatewayDe
     if len(req.prompts) > config.max_batch:
         raise gateway.refuse(422, f"batch of {len(req.prompts)} prompts; the limit is {config.max_batch}")
     max_tokens = gateway.max_tokens(req.max_tokens)
-    model = await gateway.served(req.model)
+    model = await gateway.served(request, req.model)
     batch_id = new_request_id()  # the batch's; each answer has its own, for feedback
     gate = asyncio.Semaphore(config.batch_concurrency)
 
@@ -162,4 +164,4 @@ async def generate_batch(req: BatchRequest, request: Request, gateway: GatewayDe
         return {"text": choice["text"], "finish_reason": finish, "request_id": request_id}
 
     results = await asyncio.gather(*(one(i, p) for i, p in enumerate(req.prompts)))
-    return JSONResponse({"results": results}, headers={REQUEST_ID: batch_id})
+    return JSONResponse({"results": results}, headers={REQUEST_ID: batch_id, SERVED: model})

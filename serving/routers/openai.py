@@ -28,6 +28,7 @@ from serving.contract import (
 from serving.gateway import Gateway, GatewayDep, GatewayError, require_api_key
 from serving.middleware import overhead_header
 from serving.request_log import REQUEST_ID_HEADER as REQUEST_ID
+from serving.request_log import SERVED_HEADER as SERVED
 
 router = APIRouter(
     prefix="/v1",
@@ -55,7 +56,7 @@ async def _relay(
     body = req.model_dump(exclude_none=True, exclude={"max_completion_tokens"})
     body["max_tokens"] = gateway.max_tokens(asked, n=req.n)
     alias = req.model
-    served = body["model"] = await gateway.served(alias)
+    served = body["model"] = await gateway.served(request, alias)
     rename = _renaming(served, alias)
     request_id = gateway.request_id(request, served)
     started = time.perf_counter()
@@ -67,11 +68,11 @@ async def _relay(
         gateway.metrics.observe(alias, elapsed, None, int(tokens.group(1)) if tokens else 0)
         gateway.record(request, request_id, alias, served, elapsed, req=req, answer=answer)
         content = answer.replace(*rename) if rename else answer
-        headers = {**overhead_header(request.scope, elapsed), REQUEST_ID: request_id}
+        headers = {**overhead_header(request.scope, elapsed), REQUEST_ID: request_id, SERVED: served}
         return Response(content, media_type="application/json", headers=headers)
     gateway.admit()
     events = _stream(gateway, request, req, path, body, rename, request_id, started)
-    return StreamingResponse(events, media_type="text/event-stream", headers={REQUEST_ID: request_id})
+    return StreamingResponse(events, media_type="text/event-stream", headers={REQUEST_ID: request_id, SERVED: served})
 
 
 async def _stream(
@@ -124,10 +125,13 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, gateway
 
 
 @router.get("/models", response_model=OpenAIObject)
-async def models(gateway: GatewayDep) -> dict[str, Any]:
-    """The aliases, then every model the engine serves, once each, by name (no filesystem paths)."""
-    listed = dict(gateway.routes.aliases)
-    for name in sorted(await gateway.upstream_models()):
-        listed.setdefault(name, name)
-    data = [{"id": name, "object": "model", "owned_by": "tuneship", "root": target} for name, target in listed.items()]
+async def models(request: Request, gateway: GatewayDep) -> dict[str, Any]:
+    """What this caller's key may call, once each, by name (no filesystem paths): with a registry, base and every
+    registered model with its aliases and versions; without one, the aliases and every model vLLM serves."""
+    names = gateway.callable_models(request)
+    if gateway.registry is None:
+        names += [n for n in sorted(await gateway.upstream_models()) if n not in names]
+        allowed = getattr(request.state, "models", None)
+        names = [n for n in names if allowed is None or n in allowed]
+    data = [{"id": name, "object": "model", "owned_by": "tuneship"} for name in names]
     return {"object": "list", "data": data}

@@ -28,7 +28,12 @@ async def ready(gateway: GatewayDep) -> JSONResponse:
         models = await gateway.upstream_models()
     except GatewayError as exc:
         return JSONResponse({"ready": False, "detail": exc.message}, 503)
-    missing = {a: m for a, m in gateway.routes.aliases.items() if m not in models}
+    if gateway.registry is not None and gateway.catalog is None:
+        return JSONResponse({"ready": False, "detail": "the registry has not been read yet"}, 503)
+    # Static routes and pinned champions must be loaded; other registered versions load on their first request.
+    wanted = {a: m for a, m in gateway.routes.aliases.items() if "@" not in a}
+    wanted |= {m: m for m in (gateway.adapters.pinned if gateway.adapters else ())}
+    missing = {a: m for a, m in wanted.items() if m not in models}
     if not models or missing:
         return JSONResponse({"ready": False, "detail": f"not loaded upstream: {missing or 'no model'}"}, 503)
     return JSONResponse({"ready": True, "models": sorted(models)})
