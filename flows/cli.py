@@ -483,11 +483,14 @@ def demo(
     compare: Annotated[
         bool, typer.Option(help="End with the serving comparison (base / runtime LoRA / merged) and the costs.")
     ] = True,
+    second_task: Annotated[
+        bool, typer.Option(help="Also train the clinic task and serve both fine-tunes side by side.")
+    ] = True,
 ) -> None:
     """Run the pipeline on embedded defaults (what `make demo` runs)."""
     from flows.demo import run_demo
 
-    run_demo(load_settings(), overrides=overrides, compare=compare, say=console.print)
+    run_demo(load_settings(), overrides=overrides, compare=compare, second_task=second_task, say=console.print)
 
 
 @app.command("demo-loop")

@@ -8,8 +8,11 @@
 3. runs the ``retrain`` flow on ``deployments/configs/tiny-cpu.yaml`` — the same run config the scheduled
    deployment trains on — (preprocess → fine-tune → evaluate → register + gate → deploy) against that stack:
    a promoted model is hot-swapped into the gateway's ``champion`` alias;
-4. sends one streaming ``/generate`` and one ``/generate/batch`` request through the gateway and prints them,
-   with the evaluation comparison and where the report, the MLflow run and the Prefect run are.
+4. runs the same flow on a second task (``clinic-cpu.yaml``: another database, another registered model) on the
+   same base, so the gateway serves both fine-tunes side by side from one vLLM server (docs/multi-adapter.md);
+5. sends one streaming ``/generate`` and one ``/generate/batch`` request through the gateway and prints them,
+   one question of each task to each fine-tune, the evaluation comparison and where the report, the MLflow run
+   and the Prefect run are.
 
 A second ``make demo`` reuses the caches: the flow's stages come back from Prefect's result cache.
 """
@@ -31,6 +34,7 @@ from infra.artifacts import open_store
 from infra.registry import RegistryError, base_of, get_version
 from infra.services import free_port
 from infra.settings import Settings
+from offline.clinic_task import build_clinic_task
 from offline.demo_task import build_demo_task
 from serving.app import create_app
 from serving.catalog import RegistrySource
@@ -54,6 +58,8 @@ SPLIT_LINE = (
     "invented_identifiers_candidate",
 )
 DATA_KEY = "data/retail-sql"  # where tiny-cpu.yaml reads its data: artifact://data/retail-sql/…
+CLINIC_CONFIG = "deployments/configs/clinic-cpu.yaml"  # the second task, served beside the first
+CLINIC_DATA_KEY = "data/clinic-sql"
 
 
 def stream_generate(gateway_url: str, model: str, prompt: str, *, max_tokens: int = 96) -> Iterator[str]:
@@ -87,9 +93,13 @@ def run_demo(
     *,
     overrides: list[str] | None = None,
     compare: bool = True,
+    second_task: bool = True,
     say: Callable[[str], None] = print,
 ) -> dict[str, object]:
     """Run the demo end to end and return what it measured.
+
+    ``second_task`` also trains ``clinic-sql`` (``offline/clinic_task.py``) on the same base and serves both
+    fine-tunes side by side through the gateway, from one vLLM server.
 
     ``overrides`` are dotted run-config overrides (e.g. a shorter fine-tune); ``compare=False`` leaves out the
     serving comparison and cost report (a second vLLM server with the merged weights).
@@ -123,6 +133,7 @@ def run_demo(
             serving = {"TUNESHIP_VLLM_URL": vllm_url, "TUNESHIP_GATEWAY_URL": gw, "TUNESHIP_ADMIN_KEYS": admin_key}
             with _env(serving):
                 state = retrain(RetrainParams(config=CONFIG, overrides=overrides or []), return_state=True)
+                second = _second_task(settings, store, overrides, say) if second_task else None
             if not state.is_completed():
                 raise RuntimeError(f"the retrain flow ended {state.name}: {state.message}")
             summary = state.result()
@@ -183,6 +194,9 @@ def run_demo(
             routes = httpx.get(f"{gw}/admin/routes", headers={"Authorization": f"Bearer {admin_key}"}).json()
             say(f"gateway aliases: {routes['aliases']}")
             _requests(gw, model, task_dir, say)
+            if second is not None:
+                tasks = [(model, task_dir, "retail.db"), (second, settings.home / "clinic-task", "clinic.db")]
+                _side_by_side(gw, tasks, say)
             if log is not None and log.flush():
                 say(f"request log: every completion above is in {store.root_uri}/requests/ (personal data scrubbed)")
             if champion is not None and compare:
@@ -252,6 +266,45 @@ def _costs(summary, comparison: list[dict], settings: Settings, say: Callable[[s
     report = settings.home / "reports" / "costs.md"
     report.write_text(f"# Cost report (price table: infra/costs.yaml)\n\n{table}")
     say(f"costs ({report}):\n{table}")
+
+
+def _second_task(settings: Settings, store, overrides: list[str] | None, say: Callable[[str], None]) -> str:
+    """Train, evaluate, register and deploy the clinic task through the same flow; its registered name."""
+    from flows.retrain import RetrainParams, retrain
+
+    task_dir = settings.home / "clinic-task"
+    counts = build_clinic_task(task_dir)
+    data = store.put_dir(task_dir, CLINIC_DATA_KEY, overwrite=True)
+    say(f"second task: an outpatient clinic, {counts['train']} train / {counts['test']} test questions, {data.uri}")
+    state = retrain(RetrainParams(config=CLINIC_CONFIG, overrides=overrides or []), return_state=True)
+    if not state.is_completed():
+        raise RuntimeError(f"the clinic retrain flow ended {state.name}: {state.message}")
+    summary = state.result()
+    m = summary.metrics
+    verdict = "promoted to @champion" if summary.promoted else "kept as @challenger"
+    say(
+        f"  {summary.model_name} v{summary.version}: execution accuracy {m['accuracy_base']:.1%} → "
+        f"{m['accuracy_candidate']:.1%} [{m['ci_low_vs_base']:+.1%}, {m['ci_high_vs_base']:+.1%}]; {verdict}"
+    )
+    return summary.model_name if summary.promoted else f"{summary.model_name}/{summary.version}"
+
+
+def _side_by_side(gw: str, tasks: list[tuple[str, Path, str]], say: Callable[[str], None]) -> None:
+    """One question of each task to each fine-tune, through one gateway and one vLLM server."""
+    listed = [m["id"] for m in httpx.get(f"{gw}/v1/models", timeout=30).json()["data"]]
+    say(f"two fine-tunes on one base, one vLLM server; GET /v1/models: {', '.join(listed)}")
+    for model, task_dir, db in tasks:
+        question = json.loads((task_dir / "test.jsonl").read_text().splitlines()[0])
+        body = {"model": model, "prompt": instruction_prompt(question["instruction"]), "max_tokens": 96}
+        response = httpx.post(f"{gw}/v1/completions", json={**body, "temperature": 0}, timeout=120)
+        response.raise_for_status()
+        answer = response.json()["choices"][0]["text"].strip()
+        conn = connect_readonly(task_dir / db)
+        gold, pred = execute_sql(conn, question["response"]), execute_sql(conn, answer)
+        ok = pred.ok and results_match(gold.rows, pred.rows, ordered=is_ordered(question["response"]))
+        served = response.headers.get("x-served-model")
+        say(f"  {question['instruction']}")
+        say(f"    model={model} (served {served}): {answer}  → {'correct' if ok else 'wrong'}")
 
 
 def _requests(gw: str, model: str, task_dir: Path, say: Callable[[str], None]) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.artifacts import ArtifactStore, open_store
-from infra.registry import RegistryError, base_of, get_version
+from infra.registry import RegistryError, get_version
 from infra.services import ManagedProcess, free_port
 from infra.settings import Settings
 from infra.vllm_server import VllmLaunch, start_vllm
@@ -107,17 +107,10 @@ def request_log(settings: Settings, store: ArtifactStore) -> RequestLog | None:
 
 def registry_source(settings: Settings, store: ArtifactStore, model_name: str | None) -> RegistrySource | None:
     """What the gateway follows (``TUNESHIP_GATEWAY_REGISTRY``): the registry, routing only versions trained on the
-    base of ``model_name``'s champion (the base vLLM serves) when it has one."""
+    base of ``model_name``'s champion (the base vLLM serves), read with the registry in the background."""
     if not settings.gateway_registry:
         return None
-    uri = settings.mlflow_tracking_uri
-    base = None
-    if model_name:
-        try:
-            base = base_of(get_version(model_name, "champion", tracking_uri=uri))
-        except RegistryError:
-            base = None  # nothing registered yet: route every registered version
-    return RegistrySource(uri, store, base)
+    return RegistrySource(settings.mlflow_tracking_uri, store, base_from=model_name)
 
 
 def gateway_config(settings: Settings, **overrides: object) -> GatewayConfig:

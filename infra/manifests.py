@@ -155,6 +155,9 @@ class ManifestSpec:
     def gateway_env(self, vllm_url: str) -> dict[str, str]:
         return {
             "TUNESHIP_VLLM_URL": vllm_url,
+            # The rendered gateway serves this version under a fixed alias: it loads no adapters itself (vLLM's
+            # init container fetched this one), so it does not follow the registry (docs/multi-adapter.md).
+            "TUNESHIP_GATEWAY_REGISTRY": "false",
             "TUNESHIP_GATEWAY_ALIASES": json.dumps({"champion": self.adapter_name}),
             "TUNESHIP_GATEWAY_HOST": "0.0.0.0",
             "TUNESHIP_GATEWAY_PORT": str(self.gateway_port),

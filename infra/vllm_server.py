@@ -40,6 +40,7 @@ class VllmLaunch:
     max_loras: int = 4  # adapters one batch can mix (GPU slots)
     max_cpu_loras: int | None = None  # adapters vLLM keeps in host memory (its default: max_loras)
     kv_cache_gib: int = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE
+    dtype: str | None = None  # None: float32 on CPU, auto on GPU; a 4-bit (W4A16) base needs bfloat16 on CPU
     gpu_memory_utilization: float = 0.9  # GPU only
     extra_args: tuple[str, ...] = ()
     api_key: str | None = field(default=None, repr=False)  # VLLM_API_KEY: /v1/* then needs it
@@ -68,9 +69,9 @@ def build_vllm_command(python: Path, launch: VllmLaunch, *, host: str, port: int
         "--disable-uvicorn-access-log",
     ]
     if launch.device == "cpu":
-        argv += ["--dtype", "float32", "--enforce-eager"]
+        argv += ["--dtype", launch.dtype or "float32", "--enforce-eager"]
     else:
-        argv += ["--dtype", "auto", "--gpu-memory-utilization", str(launch.gpu_memory_utilization)]
+        argv += ["--dtype", launch.dtype or "auto", "--gpu-memory-utilization", str(launch.gpu_memory_utilization)]
     if launch.enable_lora:
         argv += ["--enable-lora", "--max-lora-rank", str(launch.max_lora_rank), "--max-loras", str(launch.max_loras)]
         if launch.max_cpu_loras is not None:
@@ -128,6 +129,21 @@ def start_vllm(
     )
     server.start(timeout)
     return server
+
+
+def quantize_w4a16(python: Path, model: Path, out: Path, *, group_size: int = 64, timeout: float = 1800) -> Path:
+    """A 4-bit weight-only copy of ``model`` in the compressed-tensors format vLLM serves (``out``), written by
+    ``infra/quantize_w4a16.py`` in the vLLM environment (where compressed-tensors is)."""
+    import subprocess
+
+    if (out / "config.json").is_file():
+        return out
+    script = Path(__file__).with_name("quantize_w4a16.py")
+    argv = [str(python), str(script), str(model), str(out), "--group-size", str(group_size)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise ServiceError(f"quantizing {model} failed: {done.stderr.strip()[-2000:]}")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

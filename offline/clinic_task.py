@@ -17,7 +17,7 @@ from offline.demo_task import Ctx, Intent, Style, _write, generate, typed
 
 SCHEMA = """\
 CREATE TABLE departments (department_id INTEGER PRIMARY KEY, dept_name TEXT NOT NULL, floor INTEGER NOT NULL);
-CREATE TABLE physicians (physician_id INTEGER PRIMARY KEY, physician_name TEXT NOT NULL, specialty TEXT NOT NULL,
+CREATE TABLE physicians (physician_id INTEGER PRIMARY KEY, physician_name TEXT NOT NULL, grade TEXT NOT NULL,
                          department_id INTEGER NOT NULL REFERENCES departments(department_id),
                          hired_year INTEGER NOT NULL);
 CREATE TABLE patients (patient_id INTEGER PRIMARY KEY, patient_name TEXT NOT NULL, birth_year INTEGER NOT NULL,
@@ -31,26 +31,19 @@ CREATE TABLE prescriptions (prescription_id INTEGER PRIMARY KEY, visit_id INTEGE
                             drug_id INTEGER NOT NULL REFERENCES drugs(drug_id), days_supplied INTEGER NOT NULL);
 """
 
-GIVEN = ["Amara", "Bjorn", "Chidi", "Dana", "Elif", "Femi", "Greta", "Hiro", "Ines", "Jonas", "Kira", "Luca"]
-FAMILY = ["Abara", "Berg", "Costa", "Dahl", "Eze", "Fischer", "Gomes", "Haas", "Ito", "Jensen", "Kaur", "Lund"]
-TOWNS = ["Brookfield", "Cedarville", "Elmstead", "Fairhaven", "Glenrock", "Harborview", "Ironwood", "Juniper"]
-INSURERS = ["Aetna", "Medicare", "Medicaid", "Cigna", "self-pay"]
-DEPARTMENTS = {"cardiology": 3, "pediatrics": 1, "dermatology": 2, "neurology": 4, "orthopedics": 2, "oncology": 5}
-SPECIALTY = {
-    "cardiology": "cardiologist",
-    "pediatrics": "pediatrician",
-    "dermatology": "dermatologist",
-    "neurology": "neurologist",
-    "orthopedics": "orthopedic surgeon",
-    "oncology": "oncologist",
-}
-KINDS = ["checkup", "follow-up", "emergency", "telehealth", "surgery"]
+# Values the base's tokenizer spells in few pieces: a model this small copies short values far more reliably.
+GIVEN = ["Ana", "Leo", "Mia", "Omar", "Sara", "Zoe", "Kim", "Lee", "Max", "Ivan", "Elena", "Oscar"]
+FAMILY = ["Park", "Wong", "Khan", "Singh", "Diaz", "Petrov", "Rossi", "Haddad", "Berg", "Quinn", "Cruz", "Lee"]
+TOWNS = ["Denver", "Leeds", "Kyoto", "Lyon", "Milan", "Quito", "Riga", "Turin"]
+INSURERS = ["Bright", "Central", "Coastal", "Golden", "Silver"]
+DEPARTMENTS = {"heart": 3, "skin": 1, "bones": 2, "brain": 4, "eyes": 2, "lungs": 5}
+GRADES = ["senior", "junior", "visiting", "resident"]
+KINDS = ["routine", "urgent", "online", "scan", "surgery"]
 DRUGS = {
-    "analgesic": ["ibuprofen", "paracetamol", "naproxen"],
-    "antibiotic": ["amoxicillin", "azithromycin", "doxycycline"],
-    "statin": ["atorvastatin", "simvastatin"],
-    "antihistamine": ["loratadine", "cetirizine"],
-    "anticoagulant": ["warfarin", "apixaban"],
+    "pain": ["aspirin", "codeine", "advil"],
+    "mood": ["prozac", "lithium"],
+    "sleep": ["valium", "xanax"],
+    "blood": ["heparin", "iron", "insulin"],
 }
 YEARS = list(range(2018, 2025))
 
@@ -67,7 +60,7 @@ def build_database(path: Path, seed: int = 5) -> None:
     physicians = []
     for i in range(30):
         dept = rng.choice(departments)
-        physicians.append((i + 1, "Dr. " + people[i], SPECIALTY[dept[1]], dept[0], rng.choice(YEARS)))
+        physicians.append((i + 1, "Dr. " + people[i], rng.choice(GRADES), dept[0], rng.choice(YEARS)))
     patients = [
         (i + 1, people[30 + i], rng.randint(1940, 2015), rng.choice(TOWNS), rng.choice(INSURERS)) for i in range(110)
     ]
@@ -121,10 +114,10 @@ def q_patients_born_before(c: Ctx) -> Intent:
     return "patients_born_before", {"who": c.syn("patients"), "year": year}, sql
 
 
-def q_physicians_specialty(c: Ctx) -> Intent:
-    specialty = c.pick("SELECT DISTINCT specialty FROM physicians")
-    sql = f"SELECT physician_name FROM physicians WHERE specialty = '{specialty}';"
-    return "physicians_specialty", {"doc": c.syn("physicians"), "specialty": specialty}, sql
+def q_physicians_grade(c: Ctx) -> Intent:
+    grade = c.rng.choice(GRADES)
+    sql = f"SELECT physician_name FROM physicians WHERE grade = '{grade}';"
+    return "physicians_grade", {"doc": c.syn("physicians"), "grade": grade}, sql
 
 
 def q_physicians_in_department(c: Ctx) -> Intent:
@@ -164,10 +157,7 @@ def q_fees_of_physician(c: Ctx) -> Intent:
 
 def q_visits_from_town(c: Ctx) -> Intent:
     town = c.pick("SELECT DISTINCT home_town FROM patients")
-    sql = (
-        "SELECT COUNT(*) FROM visits v JOIN patients p ON v.patient_id = p.patient_id "
-        f"WHERE p.home_town = '{town}';"
-    )
+    sql = f"SELECT COUNT(*) FROM visits v JOIN patients p ON v.patient_id = p.patient_id WHERE p.home_town = '{town}';"
     return "visits_from_town", {"what": c.syn("visits"), "town": town, "who": c.syn("patients")}, sql
 
 
@@ -179,10 +169,7 @@ def q_drugs_in_class(c: Ctx) -> Intent:
 
 def q_prescriptions_of_drug(c: Ctx) -> Intent:
     drug = c.pick("SELECT drug_name FROM drugs")
-    sql = (
-        "SELECT COUNT(*) FROM prescriptions r JOIN drugs d ON r.drug_id = d.drug_id "
-        f"WHERE d.drug_name = '{drug}';"
-    )
+    sql = f"SELECT COUNT(*) FROM prescriptions r JOIN drugs d ON r.drug_id = d.drug_id WHERE d.drug_name = '{drug}';"
     return "prescriptions_of_drug", {"rx": c.syn("prescriptions"), "drug": drug}, sql
 
 
@@ -191,11 +178,42 @@ def q_dose(c: Ctx) -> Intent:
     return "dose", {"drug": drug}, f"SELECT dose_mg FROM drugs WHERE drug_name = '{drug}';"
 
 
+def q_visits_town_year(c: Ctx) -> Intent:
+    town, year = c.pick("SELECT DISTINCT home_town FROM patients"), c.rng.choice(YEARS)
+    sql = (
+        "SELECT COUNT(*) FROM visits v JOIN patients p ON v.patient_id = p.patient_id "
+        f"WHERE p.home_town = '{town}' AND v.visit_year = {year};"
+    )
+    return "visits_town_year", {"what": c.syn("visits"), "town": town, "year": year}, sql
+
+
+def q_fees_kind_year(c: Ctx) -> Intent:
+    kind, year = c.rng.choice(KINDS), c.rng.choice(YEARS)
+    sql = f"SELECT SUM(fee) FROM visits WHERE visit_kind = '{kind}' AND visit_year = {year};"
+    return "fees_kind_year", {"what": c.syn("visits"), "kind": kind, "year": year}, sql
+
+
+def q_patients_town_insurer(c: Ctx) -> Intent:
+    town, insurer = c.pick("SELECT DISTINCT home_town FROM patients"), c.rng.choice(INSURERS)
+    sql = f"SELECT COUNT(*) FROM patients WHERE home_town = '{town}' AND insurer = '{insurer}';"
+    return "patients_town_insurer", {"who": c.syn("patients"), "town": town, "insurer": insurer}, sql
+
+
+def q_physicians_hired_after(c: Ctx) -> Intent:
+    year = c.rng.choice(YEARS[:-1])
+    sql = f"SELECT physician_name FROM physicians WHERE hired_year > {year};"
+    return "physicians_hired_after", {"doc": c.syn("physicians"), "year": year}, sql
+
+
 INTENTS = [
+    q_visits_town_year,
+    q_fees_kind_year,
+    q_patients_town_insurer,
+    q_physicians_hired_after,
     q_patients_from_town,
     q_patients_insurer,
     q_patients_born_before,
-    q_physicians_specialty,
+    q_physicians_grade,
     q_physicians_in_department,
     q_department_floor,
     q_visits_kind_year,
@@ -208,32 +226,40 @@ INTENTS = [
 ]
 
 FORMS = {
+    "visits_town_year": ["How many {what} did people from {town} have in {year}?", "Count {town}'s {what} in {year}."],
+    "fees_kind_year": ["What were the total fees of {kind} {what} in {year}?", "Sum of {kind} fees in {year}?"],
+    "patients_town_insurer": ["How many {who} from {town} are insured by {insurer}?", "{insurer} {who} in {town}?"],
+    "physicians_hired_after": ["Which {doc} were hired after {year}?", "Name the {doc} hired after {year}."],
     "patients_from_town": ["How many {who} live in {town}?", "Count the {who} from {town}."],
     "patients_insurer": ["How many {who} are insured by {insurer}?", "Number of {who} with {insurer} cover?"],
     "patients_born_before": ["Which {who} were born before {year}?", "Name the {who} born before {year}."],
-    "physicians_specialty": ["Which {doc} work as {specialty}s?", "List every {specialty} among our {doc}."],
-    "physicians_in_department": ["How many {doc} work in {dept}?", "Count the {doc} of the {dept} department."],
-    "department_floor": ["Which floor is {dept} on?", "On what floor is the {dept} department?"],
+    "physicians_grade": ["Which {doc} are {grade}?", "List the {grade} {doc}."],
+    "physicians_in_department": ["How many {doc} work in the {dept} unit?", "Count the {doc} of the {dept} unit."],
+    "department_floor": ["Which floor is the {dept} unit on?", "On what floor is the {dept} unit?"],
     "visits_kind_year": ["How many {kind} {what} were there in {year}?", "Count the {kind} {what} of {year}."],
     "average_fee": ["What is the average fee of a {kind} among our {what}?", "Average fee for {kind} {what}?"],
     "fees_of_physician": ["What did {name} bill in total for {what}?", "Total fees of {name}'s {what}?"],
     "visits_from_town": ["How many {what} did {who} from {town} make?", "Count the {what} of {who} in {town}."],
-    "drugs_in_class": ["Which {med} are {class}s?", "List the {class} {med}."],
+    "drugs_in_class": ["Which {med} are for {class}?", "List the {class} {med}."],
     "prescriptions_of_drug": ["How many {rx} were written for {drug}?", "Count the {rx} of {drug}."],
     "dose": ["What is the dose of {drug} in mg?", "How many milligrams is a dose of {drug}?"],
 }
 MORE_FORMS = {
+    "visits_town_year": ["{year} {what} from {town}", "{town}, {year}: number of {what}"],
+    "fees_kind_year": ["{kind} fees total for {year}", "how much did {kind} {what} bring in during {year}"],
+    "patients_town_insurer": ["count {who} in {town} covered by {insurer}", "{town} {who} with {insurer}"],
+    "physicians_hired_after": ["{doc} hired since after {year}", "show me {doc} who joined after {year}"],
     "patients_from_town": ["{town}: number of {who}?", "tell me how many {who} come from {town}"],
     "patients_insurer": ["{insurer} {who}, how many?", "give me the count of {who} covered by {insurer}"],
     "patients_born_before": ["{who} born before {year}", "show me {who} with a birth year before {year}"],
-    "physicians_specialty": ["{specialty}s on staff", "who are the {specialty}s among the {doc}"],
-    "physicians_in_department": ["{dept}: how many {doc}?", "number of {doc} in the {dept} department"],
-    "department_floor": ["{dept} floor", "where is {dept}, which floor"],
+    "physicians_grade": ["{grade} {doc} on staff", "who are the {grade} {doc}"],
+    "physicians_in_department": ["{dept} unit: how many {doc}?", "number of {doc} in the {dept} unit"],
+    "department_floor": ["{dept} unit floor", "where is the {dept} unit, which floor"],
     "visits_kind_year": ["{year} {kind} {what} count", "how many {what} in {year} were {kind}s"],
     "average_fee": ["mean fee of {kind} {what}", "what does a {kind} cost on average"],
     "fees_of_physician": ["{name}: total billed", "sum of the fees {name} charged"],
     "visits_from_town": ["{what} by {who} living in {town}", "{town} {who}: how many {what}?"],
-    "drugs_in_class": ["{class} {med} we stock", "show me every {class}"],
+    "drugs_in_class": ["{class} {med} we stock", "show me every {med} for {class}"],
     "prescriptions_of_drug": ["{drug} {rx} count", "how often was {drug} prescribed"],
     "dose": ["{drug} dose", "dose of {drug}, mg please"],
 }
@@ -242,7 +268,7 @@ TEST = Style(FORMS, SYNONYMS)
 TRAINING = Style({k: FORMS[k] + MORE_FORMS[k] for k in FORMS}, SYNONYMS, finish=typed)
 
 
-def build_clinic_task(out_dir: Path, *, n_train: int = 1200, n_test: int = 200, seed: int = 23) -> dict[str, int]:
+def build_clinic_task(out_dir: Path, *, n_train: int = 2000, n_test: int = 200, seed: int = 23) -> dict[str, int]:
     """Write ``clinic.db``, ``schema.sql``, ``train.jsonl`` and ``test.jsonl`` to ``out_dir``; return the counts."""
     out_dir.mkdir(parents=True, exist_ok=True)
     db_path = out_dir / "clinic.db"

@@ -95,19 +95,22 @@ class Name:
         return self
 
 
-def read_catalog(tracking_uri: str, *, base: tuple[str | None, ...] | None = None) -> Catalog:
-    """Every version in the registry that has an adapter (and, with ``base``, was trained on that base: the one
-    vLLM serves), and every alias on them. Blocking: the gateway runs it in a thread."""
+def read_catalog(
+    tracking_uri: str, *, base: tuple[str | None, ...] | None = None, base_from: str | None = None
+) -> Catalog:
+    """Every version in the registry that has an adapter and every alias on them. Only versions trained on one
+    base are kept: ``base`` (id, revision), or the base of ``base_from``'s champion (the model vLLM was started
+    for); with neither, or no such champion yet, all. Blocking: the gateway runs it in a thread."""
     mlflow_client = client(tracking_uri)
     versions: dict[str, Version] = {}
+    bases: dict[str, tuple[str | None, ...]] = {}
     for mv in mlflow_client.search_model_versions(max_results=MAX_VERSIONS):
         tags = dict(mv.tags or {})
         if not tags.get(ADAPTER[0]) or not MODEL_NAME.fullmatch(mv.name) or mv.status != "READY":
             continue
-        if base is not None and base_of(mv)[: len(base)] != base:
-            continue
         version = Version(mv.name, str(mv.version), tags)
         versions[version.served] = version
+        bases[version.served] = base_of(mv)
     names = {v.name for v in versions.values()}
     aliases: dict[str, dict[str, str]] = {}
     token = None
@@ -117,20 +120,27 @@ def read_catalog(tracking_uri: str, *, base: tuple[str | None, ...] | None = Non
             if model.name in names:
                 aliases[model.name] = {alias: str(number) for alias, number in (model.aliases or {}).items()}
         if not (token := page.token):
-            return Catalog(versions, aliases)
+            break
+    if base is None and base_from and CHAMPION in aliases.get(base_from, {}):
+        base = bases[served_id(base_from, aliases[base_from][CHAMPION])]
+    if base is not None:
+        versions = {s: v for s, v in versions.items() if bases[s][: len(base)] == base}
+    return Catalog(versions, aliases)
 
 
 @dataclass(frozen=True)
 class RegistrySource:
     """Where a gateway reads the registry and fetches adapters: the MLflow server and the artifact store, and the
-    base vLLM serves (id, and revision when pinned): versions trained on another base are not routed."""
+    base vLLM serves — ``base`` (id, revision), or the base of ``base_from``'s champion: versions trained on
+    another base are not routed."""
 
     tracking_uri: str
     store: ArtifactStore
     base: tuple[str | None, ...] | None = None
+    base_from: str | None = None
 
     def read(self) -> Catalog:
-        return read_catalog(self.tracking_uri, base=self.base)
+        return read_catalog(self.tracking_uri, base=self.base, base_from=self.base_from)
 
     def fetch(self, version: Version) -> Path:
         """The version's adapter directory, as registered: its sha256 tag and every file's sha256 checked."""

@@ -166,6 +166,7 @@ SSE_EVENT = {
 
 OPENAI_TYPES = {
     401: ("authentication_error", "invalid_api_key"),
+    403: ("permission_error", "model_not_permitted"),
     413: ("invalid_request_error", "request_too_large"),
     422: ("invalid_request_error", None),
     429: ("rate_limit_error", "rate_limit_exceeded"),
@@ -180,11 +181,11 @@ def openai_error(status: int, message: str, param: str | None = None) -> dict[st
 
 _STATUS_TEXT = {
     401: "missing or invalid API key",
-    403: "admin routes are closed",
+    403: "this API key may not call the model (tenants), or the admin routes are closed",
     413: "request body over the size limit",
     422: "invalid request, or refused by a configured cap or by the engine",
     429: "too many requests: overloaded or over the key's rate; see Retry-After",
-    503: "the engine is unreachable or failed",
+    503: "the engine is unreachable or failed, or the model's adapter could not be loaded",
 }
 
 

@@ -286,7 +286,9 @@ class Gateway:
         """The upstream model behind the request's ``model``, loaded; 403 if the caller's key may not call it."""
         if self.registry is None or ("@" not in name and "/" not in name and name in self.routes.aliases):
             return await self._served_static(request, name)  # fixed aliases (base) come first
-        catalog = self.catalog or Catalog()
+        if self.catalog is None:
+            raise self.refuse(503, "the model registry has not been read yet; try again shortly", {"Retry-After": "5"})
+        catalog = self.catalog
         parsed = Name.parse(name, self.config.default_model).routed(catalog)
         self.check_model(request, parsed.model or name)
         if parsed.version is not None:

@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 class LoadSpec(BaseModel):
     url: str = Field(description="Base URL of the gateway or an OpenAI-compatible server.")
     model: str = Field(default="champion", description="Model name or gateway alias.")
+    models: list[str] = Field(default_factory=list, description="Or: round-robin over these models, one per request.")
     concurrency: int = Field(default=16, gt=0, description="Concurrent clients (closed loop).")
     rate: float | None = Field(default=None, gt=0, description="Requests/s with Poisson arrivals (open loop).")
     requests: int | None = Field(default=200, gt=0, description="Measured requests (after warm-up).")
@@ -154,9 +155,9 @@ class LoadReport:
         return paths
 
 
-async def _one(client: httpx.AsyncClient, spec: LoadSpec, prompt: str) -> Sample:
+async def _one(client: httpx.AsyncClient, spec: LoadSpec, prompt: str, model: str | None = None) -> Sample:
     body: dict[str, Any] = {
-        "model": spec.model,
+        "model": model or spec.model,
         "prompt": prompt,
         "max_tokens": spec.max_tokens,
         "temperature": spec.temperature,
@@ -206,11 +207,18 @@ async def run_load(spec: LoadSpec, prompts: Sequence[str]) -> LoadReport:
     rng = random.Random(spec.seed)
     counter = iter(range(10**9))
 
+    models = spec.models or [spec.model]
+    turn = iter(range(10**9))
+
     def next_prompt() -> str:
         return prompts[next(counter) % len(prompts)]
 
+    def send(client: httpx.AsyncClient) -> Any:
+        """The next request: the next prompt, to the next model (round-robin)."""
+        return _one(client, spec, next_prompt(), models[next(turn) % len(models)])
+
     async with httpx.AsyncClient(base_url=spec.url, headers=headers, timeout=spec.timeout_s, limits=limits) as client:
-        warm = [_one(client, spec, next_prompt()) for _ in range(spec.warmup)]
+        warm = [send(client) for _ in range(spec.warmup)]
         for start in range(0, len(warm), spec.concurrency):
             await asyncio.gather(*warm[start : start + spec.concurrency])
         samples: list[Sample] = []
@@ -228,7 +236,7 @@ async def run_load(spec: LoadSpec, prompts: Sequence[str]) -> LoadReport:
                 nonlocal in_flight
                 while more():
                     in_flight += 1
-                    sample = await _one(client, spec, next_prompt())
+                    sample = await send(client)
                     in_flight -= 1
                     samples.append(sample)
 
@@ -236,7 +244,7 @@ async def run_load(spec: LoadSpec, prompts: Sequence[str]) -> LoadReport:
         else:  # open loop: Poisson arrivals at spec.rate, whatever the server's pace
             tasks = []
             while more():
-                tasks.append(asyncio.create_task(_one(client, spec, next_prompt())))
+                tasks.append(asyncio.create_task(send(client)))
                 in_flight += 1
                 await asyncio.sleep(rng.expovariate(spec.rate))
             samples.extend(await asyncio.gather(*tasks))

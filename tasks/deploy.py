@@ -24,6 +24,7 @@ docker-compose, Kubernetes and Modal files from ``infra/templates`` and starts n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -34,13 +35,16 @@ import httpx
 from infra.artifacts import ArtifactError, ArtifactStore
 from infra.errors import UserError
 from infra.registry import (
+    CHAMPION,
     EVAL_REPORT,
     RegistryError,
     alias_version,
+    champion_history,
     client,
     get_version,
     move_alias,
     restore_alias,
+    retry,
     served_id,
     set_version_tags,
     version_artifact,
@@ -149,12 +153,18 @@ def deploy(
         if registered != number:
             move_alias(registry, model_name, cfg.alias, number, expect=registered)
     except (DeployError, RegistryError, ArtifactError, ServiceError) as exc:
-        if previous != name:
-            unload_lora_adapter(vllm_url, name, api_key=vllm_key)
-            before = _version_of(model_name, previous)
-            if registered == number and before is not None:  # a promotion named it: back to what serves
-                restore_alias(registry, model_name, cfg.alias, before, failed=number)
-        raise DeployError(f"{model_name} v{number} not deployed: {exc}; {serving}") from None
+        reverted = ""
+        if registered == number:  # a promotion named it already: the alias must not keep naming it
+            reverted = _revert(registry, model_name, cfg.alias, number, None if previous == name else previous, exc)
+            for replica in replicas:
+                with contextlib.suppress(DeployError):
+                    replica.refresh()
+        if previous != name or reverted:
+            if replicas:
+                _retire(replicas, name, vllm_url, cfg.drain_timeout_s, vllm_key)
+            else:
+                unload_lora_adapter(vllm_url, name, api_key=vllm_key)
+        raise DeployError(f"{model_name} v{number} not deployed: {exc}; {serving}{reverted}") from None
 
     # The registry names the version: every replica re-reads it now (each would within its refresh interval).
     unreached = []
@@ -171,8 +181,10 @@ def deploy(
     # loaded and no replica still routes to. A failure here (a replica or vLLM gone after the switch) leaves it
     # loaded, which is reported on the deployment, not as a failed deploy.
     ours = bool(previous) and previous != name and _version_of(model_name, previous) is not None
-    cleanup = "; ".join(unreached) or None
-    if ours and replicas and not unreached:
+    cleanup = None
+    if unreached:
+        cleanup = f"switched, but {previous} was not unloaded: " + "; ".join(unreached)
+    elif ours and replicas:
         cleanup = _retire(replicas, previous or "", vllm_url, cfg.drain_timeout_s, vllm_key)
     dep = Deployment(
         model_name=model_name,
@@ -191,6 +203,23 @@ def deploy(
     tags = {"tuneship.deployment": dep.model_dump_json(), "tuneship.deployed_at": dep.deployed_at}
     set_version_tags(model_name, number, tags, tracking_uri=tracking_uri)
     return dep
+
+
+def _revert(registry: Any, model_name: str, alias: str, number: str, previous: str | None, why: Exception) -> str:
+    """Move ``alias`` off version ``number``, which failed its deploy: back to the version ``previous`` serves, or
+    for the champion its previous champion; another alias with nowhere to go is removed. Returns what was done."""
+    before = _version_of(model_name, previous)
+    if before is None and alias == CHAMPION:
+        history = [v for v in champion_history(registry, model_name) if v != number]
+        before = history[-1] if history else None
+    retry(registry.set_model_version_tag, model_name, number, "tuneship.deploy_failed", str(why)[:5000])
+    if before is not None:
+        restore_alias(registry, model_name, alias, before, failed=number)
+        return f"; {model_name}@{alias} points back at v{before}"
+    if alias != CHAMPION:
+        retry(registry.delete_registered_model_alias, model_name, alias)
+        return f"; {model_name}@{alias} removed"
+    return ""
 
 
 def _version_of(model_name: str, served: str | None) -> str | None:

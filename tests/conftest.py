@@ -180,6 +180,59 @@ def weak_adapter(demo_config, demo_base, demo_store, demo_dataset, mlflow_server
 
 
 @pytest.fixture(scope="session")
+def clinic_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The second offline task (an outpatient clinic's database), for serving two fine-tunes from one base."""
+    from offline.clinic_task import build_clinic_task
+
+    out = tmp_path_factory.mktemp("clinic-task")
+    build_clinic_task(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def clinic_config(clinic_task: Path):
+    """The clinic-cpu preset pointed at the session's clinic task: ``clinic_config("key=value", ...)``."""
+    from tasks.config import load_run_config
+
+    def build(*overrides: str):
+        return load_run_config(
+            REPO / "deployments" / "configs" / "clinic-cpu.yaml",
+            [
+                f"data.source={clinic_task / 'train.jsonl'}",
+                f"data.test_file={clinic_task / 'test.jsonl'}",
+                f"evaluate.database={clinic_task / 'clinic.db'}",
+                *overrides,
+            ],
+        )
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def clinic_adapter(clinic_config, demo_base, demo_store, mlflow_server, tmp_path_factory):
+    """A fine-tune of the same base on the clinic task (clinic-cpu preset, 4 epochs: ≈1 min on 2 cores)."""
+    from infra.tracking import MlflowTracker
+    from tasks.finetune import finetune
+    from tasks.preprocess import preprocess
+
+    cfg = clinic_config("finetune.train.epochs=4")
+    dataset = preprocess(
+        cfg.preprocess, cfg.data, name=cfg.name, base=demo_base, store=demo_store, workdir=tmp_path_factory.mktemp("w")
+    )
+    tracker = MlflowTracker(mlflow_server.tracking_uri, system_metrics=False)
+    adapter = finetune(
+        cfg.finetune,
+        dataset,
+        name=cfg.name,
+        base=demo_base,
+        store=demo_store,
+        tracker=tracker,
+        workdir=tmp_path_factory.mktemp("w"),
+    )
+    return adapter, dataset
+
+
+@pytest.fixture(scope="session")
 def prefect_server(services_dir: Path) -> Iterator[object]:
     """One real `prefect server` per session (SQLite, its own PREFECT_HOME), ≈10 s to start."""
     from infra.services import start_prefect

@@ -29,7 +29,7 @@ from serving.request_log import SERVED_HEADER as SERVED
 router = APIRouter(
     tags=["generate"],
     dependencies=[Depends(require_api_key)],
-    responses=error_responses(Problem, 401, 413, 422, 429, 503),
+    responses=error_responses(Problem, 401, 403, 413, 422, 429, 503),
 )
 STREAM = {"text/event-stream": {"schema": SSE_EVENT}}
 

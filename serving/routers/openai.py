@@ -34,7 +34,7 @@ router = APIRouter(
     prefix="/v1",
     tags=["openai"],
     dependencies=[Depends(require_api_key)],
-    responses=error_responses(OpenAIError, 401, 413, 422, 429, 503),
+    responses=error_responses(OpenAIError, 401, 403, 413, 422, 429, 503),
 )
 GENERATED = {
     "response_model": OpenAIObject,

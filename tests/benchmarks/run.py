@@ -486,6 +486,7 @@ def hot_swap(workdir: Path) -> dict[str, Any]:
     from infra.tracking import MlflowTracker
     from infra.vllm_server import VllmLaunch, load_lora_adapter, start_vllm
     from serving.app import GatewayConfig, create_app
+    from serving.catalog import RegistrySource
     from serving.server import serve_in_thread
     from serving.upstream import VllmUpstream
     from tasks.config import DeployConfig
@@ -533,7 +534,8 @@ def hot_swap(workdir: Path) -> dict[str, Any]:
             )
             versions.append(register(cfg, adapter, report, data, store=store, tracker=tracker))
             adapters.append(adapter)
-        app = create_app(GatewayConfig(aliases={"base": "base"}, admin_keys=["bench"]), VllmUpstream(server.base_url))
+        config = GatewayConfig(aliases={"base": "base"}, admin_keys=["bench"], registry_refresh_s=3600)
+        app = create_app(config, VllmUpstream(server.base_url), None, RegistrySource(uri, store))
         with serve_in_thread(app, port=free_port()) as gateway:
             swaps = []
             for version in versions + versions:
@@ -561,6 +563,146 @@ def hot_swap(workdir: Path) -> dict[str, Any]:
         "ratio": swap_s / restart_s,
         "goal": "swap <= 5 s (vs a restart ≈ 60 s)",
         "met": swap_s <= 5,
+    }
+
+
+def _sql_accuracy(url: str, model: str, task: Path, limit: int = 200) -> float:
+    """Execution accuracy of ``model`` at ``url`` on the first ``limit`` questions of the demo's test split."""
+    from infra.vllm_server import complete
+    from tasks.generation import instruction_prompt
+    from tasks.sql_exec import connect_readonly, execute_sql, is_ordered, results_match
+
+    rows = [json.loads(line) for line in (task / "test.jsonl").read_text().splitlines()[:limit]]
+    answers = complete(url, model, [instruction_prompt(r["instruction"]) for r in rows], max_tokens=96)
+    conn = connect_readonly(task / "retail.db")
+    right = 0
+    for row, answer in zip(rows, answers, strict=True):
+        gold, pred = execute_sql(conn, row["response"]), execute_sql(conn, answer.strip())
+        right += pred.ok and results_match(gold.rows, pred.rows, ordered=is_ordered(row["response"]))
+    return right / len(rows)
+
+
+def _adapter_variant(adapter: Path, out: Path, seed: int) -> Path:
+    """A copy of ``adapter`` with its LoRA weights scaled by a seeded factor per tensor: as many distinct adapters
+    as needed, each exactly as costly to serve as a trained one (same rank, same target modules)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, out, dirs_exist_ok=True)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    generator = torch.Generator().manual_seed(seed)
+    scaled = {k: v * (1 + 0.05 * torch.randn((), generator=generator)) for k, v in weights.items()}
+    save_file(scaled, out / "adapter_model.safetensors")
+    return out
+
+
+@bench
+def multi_adapter(workdir: Path) -> dict[str, Any]:
+    """Many fine-tunes on one vLLM server: throughput with N = 1, 2, 4, 8 adapters receiving requests round-robin,
+    at the same concurrency, against N = 1; the base and the merged weights beside them; and the cold load of an
+    adapter through the gateway (fetch, sha256 check, vLLM load) on a version's first request."""
+    import asyncio
+    import statistics
+
+    import httpx
+
+    from flows.bench import eval_prompts
+    from infra.registry import client, served_id
+    from infra.services import free_port
+    from infra.vllm_server import VllmLaunch, load_lora_adapter, quantize_w4a16, start_vllm
+    from serving.app import GatewayConfig, create_app
+    from serving.catalog import RegistrySource
+    from serving.loadgen import LoadSpec, percentile, run_load
+    from serving.server import serve_in_thread
+    from serving.upstream import VllmUpstream
+    from tasks.merge import merge_adapter
+
+    adapter = _demo_adapter(workdir)
+    base, store = _base(workdir)
+    variants = [_adapter_variant(adapter, workdir / "variants" / str(i), seed=i) for i in range(8)]
+    prompts = eval_prompts(workdir / "demo-task" / "test.jsonl", limit=64)
+    settings = load_settings()
+
+    def throughput(url: str, models: list[str]) -> float:
+        spec = LoadSpec(url=url, models=models, concurrency=16, requests=128, warmup=16, max_tokens=32, ignore_eos=True)
+        report = asyncio.run(run_load(spec, prompts))
+        return report.summary()["output_tokens_per_s"]
+
+    rows: dict[str, list[float]] = {}
+    launch = VllmLaunch(model=Path(base.path), max_loras=8, max_cpu_loras=8)
+    with start_vllm(launch, python=settings.vllm_python, workdir=workdir) as server:
+        for i, variant in enumerate(variants):
+            load_lora_adapter(server.base_url, f"adapter-{i}", variant)
+        for _ in range(3):  # interleaved rounds: machine noise falls on every row alike
+            rows.setdefault("base", []).append(throughput(server.base_url, ["base"]))
+            for n in (1, 2, 4, 8):
+                rows.setdefault(f"lora_n{n}", []).append(
+                    throughput(server.base_url, [f"adapter-{i}" for i in range(n)])
+                )
+
+        # Cold loads through the gateway: 8 registered versions, a cap of 2 loaded, no champion to pin; each
+        # version's first request loads it (from the artifact store, verified), its second is warm.
+        uri = f"sqlite:///{workdir / 'mlflow.db'}"
+        registry = client(uri)
+        registry.create_registered_model("bench-multi")
+        for i, variant in enumerate(variants):
+            ref = store.put_dir(variant, f"adapters/bench-multi/{i}")
+            tags = {"tuneship.adapter_uri": ref.uri, "tuneship.adapter_sha256": ref.sha256}
+            registry.create_model_version("bench-multi", ref.uri, tags=tags)
+        config = GatewayConfig(max_adapters=2, registry_refresh_s=3600)
+        app = create_app(config, VllmUpstream(server.base_url), None, RegistrySource(uri, store))
+        cold, warm = [], []
+        with serve_in_thread(app, port=free_port()) as gateway, httpx.Client(base_url=gateway, timeout=120) as http:
+            for _ in range(2):  # the second round loads again (evicted at the cap), from the verified cache
+                for version in range(1, 9):
+                    body = {"model": f"bench-multi/{version}", "prompt": prompts[0], "max_tokens": 8}
+                    for sink in (cold, warm):
+                        started = time.perf_counter()
+                        response = http.post("/v1/completions", json=body)
+                        assert response.status_code == 200, response.text
+                        assert response.headers["x-served-model"] == served_id("bench-multi", str(version))
+                        sink.append(time.perf_counter() - started)
+            metrics = http.get("/metrics").text
+        load_lora_adapter(server.base_url, "demo", adapter)
+        accuracy = {"full precision (fp32)": _sql_accuracy(server.base_url, "demo", workdir / "demo-task")}
+    merged = merge_adapter(Path(base.path), adapter, workdir / "merged")
+    with start_vllm(VllmLaunch(model=merged, served_model_name="merged", enable_lora=False),
+                    python=settings.vllm_python, workdir=workdir) as server:  # fmt: skip
+        rows["merged"] = [throughput(server.base_url, ["merged"]) for _ in range(3)]
+    # The seed's "Quantized (4-bit)" row: the base in W4A16 (compressed-tensors), which vLLM-CPU serves only in
+    # bfloat16, with the same adapter on top; its throughput and the adapter's accuracy on it.
+    quantized = quantize_w4a16(settings.vllm_python, Path(base.path), workdir / "base-w4a16", group_size=64)
+    launch = VllmLaunch(model=quantized, dtype="bfloat16", max_loras=8, max_cpu_loras=8)
+    with start_vllm(launch, python=settings.vllm_python, workdir=workdir) as server:
+        load_lora_adapter(server.base_url, "adapter-0", variants[0])
+        rows["quantized_w4a16_lora"] = [throughput(server.base_url, ["adapter-0"]) for _ in range(3)]
+        load_lora_adapter(server.base_url, "demo", adapter)
+        accuracy["4-bit base (W4A16, bf16)"] = _sql_accuracy(server.base_url, "demo", workdir / "demo-task")
+    sizes = {
+        "full precision (fp32)": sum(f.stat().st_size for f in Path(base.path).glob("*.safetensors")),
+        "4-bit base (W4A16, bf16)": sum(f.stat().st_size for f in quantized.glob("*.safetensors")),
+    }
+
+    tokens_per_s = {name: statistics.median(values) for name, values in rows.items()}
+    ratios = {name: tokens_per_s[name] / tokens_per_s["lora_n1"] for name in tokens_per_s}
+    counted = [line.split()[1] for line in metrics.splitlines() if line.startswith("tuneship_adapter_evictions_total ")]
+    cold_ms = sorted(1000 * c for c in cold)
+    return {
+        "tokens_per_s": tokens_per_s,
+        "rounds": rows,
+        "vs_n1": ratios,
+        "ratio": ratios["lora_n8"],
+        "cold_request_p50_ms": percentile(cold_ms, 50),
+        "cold_request_p95_ms": percentile(cold_ms, 95),
+        "warm_request_p50_ms": percentile(sorted(1000 * w for w in warm), 50),
+        "evictions": float(counted[0]),
+        "adapter_accuracy": accuracy,
+        "base_weight_bytes": sizes,
+        "setup": "vLLM-CPU, max_loras 8, concurrency 16, 32 output tokens (ignore_eos), demo adapter r=16 all linear",
+        "goal": "N = 8 adapters round-robin >= 0.9x the throughput of N = 1",
+        "met": ratios["lora_n8"] >= 0.9,
     }
 
 
@@ -640,6 +782,15 @@ def summary(results: dict[str, dict[str, Any]]) -> str:
             shown = f"{result['rows_per_s']:,.0f} logged requests/s ({result['seconds']:.1f} s for 100k)"
         if "median_swap_s" in result:
             shown += f" ({result['median_swap_s']:.2f} s swap vs {result['restart_s']:.0f} s restart)"
+        if "cold_request_p50_ms" in result:
+            by_n = ", ".join(f"N={n} {result['vs_n1'][f'lora_n{n}']:.2f}×" for n in (2, 4, 8))
+            acc = list(result["adapter_accuracy"].values())
+            shown = (
+                f"{by_n} of N=1; base {result['vs_n1']['base']:.2f}×, merged {result['vs_n1']['merged']:.2f}×, "
+                f"4-bit base + LoRA {result['vs_n1']['quantized_w4a16_lora']:.2f}× (accuracy {acc[1]:.1%} vs "
+                f"{acc[0]:.1%}); cold request p50 {result['cold_request_p50_ms']:.0f} ms, "
+                f"p95 {result['cold_request_p95_ms']:.0f} ms"
+            )
         if "first_s" in result:
             shown += f" ({result['second_s']:.1f} s vs {result['first_s']:.0f} s)"
         lines.append(f"| {name} | {shown} | {result.get('goal', '')} | {'yes' if result.get('met') else 'no'} |")

@@ -25,6 +25,7 @@ from infra.registry import get_version, set_version_tags
 from infra.services import free_port
 from infra.tracking import MlflowTracker
 from serving.app import GatewayConfig, create_app
+from serving.catalog import RegistrySource
 from serving.server import serve_in_thread
 from serving.upstream import VllmUpstream
 from tasks.config import DeployConfig
@@ -98,11 +99,18 @@ def versions(
 
 
 @pytest.fixture(scope="module")
-def gateway(vllm_server):
-    app = create_app(
-        GatewayConfig(aliases={"base": "base"}, admin_keys=[ADMIN], max_tokens_cap=512, max_n=32),
-        VllmUpstream(vllm_server.base_url),
+def gateway(versions, vllm_server):
+    """A gateway that follows the registry, with the deploy test's model as its default (``champion``)."""
+    config = GatewayConfig(
+        aliases={"base": "base"},
+        admin_keys=[ADMIN],
+        max_tokens_cap=512,
+        max_n=32,
+        default_model=versions["name"],
+        registry_refresh_s=3600,
     )
+    registry = RegistrySource(versions["uri"], versions["store"])
+    app = create_app(config, VllmUpstream(vllm_server.base_url), None, registry)
     with serve_in_thread(app, port=free_port()) as url:
         yield url
 
@@ -172,7 +180,7 @@ def test_hot_swap_under_load_fails_no_request(versions, vllm_server, gateway) ->
     assert second.previous == first.adapter_name
     assert first.adapter_name not in served_models(vllm_server.base_url)  # drained, then unloaded
     routes = httpx.get(f"{gateway}/admin/routes", headers={"Authorization": f"Bearer {ADMIN}"}).json()
-    assert routes["aliases"]["champion"] == second.adapter_name and routes["in_flight"] == {}
+    assert routes["aliases"][f"{name}@champion"] == second.adapter_name and routes["in_flight"] == {}
     tags = get_version(versions["name"], v2.version, tracking_uri=versions["uri"]).tags
     assert '"adapter_name":"' + second.adapter_name in tags["tuneship.deployment"]
 
@@ -454,11 +462,17 @@ def test_a_gateway_killed_after_the_switch_still_counts_as_deployed(versions, vl
 
     v1, v2, _ = versions["v"]
     old, new = (f"{versions['name']}-v{v.version}" for v in (v1, v2))
-    server, url = start_gateway_process(tmp_path, vllm_url=vllm_server.base_url, env={"TUNESHIP_ADMIN_KEYS": ADMIN})
+    env = {
+        "TUNESHIP_ADMIN_KEYS": ADMIN,
+        "TUNESHIP_MLFLOW_TRACKING_URI": versions["uri"],
+        "TUNESHIP_ARTIFACT_ROOT": versions["store"].root_uri,
+    }
+    server, url = start_gateway_process(tmp_path, vllm_url=vllm_server.base_url, env=env)
+    key = f"{versions['name']}@champion"
     with server:
         ship(versions, vllm_server, url, v1.version)
         admin = {"Authorization": f"Bearer {ADMIN}"}
-        body = {"model": "champion", "prompt": "SELECT", "max_tokens": 480, "n": 4, "ignore_eos": True, "stream": True}
+        body = {"model": key, "prompt": "SELECT", "max_tokens": 480, "n": 4, "ignore_eos": True, "stream": True}
 
         def hold_old_adapter() -> None:  # a long stream on the old adapter: the deploy must wait for it
             with contextlib.suppress(httpx.HTTPError), httpx.stream("POST", f"{url}/v1/completions", json=body) as r:
@@ -473,7 +487,7 @@ def test_a_gateway_killed_after_the_switch_still_counts_as_deployed(versions, vl
             while httpx.get(f"{url}/admin/routes", headers=admin).json()["in_flight"].get(old, 0) < 8:
                 time.sleep(0.05)
             deploying = pool.submit(ship, versions, vllm_server, url, v2.version, drain_timeout_s=120)
-            while (routes := httpx.get(f"{url}/admin/routes", headers=admin).json())["aliases"].get("champion") != new:
+            while (routes := httpx.get(f"{url}/admin/routes", headers=admin).json())["aliases"].get(key) != new:
                 assert not deploying.done(), deploying.result()
                 time.sleep(0.05)
             server.proc.kill()  # SIGKILL: mid-drain, after the switch
