@@ -29,7 +29,7 @@ from serving.tenants import load_key_models
 from serving.upstream import VllmUpstream
 from tasks.base_model import resolve_base_model
 from tasks.config import DeployConfig
-from tasks.deploy import DeployError, deploy
+from tasks.deploy import DeployError, Gateway, deploy
 from tasks.refs import Deployment
 
 
@@ -165,6 +165,8 @@ def serving_stack(
         with serve_in_thread(app, host=settings.gateway_host, port=gw_port, grace_s=grace) as gateway_url:
             local_url = gateway_url.replace("0.0.0.0", "127.0.0.1")
             stack = ServingStack(vllm_url=vllm_url, gateway_url=local_url)
+            # The gateway reads the registry once before anything is deployed into it (the champion loads).
+            Gateway(local_url, admin_key).refresh()
             for alias in aliases:
                 try:
                     get_version(model_name, alias, tracking_uri=uri)

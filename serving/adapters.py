@@ -88,8 +88,14 @@ class AdapterCache:
             del self.loaded[victim]
             self.metrics.adapter_evictions.inc()
 
-    def sync(self, upstream_models: set[str], servable: set[str]) -> None:
-        """Match what vLLM reports loaded: adapters loaded by a deploy join (least recent), unloaded ones leave."""
+    async def sync(self, servable: set[str]) -> None:
+        """Match what vLLM reports loaded: adapters loaded by a deploy join (least recent), unloaded ones leave.
+        Under the load lock, so no load or eviction of this cache falls between the list and its use."""
+        async with self._lock:
+            upstream_models = {m["id"] for m in await self.upstream.models()}
+            self._reconcile(upstream_models, servable)
+
+    def _reconcile(self, upstream_models: set[str], servable: set[str]) -> None:
         for served in [s for s in self.loaded if s not in upstream_models]:
             del self.loaded[served]
         for served in sorted(upstream_models & servable - set(self.loaded)):

@@ -179,7 +179,9 @@ class Gateway:
         if request_log is not None:
             request_log.metrics = self.metrics
         self.limiter = Limiter(config.max_in_flight, config.max_queue, self.metrics)
-        self.routes = RouteTable(config.aliases, canary_share=config.canary_share)
+        # Following a registry, ``base`` is always the model vLLM serves as ``base`` (unless the aliases say otherwise).
+        aliases = {"base": "base", **config.aliases} if registry is not None else config.aliases
+        self.routes = RouteTable(aliases, canary_share=config.canary_share)
         self.metrics.track_routes(self.routes)
         self.buckets = KeyBuckets(config.key_rate, config.key_burst) if config.key_rate else None
         self.registry = registry
@@ -328,11 +330,14 @@ class Gateway:
         self._refreshing = self._refreshing or asyncio.Lock()
         async with self._refreshing:
             catalog = await asyncio.to_thread(self.registry.read)
+            try:
+                await self.adapters.sync(set(catalog.versions))
+            except UpstreamError as exc:
+                raise self.upstream_failed(exc) from None
             fixed = {k: v for k, v in self.routes.aliases.items() if "@" not in k}
             self.routes.replace({**fixed, **catalog.routes()})
-            self.catalog = catalog
             self.adapters.pinned = catalog.pinned()
-            self.adapters.sync(await self.upstream_models(), set(catalog.versions))
+            self.catalog = catalog
         for served in sorted(self.adapters.pinned):
             try:
                 await self.adapters.ensure(catalog.versions[served])

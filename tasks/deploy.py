@@ -39,7 +39,6 @@ from infra.registry import (
     EVAL_REPORT,
     RegistryError,
     alias_version,
-    champion_history,
     client,
     get_version,
     move_alias,
@@ -154,16 +153,15 @@ def deploy(
             move_alias(registry, model_name, cfg.alias, number, expect=registered)
     except (DeployError, RegistryError, ArtifactError, ServiceError) as exc:
         reverted = ""
-        if registered == number:  # a promotion named it already: the alias must not keep naming it
-            reverted = _revert(registry, model_name, cfg.alias, number, None if previous == name else previous, exc)
+        if registered == number:  # a promotion named it already: the alias must not keep naming a failed version
+            reverted = _revert(registry, model_name, cfg.alias, number, previous, exc)
             for replica in replicas:
                 with contextlib.suppress(DeployError):
                     replica.refresh()
-        if previous != name or reverted:
-            if replicas:
-                _retire(replicas, name, vllm_url, cfg.drain_timeout_s, vllm_key)
-            else:
-                unload_lora_adapter(vllm_url, name, api_key=vllm_key)
+        if (previous != name or reverted) and replicas:
+            _retire(replicas, name, vllm_url, cfg.drain_timeout_s, vllm_key)
+        elif previous != name:
+            unload_lora_adapter(vllm_url, name, api_key=vllm_key)
         raise DeployError(f"{model_name} v{number} not deployed: {exc}; {serving}{reverted}") from None
 
     # The registry names the version: every replica re-reads it now (each would within its refresh interval).
@@ -206,20 +204,20 @@ def deploy(
 
 
 def _revert(registry: Any, model_name: str, alias: str, number: str, previous: str | None, why: Exception) -> str:
-    """Move ``alias`` off version ``number``, which failed its deploy: back to the version ``previous`` serves, or
-    for the champion its previous champion; another alias with nowhere to go is removed. Returns what was done."""
+    """Move ``alias`` off version ``number``, which failed its deploy; returns what was done. Back to the version the
+    gateways serve (``previous``) when that is another; a non-champion alias is removed otherwise. A champion the
+    gateways already serve stays: a failed re-deploy changes nothing."""
     before = _version_of(model_name, previous)
+    if before == number:
+        before = None
     if before is None and alias == CHAMPION:
-        history = [v for v in champion_history(registry, model_name) if v != number]
-        before = history[-1] if history else None
+        return ""
     retry(registry.set_model_version_tag, model_name, number, "tuneship.deploy_failed", str(why)[:5000])
     if before is not None:
         restore_alias(registry, model_name, alias, before, failed=number)
         return f"; {model_name}@{alias} points back at v{before}"
-    if alias != CHAMPION:
-        retry(registry.delete_registered_model_alias, model_name, alias)
-        return f"; {model_name}@{alias} removed"
-    return ""
+    retry(registry.delete_registered_model_alias, model_name, alias)
+    return f"; {model_name}@{alias} removed"
 
 
 def _version_of(model_name: str, served: str | None) -> str | None:

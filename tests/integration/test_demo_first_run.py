@@ -54,6 +54,10 @@ def test_first_demo_on_a_pristine_prefect_home(base_model, tmp_path: Path) -> No
     assert (prefect_home / "prefect.db").is_file()  # the database was created here, by the server the demo ran
     assert re.search(r"Prefect flow run [0-9a-f-]+: Completed", out), out
     assert re.search(r"POST /generate model=\S+ +\(SSE\): SELECT", out), out  # a real request through the gateway
+    # The second task: its own registered model, served beside the first by the same gateway and vLLM server.
+    assert re.search(r"clinic-sql v\d+: execution accuracy", out), out
+    assert "two fine-tunes on one base, one vLLM server" in out, out
+    assert re.search(r"model=clinic-sql\S* \(served clinic-sql-v\d+\): \S", out), out
     for url in (api.group(1) + "/health", vllm.group(1) + "/health"):  # stopped with the command
         with pytest.raises(httpx.TransportError):
             httpx.get(url, timeout=2)

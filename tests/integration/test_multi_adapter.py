@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import threading
 import time
 import uuid
@@ -34,7 +35,9 @@ ADMIN = f"admin-{uuid.uuid4().hex}"
 RETAIL_KEY, CLINIC_KEY = f"retail-{uuid.uuid4().hex}", f"clinic-{uuid.uuid4().hex}"
 PROMPT = "### Instruction:\n{}\n\n### Response:\n"
 RETAIL_Q = PROMPT.format("How many customers are there in each city?")
-CLINIC_Q = PROMPT.format("How many physicians work in cardiology?")
+CLINIC_Q = PROMPT.format("How many physicians work in the heart unit?")
+CLINIC_TABLES = {"departments", "physicians", "patients", "visits", "drugs", "prescriptions"}
+RETAIL_TABLES = {"customers", "products", "stores", "employees", "orders", "order_items"}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,14 @@ def models(
         retail: [add(retail_cfg, weak_adapter, demo_dataset), add(retail_cfg, demo_adapter, demo_dataset)],
         clinic: [add(clinic_cfg, clinic_ad, clinic_data)],
     }
-    versions[retail].append(add(retail_cfg, weak_adapter, demo_dataset))
+    # v3: the weak adapter again, with an evaluation of its own (the same report would give back v1).
+    versions[retail].append(
+        add(
+            demo_config(f"registry.model_name={retail}", "evaluate.max_examples=40", "evaluate.parity_sample=4"),
+            weak_adapter,
+            demo_dataset,
+        )
+    )
     mlflow_client = client(mlflow_server.tracking_uri)
     make_champion(mlflow_client, retail, versions[retail][1], expect=None)
     make_champion(mlflow_client, clinic, versions[clinic][0], expect=None)
@@ -135,12 +145,18 @@ def test_two_tasks_served_side_by_side_by_name_alias_and_version(models, vllm_se
             assert response.json()["model"] == model  # the caller's name comes back, not the served id
             direct = complete(vllm_server.base_url, served, [prompt], max_tokens=48)[0]
             assert response.json()["choices"][0]["text"] == direct, model
-        # Two tasks, two different answers to the same question from one base.
-        assert (
-            ask(url, retail, CLINIC_Q).json()["choices"][0]["text"]
-            != ask(url, clinic, CLINIC_Q).json()["choices"][0]["text"]
-        )
-        assert "physicians" in ask(url, clinic, CLINIC_Q).json()["choices"][0]["text"]
+        # One base, two fine-tunes: each answers its own task's question over its own database's tables, and the
+        # two answer any question differently.
+        answers = {
+            (m, p): ask(url, m, p).json()["choices"][0]["text"] for m in (retail, clinic) for p in (RETAIL_Q, CLINIC_Q)
+        }
+        for model, prompt, own, other in (
+            (retail, RETAIL_Q, RETAIL_TABLES, CLINIC_TABLES),
+            (clinic, CLINIC_Q, CLINIC_TABLES, RETAIL_TABLES),
+        ):
+            words = set(re.findall(r"\w+", answers[model, prompt]))
+            assert words & own and not words & other, (model, words)
+        assert all(answers[retail, p] != answers[clinic, p] for p in (RETAIL_Q, CLINIC_Q)), answers
 
         listed = {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
         assert {retail, f"{retail}@champion", f"{retail}/{r3}", clinic, f"{clinic}@champion", "base"} <= listed
