@@ -41,7 +41,7 @@ from serving.catalog import RegistrySource
 from serving.server import serve_in_thread
 from tasks.base_model import resolve_base_model
 from tasks.config import DeployConfig
-from tasks.deploy import deploy
+from tasks.deploy import Gateway, deploy
 from tasks.generation import instruction_prompt
 from tasks.refs import split_metric
 from tasks.sql_exec import connect_readonly, execute_sql, is_ordered, results_match
@@ -196,7 +196,7 @@ def run_demo(
             _requests(gw, model, task_dir, say)
             if second is not None:
                 tasks = [(model, task_dir, "retail.db"), (second, settings.home / "clinic-task", "clinic.db")]
-                _side_by_side(gw, tasks, say)
+                _side_by_side(gw, admin_key, tasks, say)
             if log is not None and log.flush():
                 say(f"request log: every completion above is in {store.root_uri}/requests/ (personal data scrubbed)")
             if champion is not None and compare:
@@ -289,8 +289,9 @@ def _second_task(settings: Settings, store, overrides: list[str] | None, say: Ca
     return summary.model_name if summary.promoted else f"{summary.model_name}/{summary.version}"
 
 
-def _side_by_side(gw: str, tasks: list[tuple[str, Path, str]], say: Callable[[str], None]) -> None:
+def _side_by_side(gw: str, admin_key: str, tasks: list[tuple[str, Path, str]], say: Callable[[str], None]) -> None:
     """One question of each task to each fine-tune, through one gateway and one vLLM server."""
+    Gateway(gw, admin_key).refresh()  # a version the gate kept as challenger was deployed by no one: read it now
     listed = [m["id"] for m in httpx.get(f"{gw}/v1/models", timeout=30).json()["data"]]
     say(f"two fine-tunes on one base, one vLLM server; GET /v1/models: {', '.join(listed)}")
     for model, task_dir, db in tasks:

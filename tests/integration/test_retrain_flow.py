@@ -67,17 +67,40 @@ def prefect_api(flow_env: dict[str, str]) -> httpx.Client:
 
 
 @pytest.fixture(scope="module")
-def gateway(vllm_server):
-    app = create_app(GatewayConfig(aliases={"base": "base"}, admin_keys=[ADMIN]), VllmUpstream(vllm_server.base_url))
+def flow_bucket(s3_server) -> str:
+    bucket = f"flow-{uuid.uuid4().hex[:8]}"
+    s3_server.create_bucket(bucket)
+    return bucket
+
+
+@pytest.fixture(scope="module")
+def gateway(vllm_server, s3_server, mlflow_server, flow_bucket, tmp_path_factory):
+    """A gateway that follows the flow's registry and artifact store; ``champion`` is the flow's model's."""
+    from infra.artifacts import ArtifactStore, S3Backend, make_s3_client
+    from serving.catalog import RegistrySource
+
+    saved = {k: os.environ.get(k) for k in s3_server.client_env()}
+    os.environ.update(s3_server.client_env())  # boto3 reads its credentials when the client is made
+    try:
+        client = make_s3_client(s3_server.endpoint_url)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    store = ArtifactStore(S3Backend(flow_bucket, "/tuneship", client), tmp_path_factory.mktemp("gateway-cache"))
+    config = GatewayConfig(admin_keys=[ADMIN], default_model=MODEL, registry_refresh_s=3600)
+    registry = RegistrySource(mlflow_server.tracking_uri, store, base_from=MODEL)
+    app = create_app(config, VllmUpstream(vllm_server.base_url), None, registry)
     with serve_in_thread(app, port=free_port()) as url:
         yield url
 
 
 @pytest.fixture(scope="module")
-def flow_env(prefect_server, s3_server, mlflow_server, vllm_server, gateway, demo_task, tmp_path_factory):
+def flow_env(prefect_server, s3_server, mlflow_server, vllm_server, gateway, flow_bucket, demo_task, tmp_path_factory):
     """The environment a worker (or this process) runs the flow in: every service is a real one on loopback."""
-    bucket = f"flow-{uuid.uuid4().hex[:8]}"
-    s3_server.create_bucket(bucket)
+    bucket = flow_bucket
     home = tmp_path_factory.mktemp("flow-home")
     env = {
         **s3_server.client_env(),
