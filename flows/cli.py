@@ -230,6 +230,7 @@ def train_cmd(
     ] = None,
 ) -> None:
     """Preprocess and fine-tune; a re-run with the same run id resumes from the newest checkpoint."""
+    from infra.settings import environ, wandb_env
     from infra.tracking import MlflowTracker
     from tasks.base_model import resolve_base_model
     from tasks.config import load_run_config
@@ -243,16 +244,19 @@ def train_cmd(
     data = preprocess(cfg.preprocess, cfg.data, name=cfg.name, base=base, store=store, workdir=settings.home / "work")
     console.print(f"dataset {data.artifact.key}: {data.stats.splits}, {data.stats.rejected} rejected")
     tracker = MlflowTracker.from_settings(settings)
-    adapter = finetune(
-        cfg.finetune,
-        data,
-        name=cfg.name,
-        base=base,
-        store=store,
-        tracker=tracker,
-        workdir=settings.home / "work",
-        run_id=run_id,
-    )
+    wandb = wandb_env(settings)
+    with environ(wandb):
+        adapter = finetune(
+            cfg.finetune,
+            data,
+            name=cfg.name,
+            base=base,
+            store=store,
+            tracker=tracker,
+            workdir=settings.home / "work",
+            run_id=run_id,
+            report_to=("wandb",) if wandb else (),
+        )
     console.print_json(adapter.model_dump_json())
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +32,7 @@ from flows.serve import gateway_config, local_vllm, request_log, upstream
 from infra.artifacts import open_store
 from infra.registry import RegistryError, base_of, get_version
 from infra.services import free_port
-from infra.settings import Settings
+from infra.settings import Settings, environ
 from offline.clinic_task import build_clinic_task
 from offline.demo_task import build_demo_task
 from serving.app import create_app
@@ -72,20 +71,6 @@ def stream_generate(gateway_url: str, model: str, prompt: str, *, max_tokens: in
                 event = json.loads(line.removeprefix("data: "))
                 if "text" in event:
                     yield event["text"]
-
-
-@contextlib.contextmanager
-def _env(values: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def run_demo(
@@ -131,7 +116,7 @@ def run_demo(
         with serve_in_thread(app, port=free_port()) as gw:
             say(f"gateway: {gw}")
             serving = {"TUNESHIP_VLLM_URL": vllm_url, "TUNESHIP_GATEWAY_URL": gw, "TUNESHIP_ADMIN_KEYS": admin_key}
-            with _env(serving):
+            with environ(serving):
                 state = retrain(RetrainParams(config=CONFIG, overrides=overrides or []), return_state=True)
                 second = _second_task(settings, store, overrides, say) if second_task else None
             if not state.is_completed():

@@ -39,7 +39,7 @@ from flows.serve import local_vllm
 from infra.artifacts import ARTIFACT_SCHEME, ArtifactStore, artifact_of, local_path, open_store
 from infra.costs import TrainingCost, load_prices, training_cost
 from infra.errors import TransientError, UserError
-from infra.settings import Settings, load_settings
+from infra.settings import Settings, environ, load_settings, wandb_env
 from infra.tracking import MlflowTracker
 from tasks.base_model import ResolvedModel, resolve_base_model
 from tasks.config import (
@@ -107,10 +107,10 @@ class RetrainParams(BaseModel):
         description="Start with a curate stage: production feedback since the last curated version joins the "
         "training data, and its holdout becomes the 'feedback' test split.",
     )
-    placement: dict[Literal["fine-tune"], str] = Field(
+    placement: dict[Literal["preprocess", "fine-tune", "evaluate", "deploy"], str] = Field(
         default_factory=dict,
-        description='Stages to run as their own deployment on another work pool, e.g. {"fine-tune": '
-        '"finetune-stage/finetune-stage"}; the rest run inline.',
+        description='Stages to run as their own deployment on another work pool, e.g. {"fine-tune": "stage/fine-tune", '
+        '"evaluate": "stage/evaluate"}, with the run config\'s compute profile; the rest run inline.',
     )
 
 
@@ -329,9 +329,19 @@ def finetune_stage(
     from tasks.finetune import finetune
 
     work = services.settings.home / "work"
-    adapter = finetune(
-        cfg, data, name=name, base=base, store=services.store, tracker=services.tracker, workdir=work, init=init
-    )
+    wandb = wandb_env(services.settings)
+    with environ(wandb):
+        adapter = finetune(
+            cfg,
+            data,
+            name=name,
+            base=base,
+            store=services.store,
+            tracker=services.tracker,
+            workdir=work,
+            init=init,
+            report_to=("wandb",) if wandb else (),
+        )
     m = adapter.metrics
     create_markdown_artifact(
         f"# Fine-tune\n\n{m.get('global_step', 0):.0f} steps, train loss {m.get('train_loss', float('nan')):.3f}, "
@@ -485,61 +495,103 @@ def deploy_stage(cfg: DeployConfig, name: str, version: str, services: Services)
     return dep
 
 
-def finetune_elsewhere(
-    deployment: str,
-    cfg: RunConfig,
-    data: DatasetRef,
-    base: ResolvedModel,
-    services: Services,
-    init: AdapterRef | None = None,
-) -> AdapterRef:
-    """Run the fine-tune as deployment ``deployment`` (e.g. on a GPU work pool) and wait; the adapter ref comes
-    back through the artifact store, so the two sides share nothing but the store and the registry."""
+# Placement: a stage run as its own deployment (e.g. on a GPU work pool). The stage's inputs go as JSON parameters,
+# its result comes back through the artifact store; the two sides share nothing but the store and the registry.
+Placeable = Literal["preprocess", "fine-tune", "evaluate", "deploy"]
+COMPUTE_SECTION: dict[str, str] = {
+    "preprocess": "preprocess",
+    "fine-tune": "finetune",
+    "evaluate": "evaluate",
+    "deploy": "deploy",
+}
+
+
+class StageParams(BaseModel):
+    stage: Placeable
+    config: str = Field(description="The run config, as JSON.")
+    base_revision: str = Field(description="The base model revision the caller resolved; the worker must match.")
+    inputs: dict[str, Any] = Field(default_factory=dict, description="The stage's input refs, as JSON.")
+    result_key: str = Field(description="Artifact-store key the stage's result is written to.")
+
+
+def pool_type(deployment: str) -> str:
+    """The type of the work pool deployment ``deployment`` (FLOW/NAME) runs on."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name(deployment)
+        if not dep.work_pool_name:
+            return "process"
+        return client.read_work_pool(dep.work_pool_name).type
+
+
+def run_elsewhere(
+    stage_name: Placeable, deployment: str, cfg: RunConfig, base: ResolvedModel, services: Services, **inputs: Any
+) -> str:
+    """Run ``stage_name`` as deployment ``deployment`` with ``inputs``, asking its pool for the stage's compute
+    profile, and wait; returns the stage's result as JSON."""
     from prefect.deployments import run_deployment
 
-    key = f"placements/{flow_run.get_id() or uuid.uuid4().hex}/fine-tune"
-    params = {
-        "config": cfg.model_dump_json(),
-        "data": data.model_dump(mode="json"),
-        "base_revision": base.revision,
-        "result_key": key,
-        "init": init.model_dump(mode="json") if init else None,
-    }
-    child = run_deployment(deployment, parameters={"params": params}, timeout=None)
+    from infra.compute import job_variables
+
+    key = f"placements/{flow_run.get_id() or uuid.uuid4().hex}/{stage_name}"
+    profile = getattr(cfg.compute, COMPUTE_SECTION[stage_name])
+    params = StageParams(
+        stage=stage_name,
+        config=cfg.model_dump_json(),
+        base_revision=base.revision,
+        inputs={k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in inputs.items()},
+        result_key=key,
+    )
+    child = run_deployment(
+        deployment,
+        parameters={"params": params.model_dump(mode="json")},
+        job_variables=job_variables(profile, pool_type(deployment)),
+        timeout=None,
+    )
     if child.state is None or not child.state.is_completed():
         state = child.state.name if child.state else "unknown"
         raise StageFailed(f"deployment {deployment} ended {state}: {child.state.message if child.state else ''}")
-    saved = services.store.get_dir(key) / "adapter.json"
-    return AdapterRef.model_validate_json(saved.read_text())
+    return (services.store.get_dir(key) / "result.json").read_text()
 
 
-class FinetuneStageParams(BaseModel):
-    config: str = Field(description="The run config, as JSON.")
-    data: DatasetRef
-    base_revision: str = Field(description="The base model revision the caller resolved; the worker must match.")
-    result_key: str = Field(description="Artifact-store key the adapter ref is written to.")
-    init: AdapterRef | None = Field(default=None, description="The adapter to continue from (finetune.init_from).")
-
-
-@flow(name="finetune-stage", log_prints=True, validate_parameters=True, **PERSISTED)
-def finetune_stage_flow(params: FinetuneStageParams) -> AdapterRef:
-    """The fine-tune stage on its own (a GPU worker): resolve the base, train (or resume), store the ref."""
-    import tempfile
-
+@flow(name="stage", log_prints=True, validate_parameters=True, **PERSISTED)
+def stage_flow(params: StageParams) -> Any:
+    """One stage on its own (a GPU worker): resolve the base, run the stage, store its result. An evaluate here
+    starts its own vLLM (or uses TUNESHIP_VLLM_URL) and stops it when done."""
     settings = load_settings()
     services = Services(settings)
     cfg = RunConfig.model_validate_json(params.config)
-    base = resolve_stage(cfg.base_model, services)
-    if base.revision != params.base_revision:
-        raise StageFailed(
-            f"base model {cfg.base_model} is revision {base.revision[:12]} here, "
-            f"{params.base_revision[:12]} for the caller"
-        )
-    adapter = finetune_stage(cfg.finetune, params.data, cfg.name, base, services, params.init)
+    got = params.inputs
+    try:
+        with stage("resolve base model"):
+            base = resolve_stage(cfg.base_model, services)
+        services.base = base
+        if base.revision != params.base_revision:
+            raise StageFailed(
+                f"base model {cfg.base_model} is revision {base.revision[:12]} here, "
+                f"{params.base_revision[:12]} for the caller"
+            )
+        with stage(params.stage):
+            result: BaseModel | None
+            if params.stage == "preprocess":
+                result = preprocess_stage(cfg.preprocess, cfg.data, cfg.name, base, services)
+            elif params.stage == "fine-tune":
+                init = AdapterRef.model_validate(got["init"]) if got.get("init") else None
+                data = DatasetRef.model_validate(got["data"])
+                result = finetune_stage(cfg.finetune, data, cfg.name, base, services, init)
+            elif params.stage == "evaluate":
+                champion = AdapterRef.model_validate(got["champion"]) if got.get("champion") else None
+                adapter, data = AdapterRef.model_validate(got["adapter"]), DatasetRef.model_validate(got["data"])
+                result = evaluate_stage(cfg.evaluate, adapter, data, base, champion, services)
+            else:
+                result = deploy_stage(cfg.deploy, got["name"], got["version"], services)
+    finally:
+        services.close()  # the vLLM server this stage started, if any
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "adapter.json").write_text(adapter.model_dump_json())
+        (Path(tmp) / "result.json").write_text(result.model_dump_json() if result is not None else "null")
         services.store.put_dir(Path(tmp), params.result_key, overwrite=True)
-    return adapter
+    return result
 
 
 def record_training_cost(version: ModelVersionRef, seconds: float, settings: Settings) -> TrainingCost:
@@ -590,8 +642,13 @@ def retrain(params: RetrainParams) -> RetrainSummary:
         with stage("resolve base model"):
             base = resolve_stage(cfg.base_model, services)
         services.base = base
+        placed = params.placement
         with stage("preprocess"):
-            data = preprocess_stage(cfg.preprocess, cfg.data, cfg.name, base, services)
+            if "preprocess" in placed:
+                raw = run_elsewhere("preprocess", placed["preprocess"], cfg, base, services)
+                data = DatasetRef.model_validate_json(raw)
+            else:
+                data = preprocess_stage(cfg.preprocess, cfg.data, cfg.name, base, services)
         with stage("look up the champion"):
             champion = champion_adapter(cfg.model_name, tracking_uri=settings.mlflow_tracking_uri, store=services.store)
         champion_base = (champion.base_model, champion.base_model_revision) if champion else None
@@ -608,22 +665,35 @@ def retrain(params: RetrainParams) -> RetrainSummary:
             print("finetune.init_from: champion, but there is no champion on this base: training a new LoRA")
         with stage("fine-tune"):
             started = time.perf_counter()
-            if "fine-tune" in params.placement:
-                adapter = finetune_elsewhere(params.placement["fine-tune"], cfg, data, base, services, init)
+            if "fine-tune" in placed:
+                raw = run_elsewhere("fine-tune", placed["fine-tune"], cfg, base, services, data=data, init=init)
+                adapter = AdapterRef.model_validate_json(raw)
             else:
                 adapter = finetune_stage(cfg.finetune, data, cfg.name, base, services, init)
             training_s = time.perf_counter() - started  # every attempt, retries included
         with stage("evaluate"):
             if champion is not None and champion.sha256 == adapter.sha256:
                 champion = None  # unchanged inputs: the candidate is the champion already
-            report = evaluate_stage(cfg.evaluate, adapter, data, base, champion, services)
+            if "evaluate" in placed:
+                raw = run_elsewhere(
+                    "evaluate", placed["evaluate"], cfg, base, services, adapter=adapter, data=data, champion=champion
+                )
+                report = EvalReport.model_validate_json(raw)
+            else:
+                report = evaluate_stage(cfg.evaluate, adapter, data, base, champion, services)
         with stage("register"):
             version, decision = register_stage(cfg, adapter, report, data, services)
             cost = record_training_cost(version, training_s, settings)
         deployment = None
         if params.deploy and decision.promoted:
             with stage("deploy"):
-                deployment = deploy_stage(cfg.deploy, version.name, version.version, services)
+                if "deploy" in placed:
+                    raw = run_elsewhere(
+                        "deploy", placed["deploy"], cfg, base, services, name=version.name, version=version.version
+                    )
+                    deployment = Deployment.model_validate_json(raw) if raw.strip() != "null" else None
+                else:
+                    deployment = deploy_stage(cfg.deploy, version.name, version.version, services)
     finally:
         services.close()
     return RetrainSummary(

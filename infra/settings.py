@@ -7,7 +7,9 @@ which turns a validation failure into one :class:`SettingsError` line that names
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -146,6 +148,12 @@ class Settings(BaseSettings):
         default="aws-c7a.large",
         description="Price-table entry (infra/costs.yaml) this machine is billed as, for training-cost records.",
     )
+    wandb_mode: Literal["off", "offline", "online"] = Field(
+        default="off",
+        description="Weights & Biases as a second tracker beside MLflow (Trainer's report_to): offline writes run "
+        "files under $TUNESHIP_HOME/wandb for `wandb sync`; online needs WANDB_API_KEY. Needs `pip install .[wandb]`.",
+    )
+    wandb_project: str = Field(default="tuneship", min_length=1, max_length=128, description="The W&B project.")
     gateway_host: str = Field(default="127.0.0.1", description="Where `tuneship serve` listens.")
     gateway_port: int = Field(default=8080, ge=1, le=65535, description="Where `tuneship serve` listens.")
 
@@ -248,3 +256,30 @@ def load_settings(**overrides: object) -> Settings:
             message = err["msg"].removeprefix("Value error, ")
             problems.append(f"{_env_name(field)}: {message}")
         raise SettingsError("; ".join(problems)) from None
+
+
+def wandb_env(settings: Settings) -> dict[str, str]:
+    """The environment W&B reads, for ``settings.wandb_mode`` (empty when off)."""
+    if settings.wandb_mode == "off":
+        return {}
+    return {
+        "WANDB_MODE": settings.wandb_mode,
+        "WANDB_PROJECT": settings.wandb_project,
+        "WANDB_DIR": str(Path(settings.home).resolve()),  # runs go to $TUNESHIP_HOME/wandb/
+        "WANDB_SILENT": "true",
+    }
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """``values`` set in ``os.environ`` (for libraries that read it, and child processes) while the block runs."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from infra.compute import ComputeConfig
 from infra.errors import UserError
 from infra.registry import check_model_name
 from infra.vllm_server import VLLM_LORA_RANKS
@@ -125,6 +126,28 @@ class FinetuneConfig(_Strict):
     memory_limit_gib: float | None = Field(
         default=None, gt=0, description="Override the device memory for the estimate."
     )
+    processes: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="Data-parallel training processes (`accelerate launch`, one per GPU; gloo on CPU). The global "
+        "batch stays micro_batch_size × gradient_accumulation_steps: each process takes its share.",
+    )
+    accelerate_config: str | None = Field(
+        default=None,
+        description="An accelerate config file (deployments/accelerate/*.yaml: FSDP or DeepSpeed ZeRO-3 for a "
+        "model one GPU cannot hold); its num_processes gives way to `processes`.",
+    )
+
+    @model_validator(mode="after")
+    def _global_batch_splits(self) -> FinetuneConfig:
+        n, t = self.processes, self.train
+        if n > 1 and t.gradient_accumulation_steps % n and (t.micro_batch_size * t.gradient_accumulation_steps) % n:
+            raise ValueError(
+                f"finetune.processes={n} cannot share the global batch of {t.micro_batch_size} × "
+                f"{t.gradient_accumulation_steps}: make the accumulation steps or the global batch a multiple of it"
+            )
+        return self
 
 
 BUILTIN_SCORERS = ("sql_execution", "exact_match", "regex")
@@ -263,6 +286,10 @@ class RunConfig(_Strict):
     registry: RegisterConfig = Field(default_factory=RegisterConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
+    compute: ComputeConfig = Field(
+        default_factory=ComputeConfig,
+        description="Per stage: what a placed stage asks of its work pool (GPUs, CPU, memory, disk, spot).",
+    )
 
     @field_validator("base_model")
     @classmethod

@@ -12,11 +12,13 @@ scheduler, RNG state and data position included, as transformers' ``Trainer`` re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -58,8 +60,9 @@ def compute_dtype_for(device: str) -> Any:
     return torch.float32
 
 
-def build_bnb_config(quantization: str, compute_dtype: Any) -> Any:
-    """The bitsandbytes config for QLoRA (NF4 with double quantisation, or LLM.int8), or None."""
+def build_bnb_config(quantization: str, compute_dtype: Any, *, sharded: bool = False) -> Any:
+    """The bitsandbytes config for QLoRA (NF4 with double quantisation, or LLM.int8), or None. ``sharded`` (FSDP,
+    DeepSpeed ZeRO-3) stores the packed 4-bit weights in the compute dtype: a shard holds one dtype."""
     if quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
@@ -70,19 +73,46 @@ def build_bnb_config(quantization: str, compute_dtype: Any) -> Any:
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
+            **({"bnb_4bit_quant_storage": compute_dtype} if sharded else {}),
         )
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def accelerate_config_path(ft: FinetuneConfig) -> Path | None:
+    if ft.accelerate_config is None:
+        return None
+    path = Path(ft.accelerate_config)
+    return path if path.is_absolute() else REPO / path
+
+
+def sharding(ft: FinetuneConfig) -> str | None:
+    """FSDP or DEEPSPEED when ``finetune.accelerate_config`` shards the model across processes, else None."""
+    import yaml
+
+    path = accelerate_config_path(ft)
+    if path is None:
+        return None
+    try:
+        kind = str(yaml.safe_load(path.read_text()).get("distributed_type", ""))
+    except (OSError, yaml.YAMLError, AttributeError) as exc:
+        raise FinetuneError(f"finetune.accelerate_config: cannot read {path}: {exc}") from None
+    return kind if kind in ("FSDP", "DEEPSPEED") else None
+
+
 def load_base_for_training(base: ResolvedModel, ft: FinetuneConfig, *, device: str, compute_dtype: Any) -> Any:
-    """The base model as the fine-tune trains on it: 16-bit/fp32, or quantized for QLoRA."""
+    """The base model as the fine-tune trains on it: 16-bit/fp32, or quantized for QLoRA (sharded: no device map,
+    FSDP / ZeRO-3 place the shards)."""
     from transformers import AutoModelForCausalLM
 
+    sharded = sharding(ft) is not None
     return AutoModelForCausalLM.from_pretrained(
         base.path,
         dtype=compute_dtype,
-        quantization_config=build_bnb_config(ft.quantization, compute_dtype),
-        device_map={"": device} if ft.quantization != "none" else None,
+        quantization_config=build_bnb_config(ft.quantization, compute_dtype, sharded=sharded),
+        device_map={"": device} if ft.quantization != "none" and not sharded else None,
     )
 
 
@@ -100,7 +130,14 @@ def build_lora_config(lora: LoraSettings) -> Any:
 
 
 def build_training_args(
-    train: TrainSettings, output_dir: Path, *, device: str, compute_dtype: Any, has_eval: bool
+    train: TrainSettings,
+    output_dir: Path,
+    *,
+    device: str,
+    compute_dtype: Any,
+    has_eval: bool,
+    report_to: tuple[str, ...] = (),
+    run_name: str | None = None,
 ) -> Any:
     """``TrainingArguments`` from our settings: mixed precision only where the device supports it."""
     import torch
@@ -132,12 +169,65 @@ def build_training_args(
         use_cpu=not on_gpu,
         seed=train.seed,
         data_seed=train.seed,
-        report_to="none",
+        report_to=list(report_to) or "none",  # MLflow is logged by the stage itself; W&B through Trainer
+        run_name=run_name,
         save_total_limit=None,
         dataloader_num_workers=0,
         disable_tqdm=True,
         remove_unused_columns=True,
     )
+
+
+def per_process(train: TrainSettings, processes: int) -> TrainSettings:
+    """Each of ``processes`` data-parallel processes' share of the global batch (micro × accumulation): the same
+    global batch, so the same optimizer steps, as one process."""
+    if processes == 1:
+        return train
+    micro, acc = train.micro_batch_size, train.gradient_accumulation_steps
+    if acc % processes == 0:
+        acc //= processes
+    elif micro % processes == 0:
+        micro //= processes
+    else:  # the config validator guarantees the global batch divides
+        share = micro * acc // processes
+        micro = max(d for d in range(1, micro + 1) if share % d == 0)
+        acc = share // micro
+    return train.model_copy(update={"micro_batch_size": micro, "gradient_accumulation_steps": acc})
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the data-parallel processes `accelerate launch` started (one: rank 0 of 1)."""
+
+    rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def from_env(cls) -> World:
+        import os
+
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
+
+
+class _Silent:
+    """The tracker of a process other than rank 0: rank 0 alone logs to MLflow."""
+
+    @contextlib.contextmanager
+    def run(self, run_key: str, **kwargs: Any) -> Iterator[str]:
+        yield ""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
 
 
 # ------------------------------------------------------------------------------- memory estimate
@@ -183,8 +273,9 @@ def estimate_memory(
             if name.split(".")[-1] in cfg.lora.target_modules:
                 lora_params += cfg.lora.r * (module.in_features + module.out_features)
     other = sum(p.numel() for p in skeleton.parameters()) - quantizable
-    weights = quantizable * per_param + other * dtype_bytes
-    optimizer = lora_params * (4 + 4 + 4 + 4)  # fp32 weight, grad, Adam m and v
+    shards = cfg.processes if sharding(cfg) else 1  # FSDP / ZeRO-3: each process holds its shard
+    weights = (quantizable * per_param + other * dtype_bytes) / shards
+    optimizer = lora_params * (4 + 4 + 4 + 4) / shards  # fp32 weight, grad, Adam m and v
     # Activations per layer ≈ 34·s·b·h bytes at 16 bit (Korthikanti et al., 2022) with memory-efficient
     # attention (SDPA/flash: no s² score matrix kept). With gradient checkpointing only each layer's input
     # (2·s·b·h) is kept, plus one layer's full activations while it is recomputed.
@@ -256,6 +347,8 @@ def _callbacks(store: ArtifactStore, run_id: str, tracker: MlflowTracker, start:
         """Every checkpoint Trainer writes goes to the artifact store (manifest last: complete or invisible)."""
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if not state.is_world_process_zero:
+                return
             name = f"checkpoint-{state.global_step}"
             store.put_dir(Path(args.output_dir) / name, f"runs/{run_id}/checkpoints/{name}", overwrite=True)
 
@@ -313,12 +406,17 @@ def finetune(
     workdir: Path,
     run_id: str | None = None,
     init: AdapterRef | None = None,
+    report_to: tuple[str, ...] = (),
 ) -> AdapterRef:
     """Train a LoRA/QLoRA adapter on ``data`` and store it; resume if ``run_id`` has checkpoints.
 
     ``name`` (the run's name) prefixes the run id, which defaults to a hash of ``cfg``, the data and the base.
     With ``init`` (``finetune.init_from: champion``), training continues from that adapter's weights instead of
     a new LoRA; it must be on the same base with the same rank and target modules.
+
+    Under ``accelerate launch`` (``finetune.processes`` > 1, see ``launch``) every process trains its share of each
+    global batch; rank 0 alone logs to MLflow, uploads checkpoints and stores the adapter, and every rank returns
+    its ref. ``report_to`` names Trainer integrations besides MLflow (``wandb``).
     """
     import torch
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -333,7 +431,24 @@ def finetune(
         saved = json.loads((store.get_dir(adapter_key) / "tuneship_adapter.json").read_text())
         return AdapterRef(artifact=store.ref(adapter_key), **saved)
 
+    world = World.from_env()
+    if not world.main:
+        tracker = _Silent()  # type: ignore[assignment]
     device = pick_device(ft.device)
+    if ft.processes > 1 and world.size == 1:  # this process launches the data-parallel ones
+        return launch(
+            cfg,
+            data,
+            name=name,
+            base=base,
+            store=store,
+            tracker=tracker,
+            workdir=workdir,
+            run_id=run_id,
+            init=init,
+            report_to=report_to,
+            device=device,
+        )
     dtype = compute_dtype_for(device)
     estimate = estimate_memory(base, ft, max_seq_len=data.max_seq_len, device=device, compute_dtype=dtype)
     if estimate.total_gib > estimate.available_gib:
@@ -373,14 +488,22 @@ def finetune(
         else:
             model = get_peft_model(model, build_lora_config(ft.lora))
 
-        train = ft.train
+        train = per_process(ft.train, world.size)
         resumed_from = 0
         start: dict[str, float] = {}
         attempts = 0
         started = time.perf_counter()
         while True:
             latest = _latest_checkpoint(store, run_id)
-            args = build_training_args(train, out, device=device, compute_dtype=dtype, has_eval=eval_set is not None)
+            args = build_training_args(
+                train,
+                out,
+                device=device,
+                compute_dtype=dtype,
+                has_eval=eval_set is not None,
+                report_to=report_to,
+                run_name=run_id,
+            )
             collator = DataCollatorForSeq2Seq(
                 tokenizer,
                 padding="max_length" if train.batching == "padded" else True,
@@ -431,6 +554,15 @@ def finetune(
         }
         if eval_set is not None:
             metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
+        if "wandb" in report_to and world.main:  # close the W&B run: its summary holds the final metrics
+            import wandb
+
+            wandb.log({f"tuneship/{k}": v for k, v in metrics.items()})
+            wandb.finish()
+        if not world.main:  # rank 0 stores the adapter; the others return its ref
+            world.barrier()
+            saved = json.loads((store.get_dir(adapter_key) / "tuneship_adapter.json").read_text())
+            return AdapterRef(artifact=store.ref(adapter_key), **saved)
         tracker.log_metrics(metrics, step=trainer.state.global_step)
         tracker.log_artifact(_loss_curve(history, out / "loss_curve.png"))
 
@@ -456,4 +588,115 @@ def finetune(
         final = store.put_dir(adapter_dir, adapter_key, overwrite=True)
         ref = AdapterRef(artifact=final, **saved)
         tracker.set_tags({"tuneship.adapter_uri": final.uri, "tuneship.adapter_sha256": final.sha256})
+        world.barrier()
         return ref
+
+
+# --------------------------------------------------------------------------- data-parallel launch
+
+
+def launch(
+    cfg: FinetuneConfig,
+    data: DatasetRef,
+    *,
+    name: str,
+    base: ResolvedModel,
+    store: ArtifactStore,
+    tracker: MlflowTracker,
+    workdir: Path,
+    run_id: str,
+    init: AdapterRef | None,
+    report_to: tuple[str, ...],
+    device: str,
+) -> AdapterRef:
+    """Train with ``cfg.processes`` processes under ``accelerate launch`` (gloo on CPU, NCCL on GPUs, FSDP or
+    DeepSpeed with ``cfg.accelerate_config``) and return the ref rank 0 stored. The launcher and its processes are
+    one process group: an interrupted or failed stage stops them all."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    from infra.services import free_port
+
+    request = {
+        "cfg": cfg.model_dump(mode="json"),
+        "data": data.model_dump(mode="json"),
+        "name": name,
+        "base": {"id": base.id, "revision": base.revision, "path": str(base.path)},
+        "store": {"root": store.root_uri, "cache_dir": str(store.cache_dir)},
+        "tracker": {
+            "tracking_uri": tracker.tracking_uri,
+            "experiment": tracker.experiment,
+            "system_metrics": tracker.system_metrics,
+            "artifact_location": tracker.artifact_location,
+        },
+        "workdir": str(workdir),
+        "run_id": run_id,
+        "init": init.model_dump(mode="json") if init else None,
+        "report_to": list(report_to),
+    }
+    workdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        (Path(tmp) / "request.json").write_text(json.dumps(request))
+        result = Path(tmp) / "adapter.json"
+        command = [sys.executable, "-m", "accelerate.commands.launch"]
+        command += launch_args(cfg, device, port=free_port())
+        command += ["-m", "tasks.finetune", str(Path(tmp) / "request.json"), str(result)]
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        if device == "cpu":  # the machine's cores shared between the processes, not oversubscribed
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.processes)))
+        proc = subprocess.Popen(command, env=env, start_new_session=True)
+        try:
+            code = proc.wait()
+        finally:
+            if proc.poll() is None or code != 0:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if code != 0 or not result.exists():
+            raise RuntimeError(f"accelerate launch of {cfg.processes} fine-tune processes exited {code}")
+        return AdapterRef.model_validate_json(result.read_text())
+
+
+def launch_args(cfg: FinetuneConfig, device: str, *, port: int) -> list[str]:
+    """``accelerate launch`` options for ``cfg`` (before the training module)."""
+    args = ["--num_machines", "1", "--num_processes", str(cfg.processes), "--main_process_port", str(port)]
+    if (config := accelerate_config_path(cfg)) is not None:
+        return [*args, "--config_file", str(config)]
+    if device == "cpu":
+        return [*args, "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [*args, "--multi_gpu", "--dynamo_backend", "no"]
+
+
+def _main(argv: list[str]) -> None:
+    """One data-parallel process (``python -m tasks.finetune REQUEST RESULT`` under ``accelerate launch``)."""
+    from infra.artifacts import open_store
+    from infra.settings import Settings
+
+    request = json.loads(Path(argv[0]).read_text())
+    settings = Settings(artifact_root=request["store"]["root"], cache_dir=Path(request["store"]["cache_dir"]))
+    store = open_store(settings, check=False)
+    tracker = MlflowTracker(**request["tracker"])
+    init = AdapterRef.model_validate(request["init"]) if request["init"] else None
+    ref = finetune(
+        FinetuneConfig.model_validate(request["cfg"]),
+        DatasetRef.model_validate(request["data"]),
+        name=request["name"],
+        base=ResolvedModel(**request["base"]),
+        store=store,
+        tracker=tracker,
+        workdir=Path(request["workdir"]),
+        run_id=request["run_id"],
+        init=init,
+        report_to=tuple(request["report_to"]),
+    )
+    if World.from_env().main:
+        Path(argv[1]).write_text(ref.model_dump_json())
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1:])

@@ -594,34 +594,66 @@ def test_ci_script_registers_deployments_and_a_worker_runs_a_ui_style_run(first_
     assert state["type"] == "COMPLETED", f"{state}\n{output[-4000:]}"
 
 
-def test_fine_tune_placed_on_another_work_pool_runs_there(first_run, flow_env) -> None:
-    """The fine-tune runs as the finetune-stage deployment on the tuneship-gpu pool, picked up by that pool's
-    own worker; its adapter ref comes back through the artifact store (after the CI script registered it)."""
+def test_fine_tune_and_evaluate_placed_on_the_gpu_pool_run_there(first_run, flow_env) -> None:
+    """The fine-tune and the evaluate run as the stage/fine-tune and stage/evaluate deployments on the tuneship-gpu
+    pool, picked up by that pool's own worker; their refs come back through the artifact store (after the CI script
+    registered the deployments). The worker has no vLLM configured: the placed evaluate starts its own vLLM there
+    and stops it before the stage ends."""
+    import psutil
+
     api = prefect_api(flow_env)
-    if not any(d["name"] == "finetune-stage" for d in api.post("/deployments/filter", json={}).json()):
-        pytest.skip("needs the deployments the CI-script test registers")
+    names = {d["name"] for d in api.post("/deployments/filter", json={}).json()}
+    if not {"fine-tune", "evaluate"} <= names:
+        pytest.skip("needs the deployments the CI script test registers")
     worker = subprocess.Popen(
         [Path(sys.executable).parent / "prefect", "worker", "start", "--pool", "tuneship-gpu"],
-        env={**os.environ, **flow_env, "PREFECT_WORKER_QUERY_SECONDS": "2"},
+        env={**os.environ, **flow_env, "PREFECT_WORKER_QUERY_SECONDS": "2", "TUNESHIP_VLLM_URL": "local"},
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    seen: dict[int, psutil.Process] = {}  # the vLLM servers started under the GPU worker
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(1):
+            with contextlib.suppress(psutil.Error):
+                for proc in psutil.Process(worker.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        if "vllm.entrypoints.openai.api_server" in proc.cmdline():
+                            seen.setdefault(proc.pid, proc)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    # The fine-tune's inputs are the first run's (its adapter comes from the cache); the evaluation is another
+    # (24 examples), so the evaluate stage really runs on the worker.
+    overrides = [*OVERRIDES, "evaluate.max_examples=24", "compute.evaluate.gpus=1", "compute.finetune.gpus=1"]
     try:
         state, seconds = run_flow(
-            overrides=OVERRIDES, deploy=False, placement={"fine-tune": "finetune-stage/finetune-stage"}
+            overrides=overrides,
+            deploy=False,
+            placement={"fine-tune": "stage/fine-tune", "evaluate": "stage/evaluate"},
         )
+        placed_servers = dict(seen)
+        alive_after = [p.pid for p in placed_servers.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     finally:
+        done.set()
         stop(worker)
     assert state.is_completed(), state.message
-    assert state.result().adapter == first_run[0].result().adapter  # same inputs, same adapter
+    summary = state.result()
+    assert summary.adapter == first_run[0].result().adapter  # same inputs, same adapter
+    assert summary.report != first_run[0].result().report
+    assert summary.metrics["accuracy_candidate"] > summary.metrics["accuracy_base"]
     children = api.post(
         "/flow_runs/filter",
         json={"flow_runs": {"parent_flow_run_id": {"any_": [str(state.state_details.flow_run_id)]}}},
     ).json()
-    placed = [c for c in children if c["name"] and c.get("work_pool_name") == "tuneship-gpu"]
+    placed = {c["parameters"]["params"]["stage"]: c for c in children if c.get("work_pool_name") == "tuneship-gpu"}
     print(f"\nplaced run {seconds:.0f} s; child runs: {[(c['name'], c.get('work_pool_name')) for c in children]}")
-    assert placed and all(c["state_type"] == "COMPLETED" for c in placed)
+    assert set(placed) == {"fine-tune", "evaluate"}
+    assert all(c["state_type"] == "COMPLETED" for c in placed.values())
+    assert placed_servers, "the placed evaluate started no vLLM of its own on the worker"
+    assert not alive_after, f"the placed evaluate left its vLLM running: {alive_after}"
 
 
 def test_a_worker_killed_mid_fine_tune_resumes_from_its_checkpoint_on_retry(first_run, flow_env) -> None:

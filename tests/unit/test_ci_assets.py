@@ -29,7 +29,7 @@ def test_prefect_deployments_point_at_flows_that_exist() -> None:
 
     spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
     names = {d["name"] for d in spec["deployments"]}
-    assert {"retrain-scheduled", "retrain", "deploy-champion", "finetune-stage"} <= names
+    assert {"retrain-scheduled", "retrain", "deploy-champion", "fine-tune", "evaluate"} <= names
     for deployment in spec["deployments"]:
         path, func = deployment["entrypoint"].split(":")
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
