@@ -55,8 +55,8 @@ def _tail(path: Path, lines: int = 25) -> str:
         return "(no log)"
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A pre-exec hook asking Linux to SIGTERM the child when its parent dies (``PR_SET_PDEATHSIG``); None
+def parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A pre-exec hook asking Linux to send ``sig`` to the child when its parent dies (``PR_SET_PDEATHSIG``); None
     elsewhere. The libc function is bound here, in the parent, so the child only makes one C call."""
     if not sys.platform.startswith("linux"):
         return None
@@ -64,7 +64,7 @@ def _parent_death_signal() -> Callable[[], None] | None:
 
     prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
     pr_set_pdeathsig = 1
-    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
+    return lambda: prctl(pr_set_pdeathsig, sig)
 
 
 @dataclass
@@ -104,7 +104,7 @@ class ManagedProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_parent_death_signal() if self.stop_with_parent else None,
+                preexec_fn=parent_death_signal() if self.stop_with_parent else None,
             )
         return self
 

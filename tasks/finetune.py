@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -79,6 +80,7 @@ def build_bnb_config(quantization: str, compute_dtype: Any, *, sharded: bool = F
 
 
 REPO = Path(__file__).resolve().parents[1]
+LAUNCHED = "TUNESHIP_FINETUNE_LAUNCHED"  # set for the processes `launch` starts: they never launch again
 
 
 def accelerate_config_path(ft: FinetuneConfig) -> Path | None:
@@ -204,8 +206,6 @@ class World:
 
     @classmethod
     def from_env(cls) -> World:
-        import os
-
         return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
     @property
@@ -436,6 +436,8 @@ def finetune(
         tracker = _Silent()  # type: ignore[assignment]
     device = pick_device(ft.device)
     if ft.processes > 1 and world.size == 1:  # this process launches the data-parallel ones
+        if os.environ.get(LAUNCHED):
+            raise FinetuneError(f"accelerate launch started one process, not finetune.processes={ft.processes}")
         return launch(
             cfg,
             data,
@@ -612,13 +614,12 @@ def launch(
     """Train with ``cfg.processes`` processes under ``accelerate launch`` (gloo on CPU, NCCL on GPUs, FSDP or
     DeepSpeed with ``cfg.accelerate_config``) and return the ref rank 0 stored. The launcher and its processes are
     one process group: an interrupted or failed stage stops them all."""
-    import os
     import signal
     import subprocess
     import sys
     import tempfile
 
-    from infra.services import free_port
+    from infra.services import free_port, parent_death_signal
 
     request = {
         "cfg": cfg.model_dump(mode="json"),
@@ -644,10 +645,11 @@ def launch(
         command = [sys.executable, "-m", "accelerate.commands.launch"]
         command += launch_args(cfg, device, port=free_port())
         command += ["-m", "tasks.finetune", str(Path(tmp) / "request.json"), str(result)]
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", LAUNCHED: "1"}
         if device == "cpu":  # the machine's cores shared between the processes, not oversubscribed
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.processes)))
-        proc = subprocess.Popen(command, env=env, start_new_session=True)
+        # Its own process group (cleanup below), and SIGTERM if this process dies: torchrun then stops the ranks.
+        proc = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=parent_death_signal())
         try:
             code = proc.wait()
         finally:
@@ -665,13 +667,19 @@ def launch_args(cfg: FinetuneConfig, device: str, *, port: int) -> list[str]:
     args = ["--num_machines", "1", "--num_processes", str(cfg.processes), "--main_process_port", str(port)]
     if (config := accelerate_config_path(cfg)) is not None:
         return [*args, "--config_file", str(config)]
-    if device == "cpu":
-        return [*args, "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    return [*args, "--multi_gpu", "--dynamo_backend", "no"]
+    # accelerate's torchrun launcher; on CPU (no --cpu: that is its one-process launcher) Trainer joins a gloo group.
+    return [*args, "--multi_gpu", "--dynamo_backend", "no", *(["--mixed_precision", "no"] if device == "cpu" else [])]
 
 
 def _main(argv: list[str]) -> None:
     """One data-parallel process (``python -m tasks.finetune REQUEST RESULT`` under ``accelerate launch``)."""
+    import signal
+
+    from infra.services import parent_death_signal
+
+    # torchrun starts each rank in its own session: a launcher killed outright (SIGKILL) must take its ranks along.
+    if (die_with_parent := parent_death_signal(signal.SIGKILL)) is not None:
+        die_with_parent()
     from infra.artifacts import open_store
     from infra.settings import Settings
 
