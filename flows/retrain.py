@@ -41,6 +41,7 @@ from infra.costs import TrainingCost, load_prices, training_cost
 from infra.errors import TransientError, UserError
 from infra.settings import Settings, environ, load_settings, wandb_env
 from infra.tracking import MlflowTracker
+from infra.vllm_server import vllm_endpoints
 from tasks.base_model import ResolvedModel, resolve_base_model
 from tasks.config import (
     ConfigError,
@@ -371,7 +372,7 @@ def evaluate_stage(
         store=services.store,
         tracker=services.tracker,
         champion=champion,
-        server_url=services.vllm_url(),
+        server_url=vllm_endpoints(services.vllm_url())[0],  # one replica is enough to evaluate on
         server_key=services.settings.vllm_key,
         served_base="base",
         workdir=services.settings.home / "work",

