@@ -201,3 +201,28 @@ def test_no_rendered_service_exposes_vllm_without_a_key(rendered: dict[str, Path
     assert compose["gateway"]["environment"]["TUNESHIP_VLLM_API_KEY"] == compose["vllm"]["environment"]["VLLM_API_KEY"]
     modal = rendered["modal_app.py"].read_text()
     assert 'modal.Secret.from_name("retail-sql-vllm")' in modal and "VLLM_API_KEY is not set" in modal
+
+
+def test_the_gpu_worker_dockerfile_passes_hadolint_and_pins_what_the_locks_pin() -> None:
+    """The image the work-pool templates run (infra/compute.py's WORKER_IMAGE): hadolint-clean, the pipeline's torch
+    at the lock's release (its CUDA build), and the vLLM release the manifests and the Makefile's GPU setup use."""
+    import re
+
+    from infra.compute import WORKER_IMAGE, base_job_template
+    from tasks.config import DeployConfig
+
+    dockerfile = REPO / "infra" / "docker" / "worker-gpu.Dockerfile"
+    result = subprocess.run(
+        [BIN / "hadolint", "--failure-threshold", "info", dockerfile], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = dockerfile.read_text()
+    lock = (REPO / "requirements" / "pipeline.lock").read_text()
+    torch = re.search(r"^torch==([\d.]+)\+cpu$", lock, re.M).group(1)
+    assert f"s/^torch=={torch.replace('.', chr(92) + '.')}+cpu$/torch=={torch}/" in text
+    vllm = re.search(r'"vllm==([\d.]+)"', text).group(1)
+    assert DeployConfig().vllm_image.endswith(f":v{vllm}")
+    assert f"VLLM_PACKAGE=vllm=={vllm}" in (REPO / "Makefile").read_text()
+    assert f"-t {WORKER_IMAGE} " in text
+    for pool_type in ("kubernetes", "docker", "ecs"):
+        assert base_job_template(pool_type)["variables"]["properties"]["image"]["default"] == WORKER_IMAGE
