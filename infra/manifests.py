@@ -54,6 +54,7 @@ class ManifestSpec:
     gateway_image: str
     base_model_uri: str | None = None
     gpus: int = 1
+    tensor_parallel_size: int = 1  # vLLM splits the base across this many GPUs (70B: 4 × 80 GB)
     max_lora_rank: int = 16
     max_model_len: int = 4096
     fetch_image: str = "amazon/aws-cli:2.31.0"
@@ -82,6 +83,8 @@ class ManifestSpec:
             dots = value is not None and {".", ".."} & set(value.removeprefix("s3://").split("/"))
             if value is not None and value.startswith("s3://") and (dots or not S3_URI.fullmatch(value)):
                 raise ManifestError(f"{what} {value!r}: not a plain s3://bucket/key URI")
+        if self.tensor_parallel_size > max(self.gpus, 1):
+            raise ManifestError(f"tensor_parallel_size {self.tensor_parallel_size} > gpus {self.gpus}")
         if not self.adapter_uri.startswith("s3://"):
             raise ManifestError(
                 f"adapter {self.adapter_uri}: manifests pull adapters from S3, so the artifact store must be "
@@ -146,7 +149,13 @@ class ManifestSpec:
             str(self.max_lora_rank),
             "--lora-modules",
             f"{self.adapter_name}=/models/{self.adapter_name}",
+            *(["--tensor-parallel-size", str(self.tensor_parallel_size)] if self.tensor_parallel_size > 1 else []),
         ]
+
+    @property
+    def modal_gpu_spec(self) -> str:
+        """Modal's ``gpu=``: the type, and the count when the base is split across several."""
+        return f"{self.modal_gpu}:{self.gpus}" if self.gpus > 1 else self.modal_gpu
 
     @property
     def vllm_limits(self) -> dict[str, str]:

@@ -248,6 +248,18 @@ class DeployConfig(_Strict):
     vllm_image: str = "vllm/vllm-openai:v0.33.0"
     gateway_image: str = "ghcr.io/tuneship/gateway:latest"
     gpus: int = Field(default=1, ge=0, description="GPUs requested for the vLLM container (manifests).")
+    tensor_parallel_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="vLLM --tensor-parallel-size (manifests): the base split across this many of the GPUs. "
+        "Default: all of them.",
+    )
+
+    @model_validator(mode="after")
+    def _parallel_fits(self) -> DeployConfig:
+        if self.tensor_parallel_size and self.tensor_parallel_size > max(self.gpus, 1):
+            raise ValueError(f"deploy.tensor_parallel_size {self.tensor_parallel_size} > deploy.gpus {self.gpus}")
+        return self
 
 
 class CurateConfig(_Strict):

@@ -314,6 +314,7 @@ def render_manifests(
         vllm_image=cfg.vllm_image,
         gateway_image=cfg.gateway_image,
         gpus=cfg.gpus,
+        tensor_parallel_size=cfg.tensor_parallel_size or max(cfg.gpus, 1),
         max_lora_rank=adapter.rank,
     )
     files = render_all(spec, out_dir or Path(cfg.manifests_dir))

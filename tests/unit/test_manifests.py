@@ -226,3 +226,35 @@ def test_the_gpu_worker_dockerfile_passes_hadolint_and_pins_what_the_locks_pin()
     assert f"-t {WORKER_IMAGE} " in text
     for pool_type in ("kubernetes", "docker", "ecs"):
         assert base_job_template(pool_type)["variables"]["properties"]["image"]["default"] == WORKER_IMAGE
+
+
+def test_the_70b_preset_renders_tensor_parallel_vllm_on_4_gpus(tmp_path: Path) -> None:
+    """deploy.gpus: 4 of the Llama 3 70B preset: vLLM splits the base across them (--tensor-parallel-size 4) in
+    every rendered file, and the Kubernetes pod asks for the 4 GPUs (still valid against the API schemas)."""
+    from tasks.config import load_run_config
+
+    cfg = load_run_config(REPO / "deployments" / "configs" / "llama3-70b-qlora.yaml").deploy
+    commit = "b4d08b7db49d488da3ac49adf25a6b9ac01ae338"
+    big = spec(
+        base_model=f"meta-llama/Meta-Llama-3-70B@{commit}",
+        base_model_uri=None,
+        gpus=cfg.gpus,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        modal_gpu="H100",
+    )
+    files = {p.name: p for p in render_all(big, tmp_path)}
+    result = subprocess.run(
+        [BIN / "kubernetes-validate", "--strict", files["kubernetes.yaml"]], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    vllm = list(yaml.safe_load_all(files["kubernetes.yaml"].read_text()))[1]["spec"]["template"]["spec"]
+    container = vllm["containers"][0]
+    assert container["args"][-2:] == ["--tensor-parallel-size", "4"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert {"name": "shm", "mountPath": "/dev/shm"} in container["volumeMounts"]  # NCCL between the 4 ranks
+    compose = yaml.safe_load(files["docker-compose.yaml"].read_text())["services"]["vllm"]
+    assert compose["command"][-2:] == ["--tensor-parallel-size", "4"] and compose["ipc"] == "host"
+    assert compose["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 4
+    assert 'gpu="H100:4"' in files["modal_app.py"].read_text()
+    with pytest.raises(ManifestError, match="tensor_parallel_size 8 > gpus 4"):
+        spec(gpus=4, tensor_parallel_size=8)
