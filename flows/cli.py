@@ -260,6 +260,18 @@ def train_cmd(
     console.print_json(adapter.model_dump_json())
 
 
+@app.command("stage")
+def stage_cmd(
+    params: Annotated[Path, typer.Argument(help="A stage request (the `stage` flow's parameters) as JSON.")],
+) -> None:
+    """Run one stage from its request, as a placed stage does (a SageMaker job's `train` command runs this)."""
+    from flows.retrain import StageParams, stage_flow
+
+    request = StageParams.model_validate_json(params.read_text())
+    stage_flow(request)
+    console.print(f"stage {request.stage}: result in {request.result_key}/result.json")
+
+
 @app.command("retrain")
 def retrain_cmd(
     config: ConfigPath,

@@ -111,7 +111,8 @@ class RetrainParams(BaseModel):
     placement: dict[Literal["preprocess", "fine-tune", "evaluate", "deploy"], str] = Field(
         default_factory=dict,
         description='Stages to run as their own deployment on another work pool, e.g. {"fine-tune": "stage/fine-tune", '
-        '"evaluate": "stage/evaluate"}, with the run config\'s compute profile; the rest run inline.',
+        '"evaluate": "stage/evaluate"}, or as a SageMaker training job ("sagemaker"), with the run config\'s '
+        "compute profile; the rest run inline.",
     )
 
 
@@ -544,16 +545,40 @@ def run_elsewhere(
         inputs={k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in inputs.items()},
         result_key=key,
     )
-    child = run_deployment(
-        deployment,
-        parameters={"params": params.model_dump(mode="json")},
-        job_variables=job_variables(profile, pool_type(deployment)),
-        timeout=None,
-    )
-    if child.state is None or not child.state.is_completed():
-        state = child.state.name if child.state else "unknown"
-        raise StageFailed(f"deployment {deployment} ended {state}: {child.state.message if child.state else ''}")
+    if deployment == "sagemaker":
+        run_on_sagemaker(params, profile, services)
+    else:
+        child = run_deployment(
+            deployment,
+            parameters={"params": params.model_dump(mode="json")},
+            job_variables=job_variables(profile, pool_type(deployment)),
+            timeout=None,
+        )
+        if child.state is None or not child.state.is_completed():
+            state = child.state.name if child.state else "unknown"
+            raise StageFailed(f"deployment {deployment} ended {state}: {child.state.message if child.state else ''}")
     return (services.store.get_dir(key) / "result.json").read_text()
+
+
+def run_on_sagemaker(params: StageParams, profile: Any, services: Services) -> dict[str, Any]:
+    """Submit the stage as a SageMaker training job (flows/sagemaker.py) and wait for it; its description. The
+    job's ``train`` command runs ``tuneship stage`` on the request, which writes the result to the store."""
+    from flows import sagemaker
+
+    request_key = f"{params.result_key}/request"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "params.json").write_text(params.model_dump_json())
+        services.store.put_dir(Path(tmp), request_key)
+    spec = sagemaker.job_spec(
+        profile,
+        settings=services.settings,
+        store=services.store,
+        request_key=request_key,
+        job_name_prefix=f"tuneship-{params.stage}",
+    )
+    described = sagemaker.submit(spec, services.settings)
+    print(f"SageMaker job {described['TrainingJobName']} ({spec['instance_type']}) submitted")
+    return sagemaker.wait(described["TrainingJobName"], services.settings)
 
 
 @flow(name="stage", log_prints=True, validate_parameters=True, **PERSISTED)

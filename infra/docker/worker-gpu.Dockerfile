@@ -19,6 +19,7 @@ COPY infra infra
 COPY serving serving
 COPY offline offline
 COPY deployments deployments
+# SageMaker runs the image with `train`: that script runs the stage from the "request" channel.
 # The lock pins torch's CPU build (2.13.0+cpu); the same release's PyPI wheel is the CUDA build.
 RUN sed 's/^torch==2\.13\.0+cpu$/torch==2.13.0/' requirements/pipeline.lock > /tmp/gpu.lock \
     && python -m venv .venv \
@@ -26,6 +27,8 @@ RUN sed 's/^torch==2\.13\.0+cpu$/torch==2.13.0/' requirements/pipeline.lock > /t
     && .venv/bin/pip install --no-compile --no-build-isolation -c /tmp/gpu.lock ".[wandb]" \
     && python -m venv .venv-vllm \
     && .venv-vllm/bin/pip install --no-compile "pip==26.3" "vllm==0.33.0" \
+    && printf '#!/bin/sh\nexec /app/.venv/bin/tuneship stage /opt/ml/input/data/request/params.json\n' > /usr/local/bin/train \
+    && chmod 755 /usr/local/bin/train \
     && useradd --create-home --uid 10001 tuneship \
     && mkdir -p /cache && chown 10001 /cache
 
