@@ -88,8 +88,10 @@ def ship(model, demo_store, pods, version: str):
     )
 
 
-def loaded(vllm_url: str) -> set[str]:
-    return {m["id"] for m in httpx.get(f"{vllm_url}/v1/models", timeout=10).json()["data"]} - {"base"}
+def loaded(vllm_url: str, name: str) -> set[str]:
+    """This model's adapters in vLLM at ``vllm_url`` (the session's vLLM serves other tests' too)."""
+    ids = {m["id"] for m in httpx.get(f"{vllm_url}/v1/models", timeout=10).json()["data"]}
+    return {i for i in ids if i.startswith(f"{name}-v")}
 
 
 def answer(url: str, model: str) -> tuple[str, str]:
@@ -114,7 +116,7 @@ def test_a_deploy_loads_and_checks_every_replica_then_switches_them_all(model, d
     second = ship(model, demo_store, pods, v2)
     assert second.previous == f"{name}-v{v1}" and second.cleanup is None
     for gateway, vllm in pods:
-        assert loaded(vllm) == {f"{name}-v{v2}"}  # loaded on each replica, the old one unloaded from each
+        assert loaded(vllm, name) == {f"{name}-v{v2}"}  # loaded on each replica, the old one unloaded from each
         served, text = answer(gateway, name)
         assert served == f"{name}-v{v2}"
         assert text == answer(vllm, f"{name}-v{v2}")[1]  # what that replica's vLLM itself answers
@@ -134,5 +136,5 @@ def test_one_replica_failing_its_smoke_test_leaves_the_champion_everywhere(model
     print(f"\n{failed.value}")
     assert get_version(name, "champion", tracking_uri=model["uri"]).version == v2
     for gateway, vllm in pods:
-        assert loaded(vllm) == {f"{name}-v{v2}"}
+        assert loaded(vllm, name) == {f"{name}-v{v2}"}
         assert answer(gateway, name)[0] == f"{name}-v{v2}"
