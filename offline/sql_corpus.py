@@ -760,15 +760,21 @@ def typed_by_people(rng: random.Random, question: str, sql: str) -> str:
     return q
 
 
-def corpus(seed: int, eos: str, *, plain_share: float = 0.1, typed_share: float = 0.0) -> Iterator[str]:
+def corpus(
+    seed: int, eos: str, *, plain_share: float = 0.1, typed_share: float = 0.0, varied_share: float = 0.0
+) -> Iterator[str]:
     """An endless, deterministic stream of training documents (instruction-formatted SQL, some plain text);
-    ``typed_share`` of the questions are typed the way people type them (:func:`typed_by_people`)."""
+    ``varied_share`` of the questions come in one of many sentence types (``offline/sql_varied.py``) and
+    ``typed_share`` of them are typed the way people type them (:func:`typed_by_people`)."""
+    from offline.sql_varied import generate_varied_example
+
     rng = random.Random(seed)
     while True:
         if rng.random() < plain_share:
             yield plain_text(rng) + eos
         else:
-            ex = generate_example(rng)
+            varied = varied_share and rng.random() < varied_share
+            ex = generate_varied_example(rng) if varied else generate_example(rng)
             if typed_share and rng.random() < typed_share:
                 ex = SqlExample(typed_by_people(rng, ex.question, ex.sql), ex.sql, ex.ddl)
             yield format_example(ex, eos)

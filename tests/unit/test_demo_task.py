@@ -10,8 +10,9 @@ import sqlite3
 from pathlib import Path
 
 from offline import paraphrases
-from offline.demo_task import MORE_TRAIN_FORMS, TERSE_TRAIN_FORMS, TRAIN_FORMS, build_demo_task
-from offline.sql_corpus import generate_example
+from offline.demo_task import TRAIN_FORMS, TRAINING, build_demo_task
+from offline.sql_corpus import SqlExample, generate_example
+from offline.sql_varied import MONTHS, generate_varied_example
 from tasks.sql_exec import connect_readonly, execute_sql
 
 DEMO_TABLES = {"customers", "products", "stores", "employees", "orders", "order_items"}
@@ -75,9 +76,7 @@ def test_the_paraphrase_split_is_kept_apart_from_training(demo_task: Path) -> No
     question); the paraphrase split's own table words and informal markers never occur in training."""
     train = [r["instruction"] for r in load(demo_task / "train.jsonl")]
     paraphrase = [r["instruction"] for r in load(demo_task / "test_paraphrase.jsonl")]
-    training_forms = [
-        f for forms in (TRAIN_FORMS, MORE_TRAIN_FORMS, TERSE_TRAIN_FORMS) for fs in forms.values() for f in fs
-    ]
+    training_forms = [f for fs in TRAINING.forms.values() for f in fs]
     paraphrase_forms = [f for fs in paraphrases.FORMS.values() for f in fs]
     assert set(paraphrases.FORMS) == set(TRAIN_FORMS)  # the same intents
     assert not {f.lower() for f in training_forms} & {f.lower() for f in paraphrase_forms}
@@ -137,10 +136,54 @@ def test_deterministic(demo_task: Path, tmp_path: Path) -> None:
 
 def test_generic_corpus_never_uses_the_demo_tables() -> None:
     rng = random.Random(1)
-    for _ in range(5000):
-        sql = generate_example(rng).sql
-        tables = set(re.findall(r"(?:FROM|JOIN) (\w+)", sql))
-        assert not tables & DEMO_TABLES, sql
+    for make in (generate_example, generate_varied_example):
+        for _ in range(5000):
+            sql = make(rng).sql
+            tables = set(re.findall(r"(?:FROM|JOIN) (\w+)", sql))
+            assert not tables & DEMO_TABLES, sql
+
+
+def test_the_varied_corpus_runs_on_its_schema_and_says_every_value() -> None:
+    """Corpus version 3's questions: each query runs on the schema it was asked over, every value the SQL
+    filters on is in the question (a month as its name), and the questions come in many more sentence types than
+    the written corpus's."""
+    rng = random.Random(2)
+    skeletons_varied: set[str] = set()
+    months = 0
+    for _ in range(3000):
+        ex = generate_varied_example(rng)
+        db = sqlite3.connect(":memory:")
+        for ddl in ex.ddl:
+            db.execute(ddl)
+        db.execute(ex.sql)  # raises on a column or table the schema lacks
+        for literal in re.findall(r"'([^']*)'", ex.sql):
+            assert literal in ex.question, (literal, ex.question)
+        if month := re.search(r"_month = (\d+)", ex.sql):
+            name = MONTHS[int(month.group(1)) - 1]
+            assert name[:3] in ex.question, (name, ex.question)
+            months += 1
+        skeletons_varied.add(skeleton(ex))
+    assert months > 100, months
+    rng = random.Random(2)
+    skeletons_written = {skeleton(generate_example(rng)) for _ in range(3000)}
+    assert len(skeletons_varied) > 3 * len(skeletons_written), (len(skeletons_varied), len(skeletons_written))
+
+
+def skeleton(ex: SqlExample) -> str:
+    """A question with its schema words and values taken out: what is left is its sentence type."""
+
+    def stem(word: str) -> str:
+        if word.endswith("ies"):
+            return word[:-3] + "y"
+        if word.endswith(("ses", "xes", "ches", "shes")):
+            return word[:-2]
+        return word.removesuffix("s")
+
+    names = {stem(w) for ddl in ex.ddl for ident in re.findall(r"[a-z_]+", ddl) for w in ident.split("_")}
+    values = {w.lower() for literal in re.findall(r"'([^']*)'", ex.sql) for w in literal.split()}
+    words = re.findall(r"[a-z0-9']+|[^a-z0-9' ]", re.sub(r"\d+\.\d+", "0", ex.question.lower()))
+    out = ["_" if w.isdigit() or w in values or stem(w) in names else w for w in words]
+    return re.sub(r"_( _)+", "_", " ".join(out))
 
 
 def test_the_typed_corpus_keeps_every_value_and_version_1_is_unchanged() -> None:
