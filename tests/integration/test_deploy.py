@@ -73,8 +73,8 @@ def versions(
         )
         return register(cfg, adapter, report, demo_dataset, store=demo_store, tracker=tracker), report
 
-    v1, _ = eval_and_register(weak_adapter)
-    v2, _ = eval_and_register(demo_adapter)
+    v1, weak_report = eval_and_register(weak_adapter)
+    v2, strong_report = eval_and_register(demo_adapter)
     # v3: the weak adapter again, but its recorded evaluation outputs no longer match what it serves.
     cfg = demo_config(f"registry.model_name={name}", "evaluate.max_examples=12", "evaluate.parity_sample=4")
     report = evaluate(
@@ -95,7 +95,23 @@ def versions(
     (tampered / "examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = report.model_copy(update={"artifact": demo_store.put_dir(tampered, f"{report.artifact.key}-altered")})
     v3 = register(cfg, weak_adapter, report, demo_dataset, store=demo_store, tracker=tracker)
-    return {"name": name, "uri": uri, "store": demo_store, "v": [v1, v2, v3], "work": work}
+    probe = distinguishing_prompt(demo_store, weak_report, strong_report)
+    return {"name": name, "uri": uri, "store": demo_store, "v": [v1, v2, v3], "work": work, "probe": probe}
+
+
+def distinguishing_prompt(store, first, second) -> str:
+    """A prompt the two evaluated adapters answered differently in their recorded evaluations, so that the
+    hot-swap test can tell which version answered a request."""
+
+    def outputs(report) -> dict[str, str]:
+        lines = (store.get_dir(report.artifact) / "examples.jsonl").read_text().splitlines()
+        return {row["prompt"]: row["candidate"]["output"] for row in map(json.loads, lines)}
+
+    theirs = outputs(second)
+    for prompt, answer in outputs(first).items():
+        if prompt in theirs and answer[:80] != theirs[prompt][:80]:  # apart within the 48 tokens asked below
+            return prompt
+    pytest.fail("the weak and the full adapter answered every recorded question alike")
 
 
 @pytest.fixture(scope="module")
@@ -138,10 +154,10 @@ def served_models(vllm_url: str) -> set[str]:
 
 
 def test_hot_swap_under_load_fails_no_request(versions, vllm_server, gateway) -> None:
-    name, (v1, v2, _) = versions["name"], versions["v"]
+    name, (v1, v2, _), probe = versions["name"], versions["v"], versions["probe"]
     first = ship(versions, vllm_server, gateway, v1.version)
     assert first.adapter_name == f"{name}-v{v1.version}" and first.smoke_checked == 4
-    old_answer, new_answer = greedy(vllm_server.base_url, first.adapter_name), None
+    old_answer, new_answer = greedy(vllm_server.base_url, first.adapter_name, probe), None
 
     statuses: list[int] = []
     answers_after_swap: list[str] = []
@@ -153,7 +169,7 @@ def test_hot_swap_under_load_fails_no_request(versions, vllm_server, gateway) ->
             async def worker() -> None:
                 while len(statuses) < 200 or len(answers_after_swap) < 40:
                     after = swapped.is_set()
-                    body = {"prompt": PROBE, "max_tokens": 48, "temperature": 0, "model": "champion", "stream": False}
+                    body = {"prompt": probe, "max_tokens": 48, "temperature": 0, "model": "champion", "stream": False}
                     response = await client.post("/generate", json=body)
                     statuses.append(response.status_code)
                     if after and response.status_code == 200:
@@ -174,7 +190,7 @@ def test_hot_swap_under_load_fails_no_request(versions, vllm_server, gateway) ->
 
     print(f"\n{len(statuses)} requests, swap took {second.swap_s:.2f} s, {len(answers_after_swap)} after it")
     assert len(statuses) >= 200 and set(statuses) == {200}, f"failed requests: {statuses.count(200)} ok of {statuses}"
-    new_answer = greedy(vllm_server.base_url, second.adapter_name)
+    new_answer = greedy(vllm_server.base_url, second.adapter_name, probe)
     assert new_answer != old_answer, "the two versions must answer the probe differently for this test to mean much"
     assert set(answers_after_swap) == {new_answer}
     assert second.previous == first.adapter_name
