@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from offline import paraphrases
+from offline.sql_varied import MONTHS
 
 SCHEMA = """\
 CREATE TABLE customers (customer_id INTEGER PRIMARY KEY, full_name TEXT NOT NULL, city TEXT NOT NULL,
@@ -174,20 +175,6 @@ SYNONYMS = {
     "employees": ["employees", "staff members", "workers"],
     "orders": ["orders", "purchases"],
 }
-MONTHS = [
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-]
 # Slots that name a table or an aggregate; every other slot is a value the gold SQL filters on.
 WORDING_SLOTS = {"who", "who1", "what", "what1", "shop", "shop1", "word"}
 
