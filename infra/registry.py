@@ -190,6 +190,16 @@ def stored_key(uri: str, store: ArtifactStore, what: str) -> str:
 # registered with — the ref comes from the uri tag and must have the sha256 its tag recorded at registration.
 ADAPTER = ("tuneship.adapter_uri", "tuneship.adapter_sha256", "adapter")
 EVAL_REPORT = ("tuneship.eval_report_uri", "tuneship.eval_report_sha256", "eval report")
+# A version evaluated under schema-constrained decoding (evaluate.decoding: sql_schema) carries the schema
+# (infra.sql_grammar.schema_json); the gateway serves it under the grammar built from it.
+SQL_SCHEMA_TAG = "tuneship.sql_schema"
+
+
+def decoding_of(mv: Any) -> dict[str, Any]:
+    """The request fields version ``mv`` is answered under (the grammar of its schema tag; none: free)."""
+    from infra.sql_grammar import tagged_decoding
+
+    return tagged_decoding((mv.tags or {}).get(SQL_SCHEMA_TAG))
 
 
 def version_artifact(mv: Any, store: ArtifactStore, which: tuple[str, str, str]) -> ArtifactRef:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from infra.errors import UserError
 from infra.services import ManagedProcess, ServiceError, free_port
@@ -222,11 +222,13 @@ def complete(
     max_tokens: int = 128,
     api_key: str | None = None,
     timeout: float = 600,
+    extra: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Greedy completions of ``prompts`` in one batched request, in input order."""
+    """Greedy completions of ``prompts`` in one batched request, in input order; ``extra`` adds request fields
+    (``structured_outputs``)."""
     import httpx
 
-    body = {"model": model, "prompt": prompts, "max_tokens": max_tokens, "temperature": 0}
+    body = {"model": model, "prompt": prompts, "max_tokens": max_tokens, "temperature": 0, **(extra or {})}
     response = httpx.post(f"{base_url}/v1/completions", json=body, headers=_auth(api_key), timeout=timeout)
     if response.status_code != 200:
         raise ServiceError(f"vLLM at {base_url} failed a completion for {model!r}: {response.text.strip()}")

@@ -32,8 +32,9 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from infra.registry import served_id
+from infra.registry import SQL_SCHEMA_TAG, served_id
 from infra.segments import new_request_id
+from infra.sql_grammar import SchemaGrammarError, tagged_decoding
 from serving.adapters import AdapterCache, AdapterLoadError
 from serving.catalog import Catalog, Name, RegistrySource
 from serving.metrics import GatewayMetrics
@@ -309,6 +310,18 @@ class Gateway:
             except AdapterLoadError as exc:
                 raise self.refuse(503, str(exc)) from None
         return version.served
+
+    def decoding(self, served: str) -> dict[str, Any]:
+        """Upstream request fields the served model is answered under: a version registered with a schema
+        (evaluate.decoding: sql_schema) is served under the grammar it was evaluated under, whatever the route."""
+        version = self.catalog.versions.get(served) if self.catalog is not None else None
+        if version is None:
+            return {}
+        try:
+            return tagged_decoding(version.tags.get(SQL_SCHEMA_TAG))
+        except SchemaGrammarError as exc:
+            why = f"{version.name} v{version.version}: its {SQL_SCHEMA_TAG} tag is unusable: {exc}"
+            raise self.refuse(503, why) from None
 
     async def _served_static(self, request: Request, name: str) -> str:
         """Without a registry: an alias from the route table, or a model vLLM serves."""

@@ -178,11 +178,19 @@ class EvalConfig(_Strict):
     perplexity_stride: int | None = Field(
         default=None, gt=0, description="Sliding-window stride; default: half the window."
     )
+    decoding: Literal["free", "sql_schema"] = Field(
+        default="free",
+        description="free: the model writes any text. sql_schema: every answer is generated under a grammar built "
+        "from evaluate.database, which admits only queries over its own tables and columns (infra/sql_grammar.py); "
+        "the registered version carries the schema and the gateway serves it under the same grammar.",
+    )
 
     @model_validator(mode="after")
     def _scorer_inputs(self) -> EvalConfig:
         if self.scorer == "sql_execution" and not self.database:
             raise ValueError("scorer 'sql_execution' needs evaluate.database (a SQLite file)")
+        if self.decoding == "sql_schema" and not self.database:
+            raise ValueError("evaluate.decoding 'sql_schema' needs evaluate.database (the SQLite file to constrain to)")
         if self.scorer == "regex" and not self.regex:
             raise ValueError("scorer 'regex' needs evaluate.regex")
         if self.scorer not in BUILTIN_SCORERS and self.scorer not in registered_scorers():

@@ -43,6 +43,7 @@ from infra.registry import (
     RegistryError,
     alias_version,
     client,
+    decoding_of,
     get_version,
     move_alias,
     restore_alias,
@@ -276,7 +277,8 @@ def _smoke_test(
     if count == 0:
         return 0
     prompts, expected, max_new_tokens = smoke_examples(mv, store, count)
-    got = complete(vllm_url, name, prompts, max_tokens=max_new_tokens, api_key=key)
+    # Under the grammar the version was evaluated (and is served by the gateway) under, if any.
+    got = complete(vllm_url, name, prompts, max_tokens=max_new_tokens, api_key=key, extra=decoding_of(mv))
     where = f" on vLLM replica {vllm_url}" if several else ""
     for i, (want, have) in enumerate(zip(expected, got, strict=True)):
         if want != have:

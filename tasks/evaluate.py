@@ -27,6 +27,7 @@ from typing import Any
 
 from infra.artifacts import ARTIFACT_SCHEME, ArtifactStore, local_path, tree_sha256
 from infra.errors import UserError
+from infra.sql_grammar import decoding_fields, read_sql_schema, schema_json
 from infra.tracking import MlflowTracker
 from infra.vllm_server import complete, load_lora_adapter, unload_lora_adapter
 from tasks.base_model import ResolvedModel
@@ -235,11 +236,13 @@ def _score_split(
     *,
     server_url: str,
     server_key: str | None,
+    decoding: dict[str, Any] | None = None,
 ) -> ScoredSplit:
-    """Every served model in ``models`` (role -> served name) answers ``split`` through vLLM; score the answers."""
+    """Every served model in ``models`` (role -> served name) answers ``split`` through vLLM (under ``decoding``'s
+    request fields, the same for every model); score the answers."""
     prompts, references = list(split["prompt"]), list(split["response"])
     outputs = {
-        role: complete(server_url, served, prompts, max_tokens=ev.max_new_tokens, api_key=server_key)
+        role: complete(server_url, served, prompts, max_tokens=ev.max_new_tokens, api_key=server_key, extra=decoding)
         for role, served in models.items()
     }
     scores = {role: [scorer(o, r) for o, r in zip(outs, references, strict=True)] for role, outs in outputs.items()}
@@ -349,6 +352,11 @@ def evaluate(
     test = test_splits["test"]
     scorer = build_scorer(ev, store)
     schema = read_schema(_database(ev, store)) if ev.scorer == "sql_execution" else None
+    sql_schema = decoding = None
+    if ev.decoding == "sql_schema":  # every model answers under the grammar of the database's own names
+        constrained = read_sql_schema(_database(ev, store))
+        sql_schema = schema_json(constrained)
+        decoding = decoding_fields(constrained)
 
     # 1. Generation through vLLM: the base and every adapter answer the same prompts, greedily.
     models = {"base": served_base}
@@ -359,7 +367,9 @@ def evaluate(
         load_lora_adapter(server_url, _served_name(champion), champion_dir, api_key=server_key)
         models["champion"] = _served_name(champion)
     scored = {
-        name: _score_split(split, models, scorer, schema, ev, server_url=server_url, server_key=server_key)
+        name: _score_split(
+            split, models, scorer, schema, ev, server_url=server_url, server_key=server_key, decoding=decoding
+        )
         for name, split in test_splits.items()
     }
     prompts, outputs = scored["test"].prompts, scored["test"].outputs
@@ -379,11 +389,20 @@ def evaluate(
     ppl_candidate, _ = perplexity(tuned, rows, window=window, stride=stride)
     sample = list(range(min(ev.parity_sample, len(prompts))))
     peft_out = greedy_generate(tuned, tokenizer, [prompts[i] for i in sample], max_new_tokens=ev.max_new_tokens)
-    agree = [peft_out[k] == outputs["candidate"][i] for k, i in enumerate(sample)]
+    # Parity compares like with like: PEFT decodes freely, so vLLM's answers for it are free too.
+    served_out = outputs["candidate"]
+    if decoding is not None:
+        free = complete(
+            server_url,
+            models["candidate"],
+            [prompts[i] for i in sample],
+            max_tokens=ev.max_new_tokens,
+            api_key=server_key,
+        )
+        served_out = dict(zip(sample, free, strict=True))
+    agree = [peft_out[k] == served_out[i] for k, i in enumerate(sample)]
     parity_diffs = [
-        {"prompt": prompts[i], "peft": peft_out[k], "vllm": outputs["candidate"][i]}
-        for k, i in enumerate(sample)
-        if not agree[k]
+        {"prompt": prompts[i], "peft": peft_out[k], "vllm": served_out[i]} for k, i in enumerate(sample) if not agree[k]
     ][:5]
 
     # 3. Statistics per test split: accuracies, invented identifiers, paired bootstrap CIs, regressions and fixes.
@@ -401,6 +420,7 @@ def evaluate(
         "parity_agreement": sum(agree) / len(agree),
         "parity_examples": float(len(agree)),
         "max_new_tokens": float(ev.max_new_tokens),
+        "constrained_decoding": float(decoding is not None),
     }
 
     # 4. The report: per-example JSONL, markdown summary, bar chart, metrics — in the store and in MLflow.
@@ -417,6 +437,8 @@ def evaluate(
             for row in result.rows():
                 fh.write(json.dumps({"split": split_name} | row, ensure_ascii=False) + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if decoding is not None:
+        (out / "grammar.gbnf").write_text(decoding["structured_outputs"]["grammar"])
     all_comparisons = {"test": comparisons} | split_comparisons
     (out / "comparisons.json").write_text(
         json.dumps({s: {k: v.model_dump() for k, v in c.items()} for s, c in all_comparisons.items()}, indent=1)
@@ -438,6 +460,8 @@ def evaluate(
         tracker.log_metrics(metrics)
         for file in ("summary.md", "accuracy.png", "examples.jsonl", "metrics.json", "comparisons.json"):
             tracker.log_artifact(out / file, artifact_path="eval")
+        if decoding is not None:
+            tracker.log_artifact(out / "grammar.gbnf", artifact_path="eval")
     for served in list(models.values())[1:]:
         unload_lora_adapter(server_url, served, api_key=server_key)
     return EvalReport(
@@ -449,4 +473,5 @@ def evaluate(
         metrics=metrics,
         comparisons=comparisons,
         split_comparisons=split_comparisons,
+        sql_schema=sql_schema,
     )

@@ -7,6 +7,10 @@ copy of the base weights and still loads offline.
 
     model = mlflow.pyfunc.load_model("models:/retail-sql@champion")
     model.predict(["### Instruction:\\nHow many clients live in Paris?\\n\\n### Response:\\n"])
+
+It decodes freely. A version evaluated under schema-constrained decoding (``evaluate.decoding: sql_schema``)
+is served by the gateway under that grammar; its tag ``tuneship.sql_schema`` holds the schema to rebuild it
+(``infra.sql_grammar``) where a grammar-aware runtime serves the pyfunc's weights.
 """
 
 from __future__ import annotations

@@ -106,6 +106,11 @@ class EvalReport(_Ref):
     split_comparisons: dict[str, dict[str, Comparison]] = Field(
         default_factory=dict, description="the same for each extra test split (data.extra_test), by split name"
     )
+    sql_schema: str | None = Field(
+        default=None,
+        description="with evaluate.decoding sql_schema: the schema (infra.sql_grammar.schema_json) whose grammar "
+        "every answer was generated under; the registered version carries it to the gateway",
+    )
 
 
 class ModelVersionRef(_Ref):

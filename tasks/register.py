@@ -20,6 +20,7 @@ from pathlib import Path
 from infra.artifacts import ArtifactStore
 from infra.registry import (
     CHALLENGER,
+    SQL_SCHEMA_TAG,
     ChampionMoved,
     RegistryError,
     base_of,
@@ -82,6 +83,8 @@ def register(
         "tuneship.flow_run_id": flow_run_id or "none",
         "tuneship.finetune_run_id": adapter.mlflow_run_id or "none",
     }
+    if report.sql_schema:  # measured under the schema's grammar: the gateway serves it under the same one
+        lineage[SQL_SCHEMA_TAG] = report.sql_schema
     mlflow_client = registry_client(tracker.tracking_uri)
     mlflow.set_registry_uri(tracker.tracking_uri)
     # A retry after a crash (the worker, or the MLflow server, died after the version was created) finishes the

@@ -34,9 +34,11 @@ router = APIRouter(
 STREAM = {"text/event-stream": {"schema": SSE_EVENT}}
 
 
-def _completion(model: str, prompt: str, max_tokens: int, req: GenerateRequest | BatchRequest) -> dict[str, Any]:
+def _completion(
+    gateway: Gateway, model: str, prompt: str, max_tokens: int, req: GenerateRequest | BatchRequest
+) -> dict[str, Any]:
     sampling = {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p}
-    return {"model": model, "prompt": prompt, **sampling}
+    return {"model": model, "prompt": prompt, **sampling, **gateway.decoding(model)}
 
 
 def sse(data: str, event: str | None = None) -> bytes:
@@ -51,7 +53,7 @@ def sse(data: str, event: str | None = None) -> bytes:
 async def generate(req: GenerateRequest, request: Request, gateway: GatewayDep) -> Response:
     gateway.check_prompts([req.prompt])
     served = await gateway.served(request, req.model)
-    body = _completion(served, req.prompt, gateway.max_tokens(req.max_tokens), req)
+    body = _completion(gateway, served, req.prompt, gateway.max_tokens(req.max_tokens), req)
     request_id = gateway.request_id(request, served)
     started = time.perf_counter()
     if not req.stream:
@@ -142,7 +144,7 @@ async def generate_batch(req: BatchRequest, request: Request, gateway: GatewayDe
             started = time.perf_counter()
             try:
                 async with gateway.slot(model):
-                    body = _completion(model, prompt, max_tokens, req)
+                    body = _completion(gateway, model, prompt, max_tokens, req)
                     result = json.loads(await gateway.upstream.complete("/v1/completions", body, request_id))
             except GatewayError as exc:
                 return {"error": exc.message}

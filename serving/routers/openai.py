@@ -57,6 +57,7 @@ async def _relay(
     body["max_tokens"] = gateway.max_tokens(asked, n=req.n)
     alias = req.model
     served = body["model"] = await gateway.served(request, alias)
+    body |= gateway.decoding(served)
     rename = _renaming(served, alias)
     request_id = gateway.request_id(request, served)
     started = time.perf_counter()

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from infra.registry import get_version, set_version_tags
+from infra.registry import decoding_of, get_version, set_version_tags
 from infra.services import free_port
 from infra.tracking import MlflowTracker
 from serving.app import GatewayConfig, create_app
@@ -144,8 +144,10 @@ def ship(versions, vllm_server, gateway, version: str, **cfg: object):
     )
 
 
-def greedy(url: str, model: str, prompt: str = PROBE) -> str:
-    body = {"model": model, "prompt": prompt, "max_tokens": 48, "temperature": 0}
+def greedy(url: str, model: str, prompt: str = PROBE, *, versions=None, version: str | None = None) -> str:
+    """Straight from vLLM, under the decoding the registered ``version`` is served with (its grammar, if any)."""
+    decoding = decoding_of(get_version(versions["name"], version, tracking_uri=versions["uri"])) if version else {}
+    body = {"model": model, "prompt": prompt, "max_tokens": 48, "temperature": 0, **decoding}
     return httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
 
 
@@ -157,7 +159,7 @@ def test_hot_swap_under_load_fails_no_request(versions, vllm_server, gateway) ->
     name, (v1, v2, _), probe = versions["name"], versions["v"], versions["probe"]
     first = ship(versions, vllm_server, gateway, v1.version)
     assert first.adapter_name == f"{name}-v{v1.version}" and first.smoke_checked == 4
-    old_answer, new_answer = greedy(vllm_server.base_url, first.adapter_name, probe), None
+    old_answer = greedy(vllm_server.base_url, first.adapter_name, probe, versions=versions, version=v1.version)
 
     statuses: list[int] = []
     answers_after_swap: list[str] = []
@@ -190,7 +192,7 @@ def test_hot_swap_under_load_fails_no_request(versions, vllm_server, gateway) ->
 
     print(f"\n{len(statuses)} requests, swap took {second.swap_s:.2f} s, {len(answers_after_swap)} after it")
     assert len(statuses) >= 200 and set(statuses) == {200}, f"failed requests: {statuses.count(200)} ok of {statuses}"
-    new_answer = greedy(vllm_server.base_url, second.adapter_name, probe)
+    new_answer = greedy(vllm_server.base_url, second.adapter_name, probe, versions=versions, version=v2.version)
     assert new_answer != old_answer, "the two versions must answer the probe differently for this test to mean much"
     assert set(answers_after_swap) == {new_answer}
     assert second.previous == first.adapter_name
@@ -377,7 +379,7 @@ def test_serving_stack_serves_the_registry_champion(versions, vllm_server) -> No
         assert ready["ready"] and f"{name}-v{v2.version}" in ready["models"]
         body = {"prompt": PROBE, "max_tokens": 48, "temperature": 0, "model": "champion", "stream": False}
         answer = httpx.post(f"{stack.gateway_url}/generate", json=body, timeout=60).json()["text"]
-        assert answer == greedy(vllm_server.base_url, f"{name}-v{v2.version}")
+        assert answer == greedy(vllm_server.base_url, f"{name}-v{v2.version}", versions=versions, version=v2.version)
 
 
 def _listeners(port: int) -> list[int]:

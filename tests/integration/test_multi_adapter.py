@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
 
 from flows.serve import start_gateway_process
-from infra.registry import client, make_champion, served_id, set_version_tags
+from infra.registry import client, decoding_of, get_version, make_champion, served_id, set_version_tags
 from infra.services import free_port
 from infra.tracking import MlflowTracker
 from infra.vllm_server import complete, unload_lora_adapter
@@ -29,6 +31,7 @@ from tasks.config import DeployConfig
 from tasks.deploy import deploy
 from tasks.evaluate import evaluate
 from tasks.register import register
+from tasks.sql_identifiers import invented_identifiers, read_schema
 
 pytestmark = pytest.mark.slow
 ADMIN = f"admin-{uuid.uuid4().hex}"
@@ -119,7 +122,9 @@ def ask(url: str, model: str, prompt: str, key: str | None = None) -> httpx.Resp
     return httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=120)
 
 
-def test_two_tasks_served_side_by_side_by_name_alias_and_version(models, vllm_server, demo_store) -> None:
+def test_two_tasks_served_side_by_side_by_name_alias_and_version(
+    models, vllm_server, demo_store, mlflow_server
+) -> None:
     retail, clinic = models["retail"], models["clinic"]
     r1, r2, r3 = models["versions"][retail]
     (c1,) = models["versions"][clinic]
@@ -143,7 +148,15 @@ def test_two_tasks_served_side_by_side_by_name_alias_and_version(models, vllm_se
             assert response.status_code == 200, (model, response.text)
             assert response.headers["x-served-model"] == served
             assert response.json()["model"] == model  # the caller's name comes back, not the served id
-            direct = complete(vllm_server.base_url, served, [prompt], max_tokens=48)[0]
+            # straight from vLLM under the decoding the version is served with (its grammar, if any)
+            mv = (
+                None
+                if served == "base"
+                else get_version(*served.rsplit("-v", 1), tracking_uri=mlflow_server.tracking_uri)
+            )
+            direct = complete(
+                vllm_server.base_url, served, [prompt], max_tokens=48, extra=decoding_of(mv) if mv else {}
+            )[0]
             assert response.json()["choices"][0]["text"] == direct, model
         # One base, two fine-tunes: each answers its own task's question over its own database's tables, and the
         # two answer any question differently.
@@ -317,3 +330,39 @@ def test_deploy_switches_both_gateway_replicas_under_load(
     assert old not in served  # drained on both replicas, then unloaded
     mlflow_client = client(models["uri"])
     assert str(mlflow_client.get_model_version_by_alias(retail, "champion").version) == r3  # the registry moved
+
+
+def test_each_version_is_served_under_the_decoding_it_was_evaluated_under(
+    models, vllm_server, demo_store, demo_task: Path
+) -> None:
+    """Retail was evaluated under its database's grammar (the demo preset): every gateway route answers it under
+    that grammar, so questions whose free answers name columns of the wrong table get answers that do not.
+    Clinic was evaluated decoding freely (its references use table aliases, outside the grammar): served freely."""
+    retail, clinic = models["retail"], models["clinic"]
+    r2, c1 = models["versions"][retail][1], models["versions"][clinic][0]
+    uri = models["uri"]
+    schema = read_schema(demo_task / "retail.db")
+    rows = (demo_task / "test_paraphrase.jsonl").read_text().splitlines()
+    questions = [PROMPT.format(json.loads(line)["instruction"]) for line in rows]
+    with gateway(models, vllm_server, demo_store) as url:
+        assert ask(url, retail, RETAIL_Q).status_code == 200  # the champion is loaded
+        served = served_id(retail, r2)
+        free = complete(vllm_server.base_url, served, questions, max_tokens=48)
+        off = [q for q, answer in zip(questions, free, strict=True) if invented_identifiers(answer, schema)][:8]
+        assert off, "decoding freely, the adapter named no wrong column on the paraphrase split"
+        body = {"model": retail, "max_tokens": 48, "temperature": 0}
+        answers = [ask(url, retail, q).json()["choices"][0]["text"] for q in off]
+        generated = [
+            httpx.post(f"{url}/generate", json={**body, "prompt": q, "stream": False}, timeout=120).json()["text"]
+            for q in off
+        ]
+        batch = httpx.post(f"{url}/generate/batch", json={**body, "prompts": off}, timeout=120).json()["results"]
+        grammar = decoding_of(get_version(retail, r2, tracking_uri=uri))
+        assert grammar, "the retail version carries no schema"
+        constrained = complete(vllm_server.base_url, served, off, max_tokens=48, extra=grammar)
+        assert answers == generated == [item["text"] for item in batch] == constrained
+        assert not [a for a in answers if invented_identifiers(a, schema)]
+        # clinic: no schema tag, free decoding through the gateway
+        assert decoding_of(get_version(clinic, c1, tracking_uri=uri)) == {}
+        answer = ask(url, clinic, CLINIC_Q).json()["choices"][0]["text"]
+        assert answer == complete(vllm_server.base_url, served_id(clinic, c1), [CLINIC_Q], max_tokens=48)[0]

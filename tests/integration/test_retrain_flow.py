@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from infra.registry import decoding_of, get_version
 from infra.services import free_port, start_s3
 from serving.app import GatewayConfig, create_app
 from serving.server import serve_in_thread
@@ -157,7 +158,9 @@ def first_run(flow_env):
     return state, seconds
 
 
-def test_flow_registers_a_champion_that_answers_through_the_gateway(first_run, vllm_server, gateway) -> None:
+def test_flow_registers_a_champion_that_answers_through_the_gateway(
+    first_run, vllm_server, gateway, mlflow_server
+) -> None:
     state, seconds = first_run
     assert state.is_completed(), state.message
     summary = state.result()
@@ -172,7 +175,9 @@ def test_flow_registers_a_champion_that_answers_through_the_gateway(first_run, v
         "stream": False,
     }
     through_gateway = httpx.post(f"{gateway}/generate", json=body, timeout=60).json()["text"]
+    version = get_version(MODEL, summary.version, tracking_uri=mlflow_server.tracking_uri)
     direct = {"model": summary.deployment.adapter_name, "prompt": body["prompt"], "max_tokens": 48, "temperature": 0}
+    direct |= decoding_of(version)  # the version is served under its evaluation's grammar
     served = httpx.post(f"{vllm_server.base_url}/v1/completions", json=direct, timeout=60).json()["choices"][0]["text"]
     assert through_gateway == served
     states = task_states(state.state_details.flow_run_id)
