@@ -124,9 +124,11 @@ def run_demo(
             summary = state.result()
             m = summary.metrics
             say(f"Prefect flow run {state.state_details.flow_run_id}: {state.name}")
+            decoding = " under the database's grammar" if m.get("constrained_decoding") else ""
             say(
-                f"evaluate (through vLLM): perplexity {m['perplexity_base']:.1f} → {m['perplexity_candidate']:.2f}; "
-                f"PEFT/vLLM parity {m['parity_agreement']:.0%}; execution accuracy base → fine-tuned (95% CI of gain):"
+                f"evaluate (through vLLM{decoding}): perplexity {m['perplexity_base']:.1f} → "
+                f"{m['perplexity_candidate']:.2f}; PEFT/vLLM parity {m['parity_agreement']:.0%}; execution accuracy "
+                "base → fine-tuned (95% CI of gain):"
             )
             for split, label in (("test", "templated"), ("paraphrase", "paraphrase")):
                 sm = {key: m.get(split_metric(split, key), float("nan")) for key in SPLIT_LINE}

@@ -87,7 +87,9 @@ def test_report_files(report, demo_store, demo_task: Path) -> None:
     assert report.artifact.key.endswith(f"-{report.artifact.sha256[:16]}")
 
 
-def test_both_splits_are_reported_with_their_own_ci_and_invented_identifiers(report, demo_store) -> None:
+def test_both_splits_are_reported_with_their_own_ci_and_invented_identifiers(
+    report, demo_store, demo_task: Path
+) -> None:
     m, vs_base = report.metrics, report.split_comparisons["paraphrase"]["base"]
     print(
         f"\nparaphrase split: base {m['paraphrase_accuracy_base']:.1%} → fine-tuned "
@@ -101,9 +103,8 @@ def test_both_splits_are_reported_with_their_own_ci_and_invented_identifiers(rep
         for key in ("accuracy", "exact_match", "error_rate", "invented_identifiers", "unparsable"):
             assert f"{key}_{role}" in m and f"paraphrase_{key}_{role}" in m
     assert vs_base.accuracy_diff == pytest.approx(m["paraphrase_accuracy_candidate"] - m["paraphrase_accuracy_base"])
-    # under the database's grammar no answer of any model names a table or column the database lacks
-    for key in ("invented_identifiers_base", "invented_identifiers_candidate"):
-        assert m[key] == 0.0 and m[f"paraphrase_{key}"] == 0.0, key
+    # under the database's grammar the fine-tune names no table or column the database lacks
+    assert m["invented_identifiers_candidate"] == 0.0 and m["paraphrase_invented_identifiers_candidate"] == 0.0
     # the fine-tune understands some paraphrases: the gain's CI lower bound is above 30 points (measured ≈ +40)
     assert vs_base.ci_low > 0.30
 
@@ -112,7 +113,15 @@ def test_both_splits_are_reported_with_their_own_ci_and_invented_identifiers(rep
     paraphrase = [r for r in rows if r["split"] == "paraphrase"]
     assert len(paraphrase) == 350
     assert sum(r["candidate"]["correct"] for r in paraphrase) / 350 == m["paraphrase_accuracy_candidate"]
-    assert not [r for r in paraphrase for role in ("base", "candidate") if r[role]["invented_identifiers"]]
+    # nor does the base: the parser's only finds in its answers are names cut short where the answer hit
+    # max_new_tokens (a base that repeats "AND order_id = 2023" until the limit ends on "order_")
+    names = {n for columns in read_sql_schema(demo_task / "retail.db").tables for n in (columns[0], *columns[1])}
+    for row in rows:
+        answer = row["base"]["output"].rstrip()
+        for name in row["base"]["invented_identifiers"] or []:
+            cut = name.removeprefix("?.")
+            assert answer.endswith(cut) and any(n.startswith(cut) and n != cut for n in names), (name, answer)
+        assert not row["candidate"]["invented_identifiers"], row
     assert set(json.loads((local / "comparisons.json").read_text())) == {"test", "paraphrase"}
     assert "| paraphrase | base |" in (local / "summary.md").read_text()
 
