@@ -344,14 +344,15 @@ def test_each_version_is_served_under_the_decoding_it_was_evaluated_under(
     schema = read_schema(demo_task / "retail.db")
     rows = (demo_task / "test_paraphrase.jsonl").read_text().splitlines()
     questions = [PROMPT.format(json.loads(line)["instruction"]) for line in rows]
+    name = f"{retail}/{r2}"  # the strong version, whichever alias points at it by now
     with gateway(models, vllm_server, demo_store) as url:
-        assert ask(url, retail, RETAIL_Q).status_code == 200  # the champion is loaded
+        assert ask(url, name, RETAIL_Q).status_code == 200  # loaded into vLLM on this first request
         served = served_id(retail, r2)
         free = complete(vllm_server.base_url, served, questions, max_tokens=48)
         off = [q for q, answer in zip(questions, free, strict=True) if invented_identifiers(answer, schema)][:8]
         assert off, "decoding freely, the adapter named no wrong column on the paraphrase split"
-        body = {"model": retail, "max_tokens": 48, "temperature": 0}
-        answers = [ask(url, retail, q).json()["choices"][0]["text"] for q in off]
+        body = {"model": name, "max_tokens": 48, "temperature": 0}
+        answers = [ask(url, name, q).json()["choices"][0]["text"] for q in off]
         generated = [
             httpx.post(f"{url}/generate", json={**body, "prompt": q, "stream": False}, timeout=120).json()["text"]
             for q in off
@@ -364,5 +365,5 @@ def test_each_version_is_served_under_the_decoding_it_was_evaluated_under(
         assert not [a for a in answers if invented_identifiers(a, schema)]
         # clinic: no schema tag, free decoding through the gateway
         assert decoding_of(get_version(clinic, c1, tracking_uri=uri)) == {}
-        answer = ask(url, clinic, CLINIC_Q).json()["choices"][0]["text"]
+        answer = ask(url, f"{clinic}/{c1}", CLINIC_Q).json()["choices"][0]["text"]
         assert answer == complete(vllm_server.base_url, served_id(clinic, c1), [CLINIC_Q], max_tokens=48)[0]
