@@ -45,16 +45,23 @@ class SqlSchema:
         return dict(self.tables)[table]
 
 
-def read_sql_schema(database: Path) -> SqlSchema:
-    """The tables, columns and foreign keys of a SQLite file, read-only, in a stable order."""
+def sqlite_columns(database: Path) -> dict[str, tuple[str, ...]]:
+    """Every table and view of a SQLite file with its columns in order, read-only."""
     conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
     try:
-        names = sorted(
-            n
-            for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")
-            if not n.startswith("sqlite_")
-        )
-        tables = tuple((t, tuple(row[1] for row in conn.execute(f'PRAGMA table_info("{t}")'))) for t in names)
+        names = [n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")]
+        return {t: tuple(row[1] for row in conn.execute(f'PRAGMA table_info("{t}")')) for t in names}
+    finally:
+        conn.close()
+
+
+def read_sql_schema(database: Path) -> SqlSchema:
+    """The tables, columns and foreign keys of a SQLite file, read-only, in a stable order."""
+    columns = sqlite_columns(database)
+    names = sorted(n for n in columns if not n.startswith("sqlite_"))
+    tables = tuple((t, columns[t]) for t in names)
+    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
         keys = []
         for t in names:
             for row in conn.execute(f'PRAGMA foreign_key_list("{t}")'):

@@ -13,11 +13,12 @@ resolved) to that table. Names the query defines itself — CTEs, subquery and c
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import sqlglot
 from sqlglot import exp
+
+from infra.sql_grammar import sqlite_columns
 
 Schema = dict[str, set[str]]  # table -> its columns, lower case
 STATEMENTS = (exp.Query, exp.Insert, exp.Update, exp.Delete, exp.Create, exp.Drop)
@@ -25,12 +26,7 @@ STATEMENTS = (exp.Query, exp.Insert, exp.Update, exp.Delete, exp.Create, exp.Dro
 
 def read_schema(database: Path) -> Schema:
     """Tables and columns of a SQLite file, read-only."""
-    conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
-    try:
-        tables = [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")]
-        return {t.lower(): {row[1].lower() for row in conn.execute(f'PRAGMA table_info("{t}")')} for t in tables}
-    finally:
-        conn.close()
+    return {t.lower(): {c.lower() for c in columns} for t, columns in sqlite_columns(database).items()}
 
 
 def invented_identifiers(sql: str, schema: Schema) -> list[str] | None:
