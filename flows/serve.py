@@ -134,6 +134,7 @@ def gateway_config(settings: Settings, **overrides: object) -> GatewayConfig:
         "local_admin": settings.gateway_local_admin,
         "key_rate": settings.gateway_key_rate,
         "key_burst": settings.gateway_key_burst,
+        "direct_relay": settings.gateway_direct_relay,
     }
     return GatewayConfig(**{**values, **overrides})
 

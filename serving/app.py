@@ -25,6 +25,7 @@ from serving.catalog import RegistrySource
 from serving.contract import openai_error
 from serving.gateway import Gateway, GatewayConfig, GatewayError
 from serving.middleware import BodyLimit
+from serving.relay import GatewayApp
 from serving.request_log import RequestLog
 from serving.routers import admin, feedback, generate, openai, ops
 from serving.upstream import Upstream
@@ -62,7 +63,7 @@ def create_app(
             if request_log is not None:
                 await asyncio.to_thread(request_log.close)
 
-    app = FastAPI(title="tuneship gateway", version="1", lifespan=lifespan)
+    app = GatewayApp(title="tuneship gateway", version="1", lifespan=lifespan)
     app.state.gateway = gateway
     for router in (ops.router, generate.router, openai.router, feedback.router, admin.router):
         app.include_router(router)

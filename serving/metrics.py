@@ -106,6 +106,13 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self.in_flight = Gauge("tuneship_requests_in_flight", "Requests being served upstream.", registry=self.registry)
+        self.streams = Counter(
+            "tuneship_streams",
+            "Streamed OpenAI answers by relay: direct (the engine's events written to the client's socket, "
+            "serving.relay) or general.",
+            ["relay"],
+            registry=self.registry,
+        )
         self.queue_depth = Gauge("tuneship_queue_depth", "Requests waiting for a slot.", registry=self.registry)
         self.errors = Counter(
             "tuneship_request_errors", "Refused or failed requests by status.", ["status"], registry=self.registry

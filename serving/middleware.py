@@ -48,7 +48,7 @@ class BodyLimit:
                 if len(body) > self.max_bytes:
                     await self._too_large(scope, send)
                     return
-            receive = _replay(body)
+            receive = _replay(body, receive)
         await self.app(scope, receive, send)
 
     async def _too_large(self, scope: Scope, send: Send) -> None:
@@ -61,14 +61,16 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def _replay(body: bytes) -> Receive:
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The body read in one piece, then the server's own ``receive``: it answers ``http.disconnect`` only when the
+    client has gone (a streamed answer watches for that to stop)."""
     sent = False
 
-    async def receive() -> Message:
+    async def replay() -> Message:
         nonlocal sent
         if sent:
-            return {"type": "http.disconnect"}
+            return await receive()
         sent = True
         return {"type": "http.request", "body": body, "more_body": False}
 
-    return receive
+    return replay

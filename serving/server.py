@@ -31,11 +31,13 @@ def check_exposure(config: GatewayConfig, host: str) -> None:
         )
 
 
-def _server(app: Any, host: str, port: int, grace_s: float, log_level: str) -> Any:
+def _server(app: Any, host: str, port: int, grace_s: float, log_level: str, http: str = "auto") -> Any:
     import uvicorn
 
     check_exposure(app.state.gateway.config, host)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_s, http=http
+    )
     return uvicorn.Server(config)
 
 
@@ -46,10 +48,11 @@ def serve_forever(app: Any, *, host: str, port: int, grace_s: float = 10) -> Non
 
 @contextlib.contextmanager
 def serve_in_thread(
-    app: Any, *, host: str = "127.0.0.1", port: int, timeout: float = 30, grace_s: float = 10
+    app: Any, *, host: str = "127.0.0.1", port: int, timeout: float = 30, grace_s: float = 10, http: str = "auto"
 ) -> Iterator[str]:
-    """Serve ``app`` on a background thread; yield its base URL; shut it down gracefully on exit."""
-    server = _server(app, host, port, grace_s, "warning")
+    """Serve ``app`` on a background thread; yield its base URL; shut it down gracefully on exit. ``http`` is
+    uvicorn's HTTP protocol: ``auto`` is httptools, under which streams take the direct relay (``serving.relay``)."""
+    server = _server(app, host, port, grace_s, "warning", http)
     thread = threading.Thread(target=server.run, name=f"gateway-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

@@ -6,12 +6,21 @@ The gateway depends on the :class:`Upstream` protocol only, so tests and other e
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
+from urllib.parse import urlsplit
 
 import aiohttp
+import httptools
+
+Write = Callable[[bytes], bool | Awaitable[None]]
+"""Where a relayed stream's events go: False back means the client left, an awaitable that it is slow to read."""
 
 
 class UpstreamError(Exception):
@@ -25,6 +34,9 @@ class UpstreamError(Exception):
 class Upstream(Protocol):
     async def complete(self, path: str, body: dict[str, Any], request_id: str | None = None) -> bytes: ...
     def events(self, path: str, body: dict[str, Any], request_id: str | None = None) -> AsyncIterator[list[bytes]]: ...
+    async def relay(
+        self, path: str, body: dict[str, Any], request_id: str | None, write: Write, *, keep: bool
+    ) -> Relayed: ...
     async def models(self) -> list[dict[str, Any]]: ...
     async def load_adapter(self, name: str, path: Path) -> None: ...
     async def unload_adapter(self, name: str) -> None: ...
@@ -47,6 +59,12 @@ class VllmUpstream:
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=5.0)
         self.max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._split = urlsplit(self.base_url)
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (self.headers or {}).items())
+        self._fixed_headers = (
+            f"Host: {self._split.netloc}\r\nContent-Type: application/json\r\nAccept: text/event-stream\r\n{extra}"
+        )
+        self._idle: collections.deque[tuple[float, _EngineConnection]] = collections.deque()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -101,6 +119,79 @@ class VllmUpstream:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._unreachable(exc, "failed mid-request") from None
 
+    async def relay(
+        self,
+        path: str,
+        body: dict[str, Any],
+        request_id: str | None,
+        write: Write,
+        *,
+        keep: bool,
+    ) -> Relayed:
+        """Stream an answer straight through: ``write`` gets whole SSE events (``data: ...\\n\\n``, one or more
+        per call) as the engine's reads complete them, up to ``[DONE]`` (not included); when it returns False (the
+        client left) the engine's request is dropped, when it returns an awaitable (the client is slow) the
+        engine's connection is not read until that is done. With ``keep``, the events' data are kept too (for
+        the request log). The gateway's streamed fast path (``serving.relay``); its connections are kept alive
+        and reused, as the general path's are."""
+        head = f"POST {self._split.path}{path} HTTP/1.1\r\n{self._fixed_headers}"
+        if request_id:
+            head += f"X-Request-Id: {request_id}\r\n"
+        payload = json.dumps({**body, "stream": True}).encode()
+        request = f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload
+        connection = self._idle_connection()
+        reused = connection is not None
+        while True:
+            if connection is None:
+                connection = await self._connect()
+            answer = connection.begin(write, keep)
+            try:
+                connection.send(request)
+                async with asyncio.timeout(self.timeout.total):
+                    await answer.finished
+            except BaseException as exc:  # timed out, or cancelled (client gone, shutdown): vLLM sees the close
+                connection.close()
+                if isinstance(exc, TimeoutError):
+                    raise self._unreachable(exc, "failed mid-request") from None
+                raise
+            if reused and answer.failure is not None and not answer.received:
+                connection, reused = None, False  # the engine had closed this idle connection: once more, anew
+                continue
+            break
+        if connection.reusable() and len(self._idle) < self.max_connections:
+            self._idle.append((time.monotonic(), connection))
+        else:
+            connection.close()
+        if answer.status != 200:
+            text = bytes(answer.error).decode(errors="replace")
+            raise UpstreamError(f"vLLM answered {answer.status}: {text[:500]}", answer.status)
+        if answer.failure is not None:
+            raise self._unreachable(answer.failure, "failed mid-request")
+        return answer.relayed
+
+    def _idle_connection(self) -> _EngineConnection | None:
+        """The most recently used idle connection still open; those idle longer than ``IDLE_S`` are closed."""
+        now = time.monotonic()
+        while self._idle and (now - self._idle[0][0] > IDLE_S or self._idle[0][1].closed):
+            self._idle.popleft()[1].close()
+        while self._idle:
+            connection = self._idle.pop()[1]
+            if not connection.closed:
+                return connection
+        return None
+
+    async def _connect(self) -> _EngineConnection:
+        split, loop = self._split, asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.timeout.sock_connect):
+                _, connection = await loop.create_connection(
+                    _EngineConnection, split.hostname, split.port or (443 if split.scheme == "https" else 80),
+                    ssl=split.scheme == "https" or None,
+                )  # fmt: skip
+        except (OSError, TimeoutError) as exc:
+            raise self._unreachable(exc) from None
+        return connection
+
     async def models(self) -> list[dict[str, Any]]:
         try:
             async with self.session.get("/v1/models") as r:
@@ -130,8 +221,144 @@ class VllmUpstream:
             raise self._unreachable(exc) from None
 
     async def aclose(self) -> None:
+        while self._idle:
+            self._idle.pop()[1].close()
         if self._session is not None:
             await self._session.close()
+
+
+@dataclass
+class Relayed:
+    """What went through a relayed stream: events (tokens), when the first came, their data when kept."""
+
+    events: int = 0
+    first_at: float | None = None
+    data: list[bytes] = field(default_factory=list)
+
+
+_DONE = b"data: [DONE]\n\n"
+IDLE_S = 4.0  # an idle engine connection is not reused after this (uvicorn, vLLM's server, closes them after 5 s)
+
+
+class _Answer:
+    """One streamed answer's state on an engine connection."""
+
+    def __init__(self, write: Write, keep: bool) -> None:
+        self.write, self.keep = write, keep
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.status = 0
+        self.error = bytearray()
+        self.pending = b""
+        self.received = False
+        self.done = False  # [DONE] seen, or the client left: nothing more is relayed
+        self.left = False  # the client left
+        self.failure: Exception | None = None
+        self.relayed = Relayed()
+
+
+class _EngineConnection(asyncio.Protocol):
+    """A kept-alive HTTP/1.1 connection to the engine carrying one streamed answer at a time. httptools (C) parses
+    each response and its chunked framing; a read costs one Python call, which hands the whole SSE events it
+    completed to the answer's ``write``."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.answer: _Answer | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.resuming: asyncio.Task[None] | None = None
+
+    def begin(self, write: Write, keep: bool) -> _Answer:
+        self.answer = _Answer(write, keep)
+        self.parser = httptools.HttpResponseParser(self)
+        return self.answer
+
+    def send(self, request: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(request)
+
+    def reusable(self) -> bool:
+        answer = self.answer
+        return (
+            not self.closed
+            and answer is not None
+            and answer.failure is None
+            and not answer.left
+            and self.parser.should_keep_alive()
+        )
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        answer = self.answer
+        if answer is None or answer.finished.done():  # bytes nobody asked for: this connection is not usable
+            self.close()
+            return
+        answer.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.close()
+            self._finish(exc)
+
+    def on_headers_complete(self) -> None:
+        if self.answer is not None:
+            self.answer.status = self.parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        answer = self.answer
+        if answer is None or answer.done:
+            return
+        if answer.status != 200:
+            answer.error += body[: 4096 - len(answer.error)]
+            return
+        data = answer.pending + body if answer.pending else body
+        end = data.rfind(b"\n\n") + 2
+        if end == 1:  # no whole event yet
+            answer.pending = data
+            return
+        events, answer.pending = data[:end], data[end:]
+        if (cut := events.find(_DONE)) >= 0:
+            events, answer.done = events[:cut], True
+        if not events:
+            return
+        relayed = answer.relayed
+        relayed.first_at = relayed.first_at or time.perf_counter()
+        relayed.events += events.count(b"\n\n")
+        if answer.keep:
+            relayed.data += [e[6:] for e in events.split(b"\n\n") if e.startswith(b"data: ")]
+        wrote = answer.write(events)
+        if wrote is False:  # the client left: drop the engine's request
+            answer.done = answer.left = True
+            self.close()
+            self._finish(None)
+        elif wrote is not True and self.transport is not None:
+            self.transport.pause_reading()  # the client is slow: leave the rest in the kernel's buffers
+            self.resuming = asyncio.ensure_future(self._resume(wrote))
+
+    async def _resume(self, drained: Awaitable[None]) -> None:
+        await drained
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def on_message_complete(self) -> None:
+        self._finish(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._finish(exc or ConnectionResetError("the engine closed the connection before the answer ended"))
+
+    def _finish(self, failure: Exception | None) -> None:
+        answer = self.answer
+        if answer is not None and not answer.finished.done():
+            answer.failure = failure
+            answer.finished.set_result(None)
 
 
 _JSON = {"content-type": "application/json"}

@@ -7,6 +7,7 @@ the served model's name), never parsed and re-encoded per chunk.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -14,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from serving.contract import (
     SSE_EVENT,
@@ -27,8 +28,10 @@ from serving.contract import (
 )
 from serving.gateway import Gateway, GatewayDep, GatewayError, require_api_key
 from serving.middleware import overhead_header
+from serving.relay import RelayedStream
 from serving.request_log import REQUEST_ID_HEADER as REQUEST_ID
 from serving.request_log import SERVED_HEADER as SERVED
+from serving.upstream import Write
 
 router = APIRouter(
     prefix="/v1",
@@ -72,8 +75,9 @@ async def _relay(
         headers = {**overhead_header(request.scope, elapsed), REQUEST_ID: request_id, SERVED: served}
         return Response(content, media_type="application/json", headers=headers)
     gateway.admit()
-    events = _stream(gateway, request, req, path, body, rename, request_id, started)
-    return StreamingResponse(events, media_type="text/event-stream", headers={REQUEST_ID: request_id, SERVED: served})
+    stream = functools.partial(_stream, gateway, request, req, path, body, rename, request_id, started)
+    headers = {REQUEST_ID: request_id, SERVED: served}
+    return RelayedStream(stream, headers=headers, direct=gateway.config.direct_relay)
 
 
 async def _stream(
@@ -85,18 +89,27 @@ async def _stream(
     rename: tuple[bytes, bytes] | None,
     request_id: str,
     started: float,
+    write: Write | None,
 ) -> AsyncIterator[bytes]:
-    first, chunks, error = None, [], None
+    """The answer's events: with ``write`` (the client's socket, ``serving.relay``) the engine's events go there
+    and this yields only what the gateway adds (an error event, ``[DONE]``); without, it yields every event."""
+    first, chunks, count, error = None, [], 0, None
+    gateway.metrics.streams.labels(relay="general" if write is None else "direct").inc()
     try:
         async with gateway.slot(body["model"]):
-            async for batch in gateway.upstream.events(path, body, request_id):
-                if first is None:
-                    first = time.perf_counter()
-                chunks += batch
-                events = b"".join([b"data: " + data + b"\n\n" for data in batch])
-                yield events.replace(*rename) if rename else events
+            if write is not None:
+                renamed = (lambda events: write(events.replace(*rename))) if rename else write
+                relayed = await gateway.upstream.relay(path, body, request_id, renamed, keep=gateway.log is not None)
+                first, count, chunks = relayed.first_at, relayed.events, relayed.data
+            else:
+                async for batch in gateway.upstream.events(path, body, request_id):
+                    first = first or time.perf_counter()
+                    chunks += batch
+                    count += len(batch)
+                    events = b"".join([b"data: " + data + b"\n\n" for data in batch])
+                    yield events.replace(*rename) if rename else events
         elapsed = time.perf_counter() - started
-        gateway.metrics.observe(req.model, elapsed, (first or time.perf_counter()) - started, len(chunks))
+        gateway.metrics.observe(req.model, elapsed, (first or time.perf_counter()) - started, count)
     except GatewayError as exc:  # the stream had started: OpenAI's in-stream error event
         yield b"data: " + json.dumps(openai_error(exc.status, exc.message, exc.param)).encode() + b"\n\n"
         error = exc.message

@@ -35,8 +35,9 @@ import sys, uvicorn
 from pathlib import Path
 from serving.app import create_app, GatewayConfig
 from serving.upstream import VllmUpstream
-port, upstream, loop, http, log_dir = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
-config = GatewayConfig(aliases={"champion": "base"}, api_keys=["bench"], max_in_flight=256, max_tokens_cap=4096)
+port, upstream, loop, http, log_dir, direct = sys.argv[1:7]
+config = GatewayConfig(aliases={"champion": "base"}, api_keys=["bench"], max_in_flight=256, max_tokens_cap=4096,
+                       direct_relay=direct == "direct")
 log = None
 if log_dir != "-":  # the request log on (full mode: texts scrubbed), into a local artifact store
     from infra.artifacts import ArtifactStore, LocalBackend
@@ -71,21 +72,35 @@ def start_upstream(ttft_ms: float, token_ms: float) -> tuple[subprocess.Popen, s
 
 
 def launch_gateway(
-    upstream: str, *, src: Path = REPO, loop: str = "uvloop", http: str = "httptools", log_dir: Path | None = None
+    upstream: str,
+    *,
+    src: Path = REPO,
+    loop: str = "uvloop",
+    http: str = "httptools",
+    log_dir: Path | None = None,
+    direct: bool = True,
 ):
-    """The gateway from ``src`` as its own process; with ``log_dir``, its request log writes there."""
+    """The gateway from ``src`` as its own process; with ``log_dir``, its request log writes there; ``direct``:
+    streams take the direct relay where the server allows it (``serving.relay``)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(src)}
     argv = [sys.executable, "-c", LAUNCH, str(port), upstream, loop, http, str(log_dir) if log_dir else "-"]
+    argv.append("direct" if direct else "general")
     proc = subprocess.Popen(argv, env=env, cwd=src)
     url = f"http://127.0.0.1:{port}"
     _wait(f"{url}/health", proc)
     return proc, url
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_times(pid: int) -> tuple[float, float]:
+    """Seconds of CPU the process spent in user space and in the kernel (its system calls: socket reads and
+    writes, which on loopback include delivering the bytes to the receiving socket)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_times(pid))
 
 
 async def _one(session: Any, url: str, model: str, tokens: int, stream: bool) -> dict[str, float]:
@@ -155,13 +170,14 @@ def measure(
     asyncio.run(load(gateway, "champion", requests=32, concurrency=16, tokens=tokens))  # warm both paths
     asyncio.run(load(upstream, "base", requests=32, concurrency=16, tokens=tokens))
     added: dict[str, dict[str, list[float]]] = {"concurrency_16": {}, f"rate_{rate:g}_per_s": {}}
-    cpu_s, streamed = 0.0, 0
+    user_s, kernel_s, streamed = 0.0, 0.0, 0
     for _ in range(rounds):
         for mode, kwargs in (("concurrency_16", {"concurrency": 16}), (f"rate_{rate:g}_per_s", {"rate": rate})):
             direct = _summary(asyncio.run(load(upstream, "base", requests=requests, tokens=tokens, **kwargs)))
-            before = cpu_seconds(gateway_pid)
+            before = cpu_times(gateway_pid)
             via = _summary(asyncio.run(load(gateway, "champion", requests=requests, tokens=tokens, **kwargs)))
-            cpu_s += cpu_seconds(gateway_pid) - before
+            after = cpu_times(gateway_pid)
+            user_s, kernel_s = user_s + after[0] - before[0], kernel_s + after[1] - before[1]
             streamed += requests
             for key in direct:
                 added[mode].setdefault(f"added_{key}", []).append(via[key] - direct[key])
@@ -170,7 +186,9 @@ def measure(
     plain = asyncio.run(load(gateway, "champion", requests=requests, concurrency=16, tokens=tokens, stream=False))
     plain_cpu = (cpu_seconds(gateway_pid) - before) / requests * 1000
     return {
-        "cpu_ms_per_streamed_request": cpu_s / streamed * 1000,
+        "cpu_ms_per_streamed_request": (user_s + kernel_s) / streamed * 1000,
+        "user_ms_per_streamed_request": user_s / streamed * 1000,
+        "kernel_ms_per_streamed_request": kernel_s / streamed * 1000,
         "cpu_ms_per_plain_request": plain_cpu,
         "overhead_header_p50_ms": statistics.median(headers) if (headers := _headers(plain)) else None,
         **{mode: {k: round(statistics.median(v), 3) for k, v in figures.items()} for mode, figures in added.items()},
@@ -188,13 +206,15 @@ def run_variant(
     loop: str = "uvloop",
     http: str = "httptools",
     log_dir: Path | None = None,
+    direct: bool = True,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Launch the gateway from ``src`` with uvicorn's ``loop`` and ``http``, measure it, stop it (SIGTERM: its
     request log, when on, writes what it holds before the process ends)."""
-    proc, url = launch_gateway(upstream, src=src, loop=loop, http=http, log_dir=log_dir)
+    proc, url = launch_gateway(upstream, src=src, loop=loop, http=http, log_dir=log_dir, direct=direct)
     try:
-        return {"variant": name, "loop": loop, "http": http, **measure(upstream, url, proc.pid, **kwargs)}
+        figures = measure(upstream, url, proc.pid, **kwargs)
+        return {"variant": name, "loop": loop, "http": http, "direct_relay": direct, **figures}
     finally:
         proc.terminate()
         proc.wait(30)
@@ -207,15 +227,17 @@ if __name__ == "__main__":
     parser.add_argument("--src", type=Path, default=REPO, help="source tree of the gateway (default: this checkout)")
     parser.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
     parser.add_argument("--http", default="httptools", choices=["httptools", "h11"])
+    parser.add_argument("--general", action="store_true", help="streams take the general path, not the direct relay")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=192)
     args = parser.parse_args()
     upstream_proc, upstream_url = start_upstream(ttft_ms=10, token_ms=5)
     try:
-        name = f"{args.src.name}:{args.loop}+{args.http}"
+        name = f"{args.src.name}:{args.loop}+{args.http}" + (" general" if args.general else "")
         result = run_variant(
-            name, upstream_url, src=args.src, loop=args.loop, http=args.http, rounds=args.rounds, requests=args.requests
-        )
+            name, upstream_url, src=args.src, loop=args.loop, http=args.http, rounds=args.rounds,
+            requests=args.requests, direct=not args.general,
+        )  # fmt: skip
         print(json.dumps(result, indent=2))
     finally:
         upstream_proc.terminate()

