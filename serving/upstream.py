@@ -266,10 +266,11 @@ class _EngineConnection(asyncio.Protocol):
         self.answer: _Answer | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
+        self.keep_alive = False
         self.resuming: asyncio.Task[None] | None = None
 
     def begin(self, write: Write, keep: bool) -> _Answer:
-        self.answer = _Answer(write, keep)
+        self.answer, self.keep_alive = _Answer(write, keep), False
         self.parser = httptools.HttpResponseParser(self)
         return self.answer
 
@@ -279,13 +280,7 @@ class _EngineConnection(asyncio.Protocol):
 
     def reusable(self) -> bool:
         answer = self.answer
-        return (
-            not self.closed
-            and answer is not None
-            and answer.failure is None
-            and not answer.left
-            and self.parser.should_keep_alive()
-        )
+        return not self.closed and answer is not None and answer.failure is None and not answer.left and self.keep_alive
 
     def close(self) -> None:
         self.closed = True
@@ -348,6 +343,7 @@ class _EngineConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def on_message_complete(self) -> None:
+        self.keep_alive = self.parser.should_keep_alive()  # read now: the parser resets for the next message
         self._finish(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
