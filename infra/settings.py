@@ -127,7 +127,7 @@ class Settings(BaseSettings):
     gateway_direct_relay: bool = Field(
         default=True,
         description="Write streamed OpenAI answers from vLLM straight to the client's socket (uvicorn's httptools "
-        "protocol); off: every stream takes Starlette's streaming response. Same bytes either way.",
+        "protocol); off: every stream takes Starlette's streaming response. The same events either way.",
     )
     gateway_key_burst: int = Field(default=32, ge=1, description="Burst allowed per API key above its rate.")
     gateway_shutdown_grace_s: float = Field(

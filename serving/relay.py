@@ -11,7 +11,7 @@ a client that leaves cancels the stream (its slot freed, vLLM's request dropped)
 It needs the server's transport. :class:`GatewayApp` keeps the server's own ``send`` in the scope, and under
 uvicorn's httptools protocol (what ``tuneship serve`` runs) that is the request cycle, whose transport the relay
 writes to. Under any other server, or an in-process test client, :func:`client_socket` finds nothing and the
-routes take the general path: the same answer, byte for byte (``tests/integration/test_gateway_relay.py``).
+routes take the general path: the same events (``tests/integration/test_gateway_relay.py``).
 """
 
 from __future__ import annotations
