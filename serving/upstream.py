@@ -270,6 +270,11 @@ class _EngineConnection(asyncio.Protocol):
         self.resuming: asyncio.Task[None] | None = None
 
     def begin(self, write: Write, keep: bool) -> _Answer:
+        if self.resuming is not None:  # the last answer's client was slow: reading may still be paused for it
+            self.resuming.cancel()
+            self.resuming = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
         self.answer, self.keep_alive = _Answer(write, keep), False
         self.parser = httptools.HttpResponseParser(self)
         return self.answer

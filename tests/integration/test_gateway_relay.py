@@ -93,3 +93,25 @@ def test_direct_relay_keeps_the_connection(gateways) -> None:
         second = streamed(client, url, "/v1/completions", body)  # the same connection: the chunked answer ended well
         plain = client.post(f"{url}/v1/completions", json=body, headers=KEY, timeout=60).json()
     assert first == second and text(first) == plain["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("relay", ["direct", "general"])
+def test_a_chunked_request_body_gets_its_whole_stream(gateways, relay) -> None:
+    """A body sent chunked (no Content-Length) is read in one piece by the size limit, then replayed: the stream
+    still runs to its end (a replay that answered "disconnected" at once made StreamingResponse cut it)."""
+    body = {"model": "champion", "prompt": PROMPT, "max_tokens": 24, "temperature": 0}
+    with httpx.Client() as client:
+        whole = streamed(client, gateways[relay], "/v1/completions", body)
+        data = json.dumps({**body, "stream": True}).encode()
+        url = f"{gateways[relay]}/v1/completions"
+        headers = {**KEY, "content-type": "application/json"}
+        chunked = client.build_request("POST", url, content=iter([data[:10], data[10:]]), headers=headers)
+        assert "content-length" not in chunked.headers
+        response = client.send(chunked, stream=True)
+        try:
+            lines = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+        finally:
+            response.close()
+    assert response.status_code == 200 and lines[-1] == "[DONE]"
+    events = [json.loads(line) for line in lines[:-1]]
+    assert text(events) == text(whole) and len(events) == len(whole) - 1
