@@ -162,7 +162,7 @@ class VllmUpstream:
             self._idle.append((time.monotonic(), connection))
         else:
             connection.close()
-        if answer.status != 200:
+        if answer.status not in (0, 200):  # 0: no answer's head came before the connection failed
             text = bytes(answer.error).decode(errors="replace")
             raise UpstreamError(f"vLLM answered {answer.status}: {text[:500]}", answer.status)
         if answer.failure is not None:
