@@ -125,7 +125,7 @@ class Settings(BaseSettings):
     )
     gateway_key_rate: float = Field(default=0.0, ge=0, description="Requests/s per API key (token bucket); 0: none.")
     gateway_direct_relay: bool = Field(
-        default=True,
+        default=False,
         description="Write streamed OpenAI answers from vLLM straight to the client's socket (uvicorn's httptools "
         "protocol); off: every stream takes Starlette's streaming response. The same events either way.",
     )

@@ -278,8 +278,8 @@ def gateway_overhead(workdir: Path) -> dict[str, Any]:
 def gateway_isolated(workdir: Path) -> dict[str, Any]:
     """The gateway's own cost in front of a fixed-rate upstream (tests/benchmarks/fixed_rate_upstream.py), not
     vLLM: CPU-ms per streamed 64-token request (user and kernel), and the latency it adds at concurrency 16 and
-    at 40 requests/s. What ships (uvloop + httptools, the direct relay), the same server with streams on the
-    general path (TUNESHIP_GATEWAY_DIRECT_RELAY=false), and uvicorn's pure-Python pair, in one run."""
+    at 40 requests/s. The direct relay (uvloop + httptools, TUNESHIP_GATEWAY_DIRECT_RELAY=true), the same server
+    with streams on the general path (the default), and uvicorn's pure-Python pair, in one run."""
     from tests.benchmarks.overhead import run_variant, start_upstream
 
     upstream, url = start_upstream(ttft_ms=10, token_ms=5)

@@ -26,7 +26,7 @@ def gateways(vllm_server) -> Iterator[dict[str, str]]:
     with contextlib.ExitStack() as stack:
         urls = {}
         for relay, http in (("direct", "httptools"), ("general", "h11")):
-            config = GatewayConfig(aliases={"champion": "base"}, api_keys=["relay-key"])
+            config = GatewayConfig(aliases={"champion": "base"}, api_keys=["relay-key"], direct_relay=True)
             app = create_app(config, VllmUpstream(vllm_server.base_url))
             urls[relay] = stack.enter_context(serve_in_thread(app, port=free_port(), http=http))
         yield urls
