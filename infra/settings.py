@@ -125,9 +125,9 @@ class Settings(BaseSettings):
     )
     gateway_key_rate: float = Field(default=0.0, ge=0, description="Requests/s per API key (token bucket); 0: none.")
     gateway_direct_relay: bool = Field(
-        default=False,
+        default=True,
         description="Write streamed OpenAI answers from vLLM straight to the client's socket (uvicorn's httptools "
-        "protocol); off: every stream takes Starlette's streaming response. The same events either way.",
+        "protocol); false: every stream takes Starlette's streaming response. The same events either way.",
     )
     gateway_key_burst: int = Field(default=32, ge=1, description="Burst allowed per API key above its rate.")
     gateway_shutdown_grace_s: float = Field(

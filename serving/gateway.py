@@ -72,7 +72,7 @@ class GatewayConfig(BaseModel):
     max_in_flight: int = 64
     max_queue: int = 256
     batch_concurrency: int = 16
-    direct_relay: bool = Field(default=False, description="streamed OpenAI answers written to the client's socket")
+    direct_relay: bool = Field(default=True, description="streamed OpenAI answers written to the client's socket")
 
     @model_validator(mode="after")
     def _tenant_keys_are_keys(self) -> GatewayConfig:

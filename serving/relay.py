@@ -8,7 +8,7 @@ that writes one chunk frame to the client's transport. The answer's head and its
 last chunk) still go through ASGI, so the server keeps its own state: keep-alive, flow control, graceful shutdown;
 a client that leaves cancels the stream (its slot freed, vLLM's request dropped), as under StreamingResponse.
 
-It is on with ``TUNESHIP_GATEWAY_DIRECT_RELAY=true`` (``GatewayConfig.direct_relay``; off by default for now), and
+It is on by default (``GatewayConfig.direct_relay``; ``TUNESHIP_GATEWAY_DIRECT_RELAY=false`` turns it off), and
 it needs the server's transport. :class:`GatewayApp` keeps the server's own ``send`` in the scope, and under
 uvicorn's httptools protocol (what ``tuneship serve`` runs) that is the request cycle, whose transport the relay
 writes to. Under any other server, or an in-process test client, :func:`client_socket` finds nothing and the

@@ -9,6 +9,7 @@ stream at p50 and p99, at concurrency 16 (closed loop) and at a fixed request ra
 
 Each variant is a gateway launched by :func:`launch_gateway`: the code of a source tree (``src``: this checkout,
 or an older commit checked out elsewhere, for before/after figures) and uvicorn's event loop and HTTP parser.
+``--bare`` measures the bare relay (``bare_relay.py``) instead: the floor under any relay written in Python here.
 """
 
 from __future__ import annotations
@@ -87,6 +88,15 @@ def launch_gateway(
     argv = [sys.executable, "-c", LAUNCH, str(port), upstream, loop, http, str(log_dir) if log_dir else "-"]
     argv.append("direct" if direct else "general")
     proc = subprocess.Popen(argv, env=env, cwd=src)
+    url = f"http://127.0.0.1:{port}"
+    _wait(f"{url}/health", proc)
+    return proc, url
+
+
+def launch_bare_relay(upstream: str) -> tuple[subprocess.Popen, str]:
+    """The floor under every variant: a relay with no framework and no checks (``bare_relay.py``)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(HERE / "bare_relay.py"), "--port", str(port), "--upstream", upstream])
     url = f"http://127.0.0.1:{port}"
     _wait(f"{url}/health", proc)
     return proc, url
@@ -207,13 +217,19 @@ def run_variant(
     http: str = "httptools",
     log_dir: Path | None = None,
     direct: bool = True,
+    bare: bool = False,
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """Launch the gateway from ``src`` with uvicorn's ``loop`` and ``http``, measure it, stop it (SIGTERM: its
-    request log, when on, writes what it holds before the process ends)."""
-    proc, url = launch_gateway(upstream, src=src, loop=loop, http=http, log_dir=log_dir, direct=direct)
+    """Launch the gateway from ``src`` with uvicorn's ``loop`` and ``http`` (or, with ``bare``, the bare relay),
+    measure it, stop it (SIGTERM: its request log, when on, writes what it holds before the process ends)."""
+    if bare:
+        proc, url = launch_bare_relay(upstream)
+    else:
+        proc, url = launch_gateway(upstream, src=src, loop=loop, http=http, log_dir=log_dir, direct=direct)
     try:
         figures = measure(upstream, url, proc.pid, **kwargs)
+        if bare:
+            return {"variant": name, "bare_relay": True, **figures}
         return {"variant": name, "loop": loop, "http": http, "direct_relay": direct, **figures}
     finally:
         proc.terminate()
@@ -228,15 +244,17 @@ if __name__ == "__main__":
     parser.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
     parser.add_argument("--http", default="httptools", choices=["httptools", "h11"])
     parser.add_argument("--general", action="store_true", help="streams take the general path, not the direct relay")
+    parser.add_argument("--bare", action="store_true", help="the bare relay (bare_relay.py), not the gateway")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=192)
     args = parser.parse_args()
     upstream_proc, upstream_url = start_upstream(ttft_ms=10, token_ms=5)
     try:
         name = f"{args.src.name}:{args.loop}+{args.http}" + (" general" if args.general else "")
+        name = "bare relay" if args.bare else name
         result = run_variant(
             name, upstream_url, src=args.src, loop=args.loop, http=args.http, rounds=args.rounds,
-            requests=args.requests, direct=not args.general,
+            requests=args.requests, direct=not args.general, bare=args.bare,
         )  # fmt: skip
         print(json.dumps(result, indent=2))
     finally:

@@ -496,17 +496,27 @@ def test_a_gateway_killed_after_the_switch_still_counts_as_deployed(versions, vl
         admin = {"Authorization": f"Bearer {ADMIN}"}
         body = {"model": key, "prompt": "SELECT", "max_tokens": 480, "n": 4, "ignore_eos": True, "stream": True}
 
+        ended: list[str] = []  # how each stream ended, for the failure message
+
         def hold_old_adapter() -> None:  # a long stream on the old adapter: the deploy must wait for it
-            with contextlib.suppress(httpx.HTTPError), httpx.stream("POST", f"{url}/v1/completions", json=body) as r:
-                for _ in r.iter_lines():
-                    pass
+            lines, status = 0, None
+            try:
+                with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+                    status = r.status_code
+                    for _ in r.iter_lines():
+                        lines += 1
+                ended.append(f"HTTP {status} after {lines} lines")
+            except httpx.HTTPError as e:
+                ended.append(f"HTTP {status} after {lines} lines: {e!r}")
 
         # 8 streams × 4 sequences × 480 tokens: the smoke test's greedy answers run in the same vLLM batches and need
         # far fewer steps, so these are still running when the alias switches.
         with ThreadPoolExecutor(9) as pool:
             for _ in range(8):
                 pool.submit(hold_old_adapter)
+            deadline = time.monotonic() + 300
             while httpx.get(f"{url}/admin/routes", headers=admin).json()["in_flight"].get(old, 0) < 8:
+                assert not ended and time.monotonic() < deadline, f"streams ended before all 8 were in flight: {ended}"
                 time.sleep(0.05)
             deploying = pool.submit(ship, versions, vllm_server, url, v2.version, drain_timeout_s=120)
             while (routes := httpx.get(f"{url}/admin/routes", headers=admin).json())["aliases"].get(key) != new:

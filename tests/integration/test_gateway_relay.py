@@ -22,11 +22,12 @@ KEY = {"Authorization": "Bearer relay-key"}
 
 @pytest.fixture(scope="module")
 def gateways(vllm_server) -> Iterator[dict[str, str]]:
-    """The same app under uvicorn's httptools protocol (direct relay) and under h11 (general path)."""
+    """The same app under uvicorn's httptools protocol (the direct relay, the default), under h11 (the general
+    path: no socket to write to) and under httptools with the relay switched off (the general path)."""
     with contextlib.ExitStack() as stack:
         urls = {}
-        for relay, http in (("direct", "httptools"), ("general", "h11")):
-            config = GatewayConfig(aliases={"champion": "base"}, api_keys=["relay-key"], direct_relay=True)
+        for relay, http, on in (("direct", "httptools", True), ("general", "h11", True), ("off", "httptools", False)):
+            config = GatewayConfig(aliases={"champion": "base"}, api_keys=["relay-key"], direct_relay=on)
             app = create_app(config, VllmUpstream(vllm_server.base_url))
             urls[relay] = stack.enter_context(serve_in_thread(app, port=free_port(), http=http))
         yield urls
@@ -76,13 +77,16 @@ def test_direct_and_general_relays_answer_alike(gateways, path, body) -> None:
     with httpx.Client() as client:
         direct = streamed(client, gateways["direct"], path, body)
         general = streamed(client, gateways["general"], path, body)
+        off = streamed(client, gateways["off"], path, body)
         with_usage = streamed(client, gateways["direct"], path, {**body, "stream_options": {"include_usage": True}})
-    assert direct == general and text(direct)
+    assert direct == general == off and text(direct)
     assert direct[-1] == "[DONE]" and len(direct) >= 4
     assert all(event["model"] == "champion" for event in direct[:-1])  # the alias the client asked for
     assert text(with_usage) == text(direct) and with_usage[-2]["usage"]["completion_tokens"] > 0
     assert streams(gateways["direct"]).get("direct", 0) >= 2 and "general" not in streams(gateways["direct"])
-    assert streams(gateways["general"]).get("general", 0) >= 1 and "direct" not in streams(gateways["general"])
+    for general_only in ("general", "off"):
+        counted = streams(gateways[general_only])
+        assert counted.get("general", 0) >= 1 and "direct" not in counted
 
 
 def test_direct_relay_keeps_the_connection(gateways) -> None:
