@@ -113,6 +113,11 @@ class GatewayMetrics:
             ["relay"],
             registry=self.registry,
         )
+        self.slow_client_waits = Counter(
+            "tuneship_slow_client_waits",
+            "Times a directly relayed stream stopped reading from the engine until a slow client caught up.",
+            registry=self.registry,
+        )
         self.queue_depth = Gauge("tuneship_queue_depth", "Requests waiting for a slot.", registry=self.registry)
         self.errors = Counter(
             "tuneship_request_errors", "Refused or failed requests by status.", ["status"], registry=self.registry

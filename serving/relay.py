@@ -48,16 +48,20 @@ class ClientSocket:
     transport: asyncio.Transport
     flow: Any  # uvicorn's FlowControl: write_paused while the client is slow to read, drain() waits for it
 
-    def writer(self) -> Write:
+    def writer(self, on_wait: Callable[[], None]) -> Write:
         """Write SSE events as one chunk frame: False when the client has gone, an awaitable to wait on before
-        reading more from the engine when the client is slow (its buffer over the transport's high-water mark)."""
+        reading more from the engine when the client is slow (its buffer over the transport's high-water mark;
+        ``on_wait`` is told each time)."""
         transport, flow = self.transport, self.flow
 
         def write(events: bytes) -> bool | Awaitable[None]:
             if transport.is_closing():
                 return False
             transport.write(b"%x\r\n%b\r\n" % (len(events), events))
-            return flow.drain() if flow.write_paused else True
+            if flow.write_paused:
+                on_wait()
+                return flow.drain()
+            return True
 
         return write
 
@@ -81,9 +85,14 @@ class RelayedStream(Response):
     media_type = "text/event-stream"
 
     def __init__(
-        self, events: Callable[[Write | None], AsyncIterator[bytes]], headers: dict[str, str], *, direct: bool = True
+        self,
+        events: Callable[[Write | None], AsyncIterator[bytes]],
+        headers: dict[str, str],
+        *,
+        direct: bool = True,
+        on_wait: Callable[[], None] = lambda: None,
     ) -> None:
-        self.events, self.direct, self.status_code, self.background = events, direct, 200, None
+        self.events, self.direct, self.on_wait, self.status_code, self.background = events, direct, on_wait, 200, None
         self.init_headers(headers)  # as StreamingResponse does: no body, so no content-length (the answer is chunked)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -101,7 +110,7 @@ class RelayedStream(Response):
 
             group.start_soon(watch)
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            async with contextlib.aclosing(self.events(socket.writer())) as events:
+            async with contextlib.aclosing(self.events(socket.writer(self.on_wait))) as events:
                 async for piece in events:
                     await send({"type": "http.response.body", "body": piece, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})

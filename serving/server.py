@@ -9,6 +9,8 @@ pinned) for its event loop and HTTP parser.
 from __future__ import annotations
 
 import contextlib
+import functools
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -48,12 +50,26 @@ def serve_forever(app: Any, *, host: str, port: int, grace_s: float = 10) -> Non
 
 @contextlib.contextmanager
 def serve_in_thread(
-    app: Any, *, host: str = "127.0.0.1", port: int, timeout: float = 30, grace_s: float = 10, http: str = "auto"
+    app: Any,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    timeout: float = 30,
+    grace_s: float = 10,
+    http: str = "auto",
+    sock: socket.socket | None = None,
 ) -> Iterator[str]:
     """Serve ``app`` on a background thread; yield its base URL; shut it down gracefully on exit. ``http`` is
-    uvicorn's HTTP protocol: ``auto`` is httptools, under which streams take the direct relay (``serving.relay``)."""
+    uvicorn's HTTP protocol: ``auto`` is httptools, under which streams take the direct relay (``serving.relay``).
+    ``sock``: a bound socket to listen on instead of ``host:port`` (the connections it accepts inherit its
+    options, such as its send buffer's size)."""
+    if sock is not None:
+        host, port = sock.getsockname()[:2]
+    elif not port:
+        raise ValueError("serve_in_thread needs a port or a bound socket")
     server = _server(app, host, port, grace_s, "warning", http)
-    thread = threading.Thread(target=server.run, name=f"gateway-{port}", daemon=True)
+    run = functools.partial(server.run, sockets=[sock]) if sock is not None else server.run
+    thread = threading.Thread(target=run, name=f"gateway-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
     while not server.started:

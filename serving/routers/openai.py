@@ -77,7 +77,8 @@ async def _relay(
     gateway.admit()
     stream = functools.partial(_stream, gateway, request, req, path, body, rename, request_id, started)
     headers = {REQUEST_ID: request_id, SERVED: served}
-    return RelayedStream(stream, headers=headers, direct=gateway.config.direct_relay)
+    waits = gateway.metrics.slow_client_waits.inc
+    return RelayedStream(stream, headers=headers, direct=gateway.config.direct_relay, on_wait=waits)
 
 
 async def _stream(

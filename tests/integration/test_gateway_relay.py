@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -119,3 +121,54 @@ def test_a_chunked_request_body_gets_its_whole_stream(gateways, relay) -> None:
     assert response.status_code == 200 and lines[-1] == "[DONE]"
     events = [json.loads(line) for line in lines[:-1]]
     assert text(events) == text(whole) and len(events) == len(whole) - 1
+
+
+def test_a_slow_client_pauses_the_engine_reads_and_gets_its_whole_stream(vllm_server) -> None:
+    """A client that stops reading: once the gateway's buffer for it is over the high-water mark, the direct relay
+    stops reading from vLLM until the client catches up (counted in ``tuneship_slow_client_waits_total``), and the
+    client still gets every event, in order, to ``[DONE]``. Small socket buffers on both ends (the gateway's
+    listening socket passes its send buffer's size to the connections it accepts) make ~80 KB fill them."""
+    import h11
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    listener.bind(("127.0.0.1", 0))
+    config = GatewayConfig(aliases={"champion": "base"}, api_keys=["relay-key"])
+    app = create_app(config, VllmUpstream(vllm_server.base_url))
+    body = {"model": "champion", "prompt": PROMPT, "max_tokens": 200, "n": 4, "ignore_eos": True, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    payload = json.dumps(body).encode()
+    with serve_in_thread(app, sock=listener) as url, socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window stays small
+        client.connect(listener.getsockname())
+        head = "POST /v1/completions HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer relay-key\r\n"
+        head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+        client.sendall(head.encode() + payload)
+        deadline = time.monotonic() + 180
+        while not (waits := counter(url, "tuneship_slow_client_waits_total")):
+            assert time.monotonic() < deadline, "the relay never waited for the client"
+            time.sleep(0.2)
+        client.settimeout(120)  # a relay that never resumed reading from vLLM: a timeout, not a hang
+        received = b"".join(iter(lambda: client.recv(1 << 16), b""))  # now read it all, to the end
+    parser = h11.Connection(h11.CLIENT)  # an independent parser of the answer's framing
+    parser.send(h11.Request(method="POST", target="/", headers=[("Host", "x"), ("Content-Length", "0")]))
+    parser.send(h11.EndOfMessage())
+    parser.receive_data(received)
+    response, data = parser.next_event(), b""
+    while not isinstance(event := parser.next_event(), h11.EndOfMessage):  # a cut answer: NEED_DATA, then fails
+        assert isinstance(event, h11.Data), event
+        data += event.data
+    assert isinstance(response, h11.Response) and response.status_code == 200 and waits >= 1
+    events = [e.removeprefix(b"data: ") for e in data.split(b"\n\n") if e]
+    assert events[-1] == b"[DONE]" and len(data) > 80_000
+    answers = [json.loads(e) for e in events[:-1]]
+    assert answers[-1]["usage"]["completion_tokens"] == 4 * 200  # every sequence generated whole
+    choices = [choice for answer in answers for choice in answer["choices"]]
+    for index in range(4):  # and relayed whole: each sequence's events end with its length cap
+        mine = [choice for choice in choices if choice["index"] == index]
+        assert mine and mine[-1]["finish_reason"] == "length" and sum(c["finish_reason"] is not None for c in mine) == 1
+
+
+def counter(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", headers=KEY).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
