@@ -23,7 +23,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
 from fastapi import FastAPI
 from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -101,17 +100,29 @@ class RelayedStream(Response):
             general = StreamingResponse(self.events(None), headers=self.headers, media_type=self.media_type)
             await general(scope, receive, send)
             return
-        async with anyio.create_task_group() as group:  # as StreamingResponse: a client that leaves cancels the rest
+        # A client that leaves cancels the stream, as under StreamingResponse (which uses an anyio task group: a
+        # plain watcher task is about 0.1 CPU-ms cheaper per request, `make bench`). The cancellation frees the
+        # slot and closes the connection to vLLM, which aborts the request there.
+        task, gone = asyncio.current_task(), False
+        assert task is not None
 
-            async def watch() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                group.cancel_scope.cancel()
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            task.cancel()
 
-            group.start_soon(watch)
+        watcher = asyncio.ensure_future(watch())
+        try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async with contextlib.aclosing(self.events(socket.writer(self.on_wait))) as events:
                 async for piece in events:
                     await send({"type": "http.response.body", "body": piece, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-            group.cancel_scope.cancel()
+        except asyncio.CancelledError:
+            if not gone:  # the server's own cancellation (shutdown past its grace period): not ours to swallow
+                raise
+            task.uncancel()
+        finally:
+            watcher.cancel()
