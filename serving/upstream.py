@@ -35,7 +35,14 @@ class Upstream(Protocol):
     async def complete(self, path: str, body: dict[str, Any], request_id: str | None = None) -> bytes: ...
     def events(self, path: str, body: dict[str, Any], request_id: str | None = None) -> AsyncIterator[list[bytes]]: ...
     async def relay(
-        self, path: str, body: dict[str, Any], request_id: str | None, write: Write, *, keep: bool
+        self,
+        path: str,
+        body: dict[str, Any],
+        request_id: str | None,
+        write: Write,
+        *,
+        keep: bool,
+        rename: tuple[bytes, bytes] | None = None,
     ) -> Relayed: ...
     async def models(self) -> list[dict[str, Any]]: ...
     async def load_adapter(self, name: str, path: Path) -> None: ...
@@ -127,13 +134,15 @@ class VllmUpstream:
         write: Write,
         *,
         keep: bool,
+        rename: tuple[bytes, bytes] | None = None,
     ) -> Relayed:
         """Stream an answer straight through: ``write`` gets whole SSE events (``data: ...\\n\\n``, one or more
         per call) as the engine's reads complete them, up to ``[DONE]`` (not included); when it returns False (the
         client left) the engine's request is dropped, when it returns an awaitable (the client is slow) the
         engine's connection is not read until that is done. With ``keep``, the events' data are kept too (for
-        the request log). The gateway's streamed fast path (``serving.relay``); its connections are kept alive
-        and reused, as the general path's are."""
+        the request log); with ``rename`` (old, new), ``old`` is replaced by ``new`` in the events written. The
+        gateway's streamed fast path (``serving.relay``); its connections are kept alive and reused, as the
+        general path's are."""
         head = f"POST {self._split.path}{path} HTTP/1.1\r\n{self._fixed_headers}"
         if request_id:
             head += f"X-Request-Id: {request_id}\r\n"
@@ -144,7 +153,7 @@ class VllmUpstream:
         while True:
             if connection is None:
                 connection = await self._connect()
-            answer = connection.begin(write, keep)
+            answer = connection.begin(write, keep, rename)
             try:
                 connection.send(request)
                 async with asyncio.timeout(self.timeout.total):
@@ -243,8 +252,8 @@ IDLE_S = 4.0  # an idle engine connection is not reused after this (uvicorn, vLL
 class _Answer:
     """One streamed answer's state on an engine connection."""
 
-    def __init__(self, write: Write, keep: bool) -> None:
-        self.write, self.keep = write, keep
+    def __init__(self, write: Write, keep: bool, rename: tuple[bytes, bytes] | None) -> None:
+        self.write, self.keep, self.rename = write, keep, rename
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.status = 0
         self.error = bytearray()
@@ -254,6 +263,7 @@ class _Answer:
         self.left = False  # the client left
         self.failure: Exception | None = None
         self.relayed = Relayed()
+        self.ended = False  # finished: bytes that still come are nobody's (a plain flag, read on every read)
 
 
 class _EngineConnection(asyncio.Protocol):
@@ -269,13 +279,13 @@ class _EngineConnection(asyncio.Protocol):
         self.keep_alive = False
         self.resuming: asyncio.Task[None] | None = None
 
-    def begin(self, write: Write, keep: bool) -> _Answer:
+    def begin(self, write: Write, keep: bool, rename: tuple[bytes, bytes] | None) -> _Answer:
         if self.resuming is not None:  # the last answer's client was slow: reading may still be paused for it
             self.resuming.cancel()
             self.resuming = None
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
-        self.answer, self.keep_alive = _Answer(write, keep), False
+        self.answer, self.keep_alive = _Answer(write, keep, rename), False
         self.parser = httptools.HttpResponseParser(self)
         return self.answer
 
@@ -297,7 +307,7 @@ class _EngineConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         answer = self.answer
-        if answer is None or answer.finished.done():  # bytes nobody asked for: this connection is not usable
+        if answer is None or answer.ended:  # bytes nobody asked for: this connection is not usable
             self.close()
             return
         answer.received = True
@@ -333,7 +343,7 @@ class _EngineConnection(asyncio.Protocol):
         relayed.events += events.count(b"\n\n")
         if answer.keep:
             relayed.data += [e[6:] for e in events.split(b"\n\n") if e.startswith(b"data: ")]
-        wrote = answer.write(events)
+        wrote = answer.write(events.replace(*answer.rename) if answer.rename else events)
         if wrote is False:  # the client left: drop the engine's request
             answer.done = answer.left = True
             self.close()
@@ -357,9 +367,11 @@ class _EngineConnection(asyncio.Protocol):
 
     def _finish(self, failure: Exception | None) -> None:
         answer = self.answer
-        if answer is not None and not answer.finished.done():
+        if answer is not None and not answer.ended:
+            answer.ended = True
             answer.failure = failure
-            answer.finished.set_result(None)
+            if not answer.finished.done():  # cancelled with the relay's task (the client left, a shutdown)
+                answer.finished.set_result(None)
 
 
 _JSON = {"content-type": "application/json"}

@@ -99,8 +99,8 @@ async def _stream(
     try:
         async with gateway.slot(body["model"]):
             if write is not None:
-                renamed = (lambda events: write(events.replace(*rename))) if rename else write
-                relayed = await gateway.upstream.relay(path, body, request_id, renamed, keep=gateway.log is not None)
+                keep = gateway.log is not None
+                relayed = await gateway.upstream.relay(path, body, request_id, write, keep=keep, rename=rename)
                 first, count, chunks = relayed.first_at, relayed.events, relayed.data
             else:
                 async for batch in gateway.upstream.events(path, body, request_id):
