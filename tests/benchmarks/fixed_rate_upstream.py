@@ -6,6 +6,11 @@ and tiny cost, so that a gateway in front of it can be measured on its own. Neve
 Raw asyncio HTTP/1.1 with keep-alive (no framework): each chunk is pre-built bytes; every request costs the
 same, whatever the gateway does. ``GET /v1/models`` lists ``base``; every completion yields ``max_tokens``
 tokens (64 by default) after ``ttft-ms``, one every ``token-ms``.
+
+Each streamed chunk's id carries two clock readings (``time.perf_counter_ns``, one clock for every process on
+the machine): when the request arrived here and when the chunk was written, ``"id":"cmpl-ARRIVED-WRITTEN"``.
+The load generator reads them to split a request's latency into the path's part (the request's way here, the
+last token's way back) and this server's schedule, which is the same whichever way the request came.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import time
 
 MODEL = "base"
 
@@ -23,7 +29,8 @@ def _chunk(text: str, finish: str | None) -> bytes:
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 
-TOKEN, LAST = _chunk(" tok", None), _chunk(" tok", "length")
+# The id is filled in per chunk: "cmpl-%d-%d" % (arrived, written), in nanoseconds.
+TOKEN, LAST = (_chunk(" tok", finish).replace(b"cmpl-bench", b"cmpl-%d-%d") for finish in (None, "length"))
 DONE = b"data: [DONE]\n\n"
 MODELS = json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "bench"}]}).encode()
 
@@ -60,6 +67,7 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ttf
             method, path = lines[0].split(" ")[:2]
             headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
             body = await reader.readexactly(int(headers.get("content-length", "0")))
+            arrived = time.perf_counter_ns()
             if method == "GET" and path == "/v1/models":
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
                     len(MODELS), MODELS))  # fmt: skip
@@ -77,7 +85,7 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ttf
             for i in range(tokens):
                 if i:
                     await asyncio.sleep(token)
-                writer.write(_frame(LAST if i == tokens - 1 else TOKEN))
+                writer.write(_frame((LAST if i == tokens - 1 else TOKEN) % (arrived, time.perf_counter_ns())))
             if (request.get("stream_options") or {}).get("include_usage"):
                 writer.write(_frame(_usage(tokens)))
             writer.write(_frame(DONE) + b"0\r\n\r\n")

@@ -29,6 +29,11 @@ import httpx
 from infra.services import free_port
 from serving.loadgen import percentile
 
+STAMP = b'"id":"cmpl-'
+# The gateway gets a core of its own (the last), the load generator and the upstream the others: a gateway is
+# deployed on cores of its own, and this way its figures do not include waiting for the load generator's turn.
+_CPUS = sorted(os.sched_getaffinity(0))
+GATEWAY_CPUS, OTHER_CPUS = ({_CPUS[-1]}, set(_CPUS[:-1])) if len(_CPUS) > 1 else (set(_CPUS), set(_CPUS))
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 LAUNCH = """
@@ -49,6 +54,11 @@ uvicorn.run(create_app(config, VllmUpstream(upstream), log), host="127.0.0.1", p
 """
 
 
+def _on(cpus: set[int]) -> Any:
+    """For ``Popen(preexec_fn=...)``: the child, and every thread it starts, runs on ``cpus`` only."""
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
 def _wait(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -66,7 +76,7 @@ def _wait(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
 def start_upstream(ttft_ms: float, token_ms: float) -> tuple[subprocess.Popen, str]:
     port = free_port()
     argv = [sys.executable, str(HERE / "fixed_rate_upstream.py"), "--port", str(port)]
-    proc = subprocess.Popen([*argv, "--ttft-ms", str(ttft_ms), "--token-ms", str(token_ms)])
+    proc = subprocess.Popen([*argv, "--ttft-ms", str(ttft_ms), "--token-ms", str(token_ms)], preexec_fn=_on(OTHER_CPUS))
     url = f"http://127.0.0.1:{port}"
     _wait(f"{url}/v1/models", proc)
     return proc, url
@@ -87,7 +97,7 @@ def launch_gateway(
     env = {**os.environ, "PYTHONPATH": str(src)}
     argv = [sys.executable, "-c", LAUNCH, str(port), upstream, loop, http, str(log_dir) if log_dir else "-"]
     argv.append("direct" if direct else "general")
-    proc = subprocess.Popen(argv, env=env, cwd=src)
+    proc = subprocess.Popen(argv, env=env, cwd=src, preexec_fn=_on(GATEWAY_CPUS))
     url = f"http://127.0.0.1:{port}"
     _wait(f"{url}/health", proc)
     return proc, url
@@ -96,7 +106,8 @@ def launch_gateway(
 def launch_bare_relay(upstream: str) -> tuple[subprocess.Popen, str]:
     """The floor under every variant: a relay with no framework and no checks (``bare_relay.py``)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(HERE / "bare_relay.py"), "--port", str(port), "--upstream", upstream])
+    argv = [sys.executable, str(HERE / "bare_relay.py"), "--port", str(port), "--upstream", upstream]
+    proc = subprocess.Popen(argv, preexec_fn=_on(GATEWAY_CPUS))
     url = f"http://127.0.0.1:{port}"
     _wait(f"{url}/health", proc)
     return proc, url
@@ -115,15 +126,25 @@ def cpu_seconds(pid: int) -> float:
 
 async def _one(session: Any, url: str, model: str, tokens: int, stream: bool) -> dict[str, float]:
     body = {"model": model, "prompt": "hello", "max_tokens": tokens, "stream": stream}
-    started = time.perf_counter()
-    first = None
+    started, started_ns = time.perf_counter(), time.perf_counter_ns()
+    first, first_way, stamp = None, None, None
     async with session.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer bench"}) as r:
         assert r.status == 200, await r.text()
-        async for _ in r.content.iter_any():
+        async for data in r.content.iter_any():
+            now = time.perf_counter_ns()
             first = first or time.perf_counter()
+            at = data.rfind(STAMP) + len(STAMP) if stream else -1  # the upstream's clock readings, if whole
+            if at >= len(STAMP) and (close := data.find(b'"', at)) > 0:
+                arrived, _, written = data[at:close].partition(b"-")
+                if arrived.isdigit() and written.isdigit():
+                    stamp = int(arrived), now - int(written)
+                    first_way = first_way if first_way is not None else stamp[1]
         overhead = r.headers.get("x-tuneship-overhead-ms")
     end = time.perf_counter()
     sample = {"ttfb": (first or end) - started, "latency": end - started}
+    if stamp is not None and first_way is not None:  # the path's part: there, and back for the first / last token
+        there = stamp[0] - started_ns
+        sample |= {"path_ttfb": (there + first_way) / 1e9, "path_latency": (there + stamp[1]) / 1e9}
     if overhead is not None:
         sample["overhead_header_ms"] = float(overhead)
     return sample
@@ -159,13 +180,20 @@ async def load(
 
 
 def _summary(samples: list[dict[str, float]]) -> dict[str, float]:
-    latency, ttfb = [s["latency"] for s in samples], [s["ttfb"] for s in samples]
-    return {
-        "p50_ms": percentile(latency, 50) * 1000,
-        "p99_ms": percentile(latency, 99) * 1000,
-        "ttfb_p50_ms": percentile(ttfb, 50) * 1000,
-        "ttfb_p99_ms": percentile(ttfb, 99) * 1000,
-    }
+    """Percentiles of the whole latency and time to first byte, and of their path's part (``path_``) where the
+    upstream stamped its chunks."""
+    summary = {}
+    for prefix in ("", "path_"):
+        latency = [s[f"{prefix}latency"] for s in samples if f"{prefix}latency" in s]
+        ttfb = [s[f"{prefix}ttfb"] for s in samples if f"{prefix}ttfb" in s]
+        if latency:
+            summary |= {
+                f"{prefix}p50_ms": percentile(latency, 50) * 1000,
+                f"{prefix}p99_ms": percentile(latency, 99) * 1000,
+                f"{prefix}ttfb_p50_ms": percentile(ttfb, 50) * 1000,
+                f"{prefix}ttfb_p99_ms": percentile(ttfb, 99) * 1000,
+            }
+    return summary
 
 
 def _headers(samples: list[dict[str, float]]) -> list[float]:
@@ -176,22 +204,37 @@ def measure(
     upstream: str, gateway: str, gateway_pid: int, *, rounds: int = 3, requests: int = 192, rate: float = 40.0,
     tokens: int = 64,
 ) -> dict[str, Any]:  # fmt: skip
-    """Alternate direct and gateway rounds (same load); medians over rounds of the per-round differences."""
+    """Alternate direct and gateway rounds (same load); the percentiles of all rounds' requests each way, and their
+    differences. The load generator (this process) runs on the cores the upstream has, off the gateway's."""
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, OTHER_CPUS)
+    try:
+        return _measure(upstream, gateway, gateway_pid, rounds=rounds, requests=requests, rate=rate, tokens=tokens)
+    finally:
+        os.sched_setaffinity(0, mine)
+
+
+def _measure(
+    upstream: str, gateway: str, gateway_pid: int, *, rounds: int, requests: int, rate: float, tokens: int
+) -> dict[str, Any]:
     asyncio.run(load(gateway, "champion", requests=32, concurrency=16, tokens=tokens))  # warm both paths
     asyncio.run(load(upstream, "base", requests=32, concurrency=16, tokens=tokens))
-    added: dict[str, dict[str, list[float]]] = {"concurrency_16": {}, f"rate_{rate:g}_per_s": {}}
+    modes = {"concurrency_16": {"concurrency": 16}, f"rate_{rate:g}_per_s": {"rate": rate}}
+    samples: dict[tuple[str, str], list[dict[str, float]]] = {(m, way): [] for m in modes for way in ("direct", "via")}
     user_s, kernel_s, streamed = 0.0, 0.0, 0
     for _ in range(rounds):
-        for mode, kwargs in (("concurrency_16", {"concurrency": 16}), (f"rate_{rate:g}_per_s", {"rate": rate})):
-            direct = _summary(asyncio.run(load(upstream, "base", requests=requests, tokens=tokens, **kwargs)))
+        for mode, kwargs in modes.items():
+            samples[mode, "direct"] += asyncio.run(load(upstream, "base", requests=requests, tokens=tokens, **kwargs))
             before = cpu_times(gateway_pid)
-            via = _summary(asyncio.run(load(gateway, "champion", requests=requests, tokens=tokens, **kwargs)))
+            samples[mode, "via"] += asyncio.run(load(gateway, "champion", requests=requests, tokens=tokens, **kwargs))
             after = cpu_times(gateway_pid)
             user_s, kernel_s = user_s + after[0] - before[0], kernel_s + after[1] - before[1]
             streamed += requests
-            for key in direct:
-                added[mode].setdefault(f"added_{key}", []).append(via[key] - direct[key])
-                added[mode].setdefault(f"direct_{key}", []).append(direct[key])
+    added: dict[str, dict[str, float]] = {}
+    for mode in modes:
+        direct, via = _summary(samples[mode, "direct"]), _summary(samples[mode, "via"])
+        added[mode] = {f"added_{key}": round(via[key] - direct[key], 3) for key in direct}
+        added[mode] |= {f"direct_{key}": round(value, 3) for key, value in direct.items()}
     before = cpu_seconds(gateway_pid)
     plain = asyncio.run(load(gateway, "champion", requests=requests, concurrency=16, tokens=tokens, stream=False))
     plain_cpu = (cpu_seconds(gateway_pid) - before) / requests * 1000
@@ -201,7 +244,7 @@ def measure(
         "kernel_ms_per_streamed_request": kernel_s / streamed * 1000,
         "cpu_ms_per_plain_request": plain_cpu,
         "overhead_header_p50_ms": statistics.median(headers) if (headers := _headers(plain)) else None,
-        **{mode: {k: round(statistics.median(v), 3) for k, v in figures.items()} for mode, figures in added.items()},
+        **added,
         "requests_per_round": requests,
         "rounds": rounds,
         "tokens_per_request": tokens,
