@@ -135,6 +135,7 @@ def gateway_config(settings: Settings, **overrides: object) -> GatewayConfig:
         "key_rate": settings.gateway_key_rate,
         "key_burst": settings.gateway_key_burst,
         "direct_relay": settings.gateway_direct_relay,
+        "fast_lane": settings.gateway_fast_lane,
     }
     return GatewayConfig(**{**values, **overrides})
 

@@ -129,6 +129,12 @@ class Settings(BaseSettings):
         description="Write streamed OpenAI answers from vLLM straight to the client's socket (uvicorn's httptools "
         "protocol); false: every stream takes Starlette's streaming response. The same events either way.",
     )
+    gateway_fast_lane: bool = Field(
+        default=True,
+        description="Serve the generating routes (/v1/completions, /v1/chat/completions, /generate, "
+        "/generate/batch) in the gateway's fast lane, without FastAPI's per-request middleware, routing and "
+        "dependency injection; false: every request takes FastAPI's whole path. The same answers either way.",
+    )
     gateway_key_burst: int = Field(default=32, ge=1, description="Burst allowed per API key above its rate.")
     gateway_shutdown_grace_s: float = Field(
         default=10.0, ge=0, description="On SIGTERM/SIGINT, how long in-flight requests get before they are cut."

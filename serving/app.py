@@ -25,13 +25,16 @@ from starlette.exceptions import HTTPException
 from serving.catalog import RegistrySource
 from serving.contract import openai_error
 from serving.gateway import Gateway, GatewayConfig, GatewayError
+from serving.lane import GatewayApp
 from serving.middleware import BodyLimit
-from serving.relay import GatewayApp
 from serving.request_log import RequestLog
 from serving.routers import admin, feedback, generate, openai, ops
 from serving.upstream import Upstream
 
 __all__ = ["GatewayConfig", "create_app"]
+
+# The generating routes, served in the fast lane (serving.lane): every other route takes FastAPI's whole path.
+LANES = ["/v1/completions", "/v1/chat/completions", "/generate", "/generate/batch"]
 
 
 def create_app(
@@ -79,6 +82,8 @@ def create_app(
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(HTTPException, http_error)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, errors=gateway.metrics.errors)
+    if config.fast_lane:
+        app.open_lanes(LANES, config.max_body_bytes)
     return app
 
 

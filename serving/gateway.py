@@ -73,6 +73,7 @@ class GatewayConfig(BaseModel):
     max_queue: int = 256
     batch_concurrency: int = 16
     direct_relay: bool = Field(default=True, description="streamed OpenAI answers written to the client's socket")
+    fast_lane: bool = Field(default=True, description="the generating routes served without FastAPI's machinery")
 
     @model_validator(mode="after")
     def _tenant_keys_are_keys(self) -> GatewayConfig:
@@ -415,7 +416,10 @@ async def get_gateway(request: Request) -> Gateway:
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
-async def require_api_key(request: Request, gateway: GatewayDep) -> None:
+async def require_api_key(request: Request) -> None:
+    """The request's key, when keys are configured, and its rate (it takes only the request: the OpenAI routes'
+    fast lane runs it as it is, ``serving.lane``)."""
+    gateway: Gateway = request.app.state.gateway
     if gateway.config.api_keys:
         key = gateway.check_key(request, gateway.config.api_keys)
         if (models := gateway.config.key_models.get(key)) is not None:

@@ -1,9 +1,10 @@
 """The gateway's one ASGI middleware: the request-body size limit (413), and the request's arrival time.
 
 Pure ASGI (no ``BaseHTTPMiddleware``), and it does not wrap ``send``: a streamed answer's chunks go to the
-server without passing through it. It leaves ``scope["tuneship.arrived"]`` for :func:`overhead_header`, which a
-route that waited on the engine puts on its answer: ``X-Tuneship-Overhead-Ms``, the time the request spent in
-the gateway itself (arrival to answer, less the engine's part).
+server without passing through it. It leaves the request's arrival time in the scope (``ARRIVED``) for
+:func:`overhead_header`, which a route that waited on the engine puts on its answer: ``X-Tuneship-Overhead-Ms``,
+the time the request spent in the gateway itself (arrival to answer, less the engine's part). The generating
+routes' fast lane (``serving.lane``) does the same for the requests it serves.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serving.contract import openai_error
 
 OVERHEAD_HEADER = "x-tuneship-overhead-ms"
+ARRIVED = "tuneship.arrived"
 
 
 def overhead_header(scope: Scope, upstream_s: float) -> dict[str, str]:
     """``X-Tuneship-Overhead-Ms`` for an answer that waited ``upstream_s`` on the engine."""
-    return {OVERHEAD_HEADER: f"{(time.perf_counter() - scope['tuneship.arrived'] - upstream_s) * 1000:.3f}"}
+    return {OVERHEAD_HEADER: f"{(time.perf_counter() - scope[ARRIVED] - upstream_s) * 1000:.3f}"}
 
 
 class BodyLimit:
@@ -32,7 +34,7 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        scope["tuneship.arrived"] = time.perf_counter()
+        scope[ARRIVED] = time.perf_counter()
         length = next((value for name, value in scope["headers"] if name == b"content-length"), None)
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             await self._too_large(scope, send)
@@ -48,7 +50,7 @@ class BodyLimit:
                 if len(body) > self.max_bytes:
                     await self._too_large(scope, send)
                     return
-            receive = _replay(body, receive)
+            receive = replay(body, receive)
         await self.app(scope, receive, send)
 
     async def _too_large(self, scope: Scope, send: Send) -> None:
@@ -61,16 +63,16 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay(body: bytes, receive: Receive) -> Receive:
     """The body read in one piece, then the server's own ``receive``: it answers ``http.disconnect`` only when the
     client has gone (a streamed answer watches for that to stop)."""
     sent = False
 
-    async def replay() -> Message:
+    async def replayed() -> Message:
         nonlocal sent
         if sent:
             return await receive()
         sent = True
         return {"type": "http.request", "body": body, "more_body": False}
 
-    return replay
+    return replayed

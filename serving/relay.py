@@ -9,7 +9,7 @@ last chunk) still go through ASGI, so the server keeps its own state: keep-alive
 a client that leaves cancels the stream (its slot freed, vLLM's request dropped), as under StreamingResponse.
 
 It is on by default (``GatewayConfig.direct_relay``; ``TUNESHIP_GATEWAY_DIRECT_RELAY=false`` turns it off), and
-it needs the server's transport. :class:`GatewayApp` keeps the server's own ``send`` in the scope, and under
+it needs the server's transport. ``serving.lane.GatewayApp`` keeps the server's own ``send`` in the scope, and under
 uvicorn's httptools protocol (what ``tuneship serve`` runs) that is the request cycle, whose transport the relay
 writes to. Under any other server, or an in-process test client, :func:`client_socket` finds nothing and the
 routes take the general path: the same events (``tests/integration/test_gateway_relay.py``).
@@ -23,21 +23,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI
 from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from serving.upstream import Write
 
-SERVER_SEND = "tuneship.server_send"
-
-
-class GatewayApp(FastAPI):
-    """FastAPI, keeping the server's own ``send`` in the scope (middleware wraps the one routes get)."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope[SERVER_SEND] = send
-        await super().__call__(scope, receive, send)
+SERVER_SEND = "tuneship.server_send"  # the server's own send, kept in the scope by serving.lane.GatewayApp
 
 
 @dataclass

@@ -21,7 +21,7 @@ from serving.contract import (
     Problem,
     error_responses,
 )
-from serving.gateway import Gateway, GatewayDep, GatewayError, require_api_key
+from serving.gateway import Gateway, GatewayError, require_api_key
 from serving.middleware import overhead_header
 from serving.request_log import REQUEST_ID_HEADER as REQUEST_ID
 from serving.request_log import SERVED_HEADER as SERVED
@@ -50,7 +50,8 @@ def sse(data: str, event: str | None = None) -> bytes:
     response_model=GenerateResult,
     responses={200: {"content": STREAM, "description": "stream=true: text deltas as server-sent events"}},
 )
-async def generate(req: GenerateRequest, request: Request, gateway: GatewayDep) -> Response:
+async def generate(req: GenerateRequest, request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
     gateway.check_prompts([req.prompt])
     served = await gateway.served(request, req.model)
     body = _completion(gateway, served, req.prompt, gateway.max_tokens(req.max_tokens), req)
@@ -127,7 +128,8 @@ async def _sse(
 
 
 @router.post("/generate/batch", response_model=BatchResult)
-async def generate_batch(req: BatchRequest, request: Request, gateway: GatewayDep) -> JSONResponse:
+async def generate_batch(req: BatchRequest, request: Request) -> JSONResponse:
+    gateway: Gateway = request.app.state.gateway
     config = gateway.config
     if len(req.prompts) > config.max_batch:
         raise gateway.refuse(422, f"batch of {len(req.prompts)} prompts; the limit is {config.max_batch}")

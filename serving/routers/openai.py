@@ -128,13 +128,15 @@ async def _stream(
 
 
 @router.post("/completions", **GENERATED)
-async def completions(req: CompletionRequest, request: Request, gateway: GatewayDep) -> Response:
+async def completions(req: CompletionRequest, request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
     gateway.check_prompts([req.prompt] if isinstance(req.prompt, str) else req.prompt)
     return await _relay(gateway, request, "/v1/completions", req, req.max_tokens)
 
 
 @router.post("/chat/completions", **GENERATED)
-async def chat_completions(req: ChatCompletionRequest, request: Request, gateway: GatewayDep) -> Response:
+async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
     gateway.check_prompts(["".join(m.text() for m in req.messages)], param="messages")
     return await _relay(gateway, request, "/v1/chat/completions", req, req.max_completion_tokens or req.max_tokens)
 

@@ -41,9 +41,9 @@ import sys, uvicorn
 from pathlib import Path
 from serving.app import create_app, GatewayConfig
 from serving.upstream import VllmUpstream
-port, upstream, loop, http, log_dir, direct = sys.argv[1:7]
+port, upstream, loop, http, log_dir, direct, lane = sys.argv[1:8]
 config = GatewayConfig(aliases={"champion": "base"}, api_keys=["bench"], max_in_flight=256, max_tokens_cap=4096,
-                       direct_relay=direct == "direct")
+                       direct_relay=direct == "direct", fast_lane=lane == "lane")
 log = None
 if log_dir != "-":  # the request log on (full mode: texts scrubbed), into a local artifact store
     from infra.artifacts import ArtifactStore, LocalBackend
@@ -90,13 +90,15 @@ def launch_gateway(
     http: str = "httptools",
     log_dir: Path | None = None,
     direct: bool = True,
+    lane: bool = True,
 ):
     """The gateway from ``src`` as its own process; with ``log_dir``, its request log writes there; ``direct``:
-    streams take the direct relay where the server allows it (``serving.relay``)."""
+    streams take the direct relay where the server allows it (``serving.relay``); ``lane``: the generating routes
+    take the fast lane (``serving.lane``)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(src)}
     argv = [sys.executable, "-c", LAUNCH, str(port), upstream, loop, http, str(log_dir) if log_dir else "-"]
-    argv.append("direct" if direct else "general")
+    argv += ["direct" if direct else "general", "lane" if lane else "no-lane"]
     proc = subprocess.Popen(argv, env=env, cwd=src, preexec_fn=_on(GATEWAY_CPUS))
     url = f"http://127.0.0.1:{port}"
     _wait(f"{url}/health", proc)
@@ -260,6 +262,7 @@ def run_variant(
     http: str = "httptools",
     log_dir: Path | None = None,
     direct: bool = True,
+    lane: bool = True,
     bare: bool = False,
     **kwargs: Any,
 ) -> dict[str, Any]:
@@ -268,12 +271,12 @@ def run_variant(
     if bare:
         proc, url = launch_bare_relay(upstream)
     else:
-        proc, url = launch_gateway(upstream, src=src, loop=loop, http=http, log_dir=log_dir, direct=direct)
+        proc, url = launch_gateway(upstream, src=src, loop=loop, http=http, log_dir=log_dir, direct=direct, lane=lane)
     try:
         figures = measure(upstream, url, proc.pid, **kwargs)
         if bare:
             return {"variant": name, "bare_relay": True, **figures}
-        return {"variant": name, "loop": loop, "http": http, "direct_relay": direct, **figures}
+        return {"variant": name, "loop": loop, "http": http, "direct_relay": direct, "fast_lane": lane, **figures}
     finally:
         proc.terminate()
         proc.wait(30)
@@ -287,6 +290,7 @@ if __name__ == "__main__":
     parser.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
     parser.add_argument("--http", default="httptools", choices=["httptools", "h11"])
     parser.add_argument("--general", action="store_true", help="streams take the general path, not the direct relay")
+    parser.add_argument("--no-lane", action="store_true", help="every request through FastAPI's whole path")
     parser.add_argument("--bare", action="store_true", help="the bare relay (bare_relay.py), not the gateway")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=192)
@@ -294,10 +298,11 @@ if __name__ == "__main__":
     upstream_proc, upstream_url = start_upstream(ttft_ms=10, token_ms=5)
     try:
         name = f"{args.src.name}:{args.loop}+{args.http}" + (" general" if args.general else "")
+        name += " no-lane" if args.no_lane else ""
         name = "bare relay" if args.bare else name
         result = run_variant(
             name, upstream_url, src=args.src, loop=args.loop, http=args.http, rounds=args.rounds,
-            requests=args.requests, direct=not args.general, bare=args.bare,
+            requests=args.requests, direct=not args.general, lane=not args.no_lane, bare=args.bare,
         )  # fmt: skip
         print(json.dumps(result, indent=2))
     finally:

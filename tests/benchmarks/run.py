@@ -278,20 +278,22 @@ def gateway_overhead(workdir: Path) -> dict[str, Any]:
 def gateway_isolated(workdir: Path) -> dict[str, Any]:
     """The gateway's own cost in front of a fixed-rate upstream (tests/benchmarks/fixed_rate_upstream.py), not
     vLLM: CPU-ms per streamed 64-token request (user and kernel), and the latency it adds at concurrency 16 and
-    at 40 requests/s, on a core of its own. The direct relay (uvloop + httptools, the default), the same server
-    with streams on the general path (TUNESHIP_GATEWAY_DIRECT_RELAY=false), uvicorn's pure-Python pair, and the
-    floor: a bare relay with no framework and no checks (tests/benchmarks/bare_relay.py), in one run."""
+    at 40 requests/s, on a core of its own. The default (uvloop + httptools, the direct relay, the fast lane), the
+    same without the fast lane (TUNESHIP_GATEWAY_FAST_LANE=false: every request through FastAPI's whole path), the
+    same server with streams on the general path (TUNESHIP_GATEWAY_DIRECT_RELAY=false), uvicorn's pure-Python pair,
+    and the floor: a bare relay with no framework and no checks (tests/benchmarks/bare_relay.py), in one run."""
     from tests.benchmarks.overhead import run_variant, start_upstream
 
     upstream, url = start_upstream(ttft_ms=10, token_ms=5)
     try:
         variants = {
-            name: run_variant(name, url, loop=loop, http=http, direct=direct, bare=name.startswith("bare"))
-            for name, loop, http, direct in (
-                ("uvloop+httptools, direct relay", "uvloop", "httptools", True),
-                ("uvloop+httptools, general path", "uvloop", "httptools", False),
-                ("asyncio+h11 (general path)", "asyncio", "h11", True),
-                ("bare relay (the floor: no framework, no checks)", "uvloop", "httptools", True),
+            name: run_variant(name, url, loop=loop, http=http, direct=direct, lane=lane, bare=name.startswith("bare"))
+            for name, loop, http, direct, lane in (
+                ("uvloop+httptools, direct relay", "uvloop", "httptools", True, True),
+                ("uvloop+httptools, direct relay, no fast lane", "uvloop", "httptools", True, False),
+                ("uvloop+httptools, general path", "uvloop", "httptools", False, True),
+                ("asyncio+h11 (general path)", "asyncio", "h11", True, True),
+                ("bare relay (the floor: no framework, no checks)", "uvloop", "httptools", True, True),
             )
         }
     finally:

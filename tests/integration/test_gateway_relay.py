@@ -25,11 +25,16 @@ KEY = {"Authorization": "Bearer relay-key"}
 @pytest.fixture(scope="module")
 def gateways(vllm_server) -> Iterator[dict[str, str]]:
     """The same app under uvicorn's httptools protocol (the direct relay, the default), under h11 (the general
-    path: no socket to write to) and under httptools with the relay switched off (the general path)."""
+    path: no socket to write to), under httptools with the relay switched off (the general path), and with the
+    direct relay but without the fast lane (``serving.lane``: every request through FastAPI's whole path)."""
     with contextlib.ExitStack() as stack:
         urls = {}
-        for relay, http, on in (("direct", "httptools", True), ("general", "h11", True), ("off", "httptools", False)):
-            config = GatewayConfig(aliases={"champion": "base"}, api_keys=["relay-key"], direct_relay=on)
+        variants = [("direct", "httptools", True, True), ("general", "h11", True, True)]
+        variants += [("off", "httptools", False, True), ("no-lane", "httptools", True, False)]
+        for relay, http, on, lane in variants:
+            config = GatewayConfig(
+                aliases={"champion": "base"}, api_keys=["relay-key"], direct_relay=on, fast_lane=lane
+            )
             app = create_app(config, VllmUpstream(vllm_server.base_url))
             urls[relay] = stack.enter_context(serve_in_thread(app, port=free_port(), http=http))
         yield urls
@@ -80,8 +85,16 @@ def test_direct_and_general_relays_answer_alike(gateways, path, body) -> None:
         direct = streamed(client, gateways["direct"], path, body)
         general = streamed(client, gateways["general"], path, body)
         off = streamed(client, gateways["off"], path, body)
+        no_lane = streamed(client, gateways["no-lane"], path, body)
+        plain = {
+            relay: client.post(f"{gateways[relay]}{path}", json=body, headers=KEY, timeout=60).json()
+            for relay in ("direct", "no-lane")
+        }
         with_usage = streamed(client, gateways["direct"], path, {**body, "stream_options": {"include_usage": True}})
-    assert direct == general == off and text(direct)
+    assert direct == general == off == no_lane and text(direct)
+    for answer in plain.values():
+        answer.pop("id"), answer.pop("created")
+    assert plain["direct"] == plain["no-lane"] and plain["direct"]["model"] == "champion"
     assert direct[-1] == "[DONE]" and len(direct) >= 4
     assert all(event["model"] == "champion" for event in direct[:-1])  # the alias the client asked for
     assert text(with_usage) == text(direct) and with_usage[-2]["usage"]["completion_tokens"] > 0
