@@ -50,7 +50,7 @@ if log_dir != "-":  # the request log on (full mode: texts scrubbed), into a loc
     from serving.request_log import RequestLog, RequestLogConfig
     log = RequestLog(ArtifactStore(LocalBackend(Path(log_dir)), Path(log_dir) / ".cache"), RequestLogConfig())
 uvicorn.run(create_app(config, VllmUpstream(upstream), log), host="127.0.0.1", port=int(port), loop=loop, http=http,
-            log_level="warning")
+            log_level="warning", access_log=False)  # as tuneship serve runs it (serving.server)
 """
 
 
