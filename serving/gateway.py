@@ -20,13 +20,11 @@ map to models vLLM serves.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import ipaddress
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -140,29 +138,51 @@ class Limiter:
     def full(self) -> bool:
         return self.admitted >= self.capacity
 
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[bool]:
-        """Wait for a slot and hold it; yields False at once (holding nothing) when the queue is full."""
+    async def acquire(self) -> bool:
+        """Wait for a slot and take it; False at once (nothing taken) when the queue is full. Cancelled while
+        waiting, it takes nothing."""
         if self.full:
-            yield False
-            return
+            return False
         self.admitted += 1
         self.metrics.queue_depth.inc()
-        queued = True
         try:
             await self.slots.acquire()
-            self.metrics.queue_depth.dec()
-            queued = False
-            self.metrics.in_flight.inc()
-            try:
-                yield True
-            finally:
-                self.metrics.in_flight.dec()
-                self.slots.release()
-        finally:
-            if queued:  # cancelled while waiting
-                self.metrics.queue_depth.dec()
+        except BaseException:
             self.admitted -= 1
+            raise
+        finally:
+            self.metrics.queue_depth.dec()
+        self.metrics.in_flight.inc()
+        return True
+
+    def release(self) -> None:
+        self.metrics.in_flight.dec()
+        self.slots.release()
+        self.admitted -= 1
+
+
+class Slot:
+    """``async with gateway.slot(model)``: a slot upstream held for ``model`` (counted in the route table's in-flight
+    counts, so a deploy can drain it), the upstream's failures mapped to :class:`GatewayError`. One plain class,
+    not nested generator-based context managers: it is entered once per request."""
+
+    __slots__ = ("gateway", "model")
+
+    def __init__(self, gateway: Gateway, model: str) -> None:
+        self.gateway, self.model = gateway, model
+
+    async def __aenter__(self) -> None:
+        gateway = self.gateway
+        if not await gateway.limiter.acquire():
+            raise gateway.overloaded()
+        gateway.routes.enter(self.model)
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        gateway = self.gateway
+        gateway.routes.leave(self.model)
+        gateway.limiter.release()
+        if isinstance(exc, UpstreamError):
+            raise gateway.upstream_failed(exc) from None
 
 
 class Gateway:
@@ -395,17 +415,9 @@ class Gateway:
         if self.limiter.full:
             raise self.overloaded()
 
-    @contextlib.asynccontextmanager
-    async def slot(self, model: str) -> AsyncIterator[None]:
+    def slot(self, model: str) -> Slot:
         """Hold a slot upstream for ``model`` (counted for draining); failures become :class:`GatewayError`."""
-        async with self.limiter.slot() as admitted:
-            if not admitted:
-                raise self.overloaded()
-            try:
-                async with self.routes.track(model):
-                    yield
-            except UpstreamError as exc:
-                raise self.upstream_failed(exc) from None
+        return Slot(self, model)
 
 
 # Dependencies are coroutines: FastAPI runs a plain function in a worker thread, per request.

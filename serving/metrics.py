@@ -160,16 +160,33 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+        # Each request's labelled series, looked up once per label value, not per request (``labels()`` costs
+        # a few microseconds); the label values are known model names and the two relays.
+        self._per_model: dict[str, tuple[Any, Any, Any, Any]] = {}
+        self._relayed: dict[str, Any] = {}
+
     def track_routes(self, routes: RouteTable) -> None:
         self.registry.register(RouteCollector(routes))
 
+    def relayed(self, relay: str) -> None:
+        """Count a streamed OpenAI answer by the relay that served it (``direct`` or ``general``)."""
+        counter = self._relayed.get(relay)
+        if counter is None:
+            counter = self._relayed[relay] = self.streams.labels(relay=relay)
+        counter.inc()
+
     def observe(self, model: str, seconds: float, ttft: float | None, tokens: int) -> None:
-        self.latency.labels(model=model).observe(seconds)
+        series = self._per_model.get(model)
+        if series is None:
+            metrics = (self.latency, self.ttft, self.output_tokens, self.tokens_per_s)
+            series = self._per_model[model] = tuple(m.labels(model=model) for m in metrics)  # type: ignore[assignment]
+        latency, first_token, output_tokens, tokens_per_s = series
+        latency.observe(seconds)
         if ttft is not None:
-            self.ttft.labels(model=model).observe(ttft)
-        self.output_tokens.labels(model=model).inc(tokens)
+            first_token.observe(ttft)
+        output_tokens.inc(tokens)
         if seconds > 0 and tokens:
-            self.tokens_per_s.labels(model=model).observe(tokens / seconds)
+            tokens_per_s.observe(tokens / seconds)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

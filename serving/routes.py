@@ -57,7 +57,17 @@ class RouteTable:
 
     def track(self, target: str) -> _Tracked:
         """Count a request against ``target`` while it runs (``with`` or ``async with``)."""
-        return _Tracked(self.in_flight, target)
+        return _Tracked(self, target)
+
+    def enter(self, target: str) -> None:
+        """A request for ``target`` starts (:meth:`leave` when it ends)."""
+        self.in_flight[target] += 1
+
+    def leave(self, target: str) -> None:
+        counts = self.in_flight
+        counts[target] -= 1
+        if not counts[target]:
+            del counts[target]
 
     def snapshot(self) -> dict[str, object]:
         return {
@@ -69,16 +79,14 @@ class RouteTable:
 
 
 class _Tracked:
-    def __init__(self, counts: collections.Counter[str], target: str) -> None:
-        self.counts, self.target = counts, target
+    def __init__(self, routes: RouteTable, target: str) -> None:
+        self.routes, self.target = routes, target
 
     def __enter__(self) -> None:
-        self.counts[self.target] += 1
+        self.routes.enter(self.target)
 
     def __exit__(self, *exc: object) -> None:
-        self.counts[self.target] -= 1
-        if not self.counts[self.target]:
-            del self.counts[self.target]
+        self.routes.leave(self.target)
 
     async def __aenter__(self) -> None:
         self.__enter__()

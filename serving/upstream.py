@@ -149,21 +149,21 @@ class VllmUpstream:
         payload = json.dumps({**body, "stream": True}).encode()
         request = f"{head}Content-Length: {len(payload)}\r\n\r\n".encode() + payload
         connection = self._idle_connection()
-        reused = connection is not None
+        reused, loop = connection is not None, asyncio.get_running_loop()
         while True:
             if connection is None:
                 connection = await self._connect()
             answer = connection.begin(write, keep, rename)
+            expiry = loop.call_later(self.timeout.total, connection.expire)  # the answer fails: TimeoutError
             try:
                 connection.send(request)
-                async with asyncio.timeout(self.timeout.total):
-                    await answer.finished
-            except BaseException as exc:  # timed out, or cancelled (client gone, shutdown): vLLM sees the close
+                await answer.finished
+            except BaseException:  # cancelled (client gone, shutdown): vLLM sees the close
                 connection.close()
-                if isinstance(exc, TimeoutError):
-                    raise self._unreachable(exc, "failed mid-request") from None
                 raise
-            if reused and answer.failure is not None and not answer.received:
+            finally:
+                expiry.cancel()
+            if reused and answer.failure is not None and not answer.received and not answer.expired:
                 connection, reused = None, False  # the engine had closed this idle connection: once more, anew
                 continue
             break
@@ -264,6 +264,7 @@ class _Answer:
         self.failure: Exception | None = None
         self.relayed = Relayed()
         self.ended = False  # finished: bytes that still come are nobody's (a plain flag, read on every read)
+        self.expired = False  # no end within the upstream's timeout
 
 
 class _EngineConnection(asyncio.Protocol):
@@ -304,6 +305,13 @@ class _EngineConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+
+    def expire(self) -> None:
+        """The answer took longer than the upstream's timeout: it fails, and the connection closes."""
+        if self.answer is not None and not self.answer.ended:
+            self.answer.expired = True
+            self.close()
+            self._finish(TimeoutError())
 
     def data_received(self, data: bytes) -> None:
         answer = self.answer

@@ -95,7 +95,7 @@ async def _stream(
     """The answer's events: with ``write`` (the client's socket, ``serving.relay``) the engine's events go there
     and this yields only what the gateway adds (an error event, ``[DONE]``); without, it yields every event."""
     first, chunks, count, error = None, [], 0, None
-    gateway.metrics.streams.labels(relay="general" if write is None else "direct").inc()
+    gateway.metrics.relayed("general" if write is None else "direct")
     try:
         async with gateway.slot(body["model"]):
             if write is not None:
