@@ -7,7 +7,7 @@ router after another) and dependency injection before its endpoint runs: about 0
 gateway_isolated). A lane serves ``POST`` to one route's path in one step: read the body (up to the size limit),
 validate it with the route's own body model as FastAPI does (``json.loads``, then the model in Python mode), run
 the route's own dependencies (each takes only the request: the key check), call the route's own endpoint, and
-answer its ``GatewayError`` with the app's own handler. Nothing is written twice: a :class:`Lane` is read off
+answer what they raise with the app's own exception handlers. Nothing is written twice: a :class:`Lane` is read off
 the FastAPI route at startup, and :meth:`Lane.of` refuses a route that needs more of the framework than that.
 
 A lane takes only what it can serve exactly as the route would. A body that is absent, chunked, over the limit,
@@ -32,9 +32,10 @@ from fastapi.dependencies.models import Dependant
 from fastapi.responses import Response
 from fastapi.routing import APIRoute, RouteContext, iter_route_contexts
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
-from serving.gateway import GatewayError
 from serving.middleware import ARRIVED, replay
 from serving.relay import SERVER_SEND
 
@@ -109,10 +110,25 @@ class Lane:
             for dependency in self.dependencies:
                 await dependency(request)
             response = await self.endpoint(**{self.body_name: req, self.request_name: request})
-        except GatewayError as exc:
-            response = await app.exception_handlers[GatewayError](request, exc)
+        except Exception as exc:  # answered by the app's handler for it, as FastAPI's exception middleware does
+            handler = _handler(app, exc)
+            if handler is None:
+                raise
+            if inspect.iscoroutinefunction(handler):
+                response = await handler(request, exc)
+            else:  # a plain function, run in a thread as Starlette runs it
+                response = await run_in_threadpool(handler, request, exc)
         await response(scope, receive, send)
         return None
+
+
+def _handler(app: FastAPI, exc: Exception) -> Callable[[Request, Exception], Any] | None:
+    """The app's handler for ``exc`` (by its class, then its bases; an HTTP error also by its status code), or
+    None: unexpected, the server answers 500."""
+    handlers: dict[Any, Any] = app.exception_handlers
+    if isinstance(exc, HTTPException) and exc.status_code in handlers:
+        return handlers[exc.status_code]
+    return next((handlers[cls] for cls in type(exc).__mro__ if cls in handlers and cls is not Exception), None)
 
 
 def _other_params(dependant: Dependant, *, body: int) -> bool:

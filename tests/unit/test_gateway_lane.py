@@ -8,6 +8,7 @@ on (the default) and off, are compared in ``tests/integration/test_gateway_relay
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import Iterator
@@ -16,14 +17,15 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import iter_route_contexts
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 
 from infra.services import free_port
 from serving.app import LANES, GatewayConfig, create_app
 from serving.gateway import require_api_key
-from serving.lane import Lane
+from serving.lane import GatewayApp, Lane
 from serving.server import serve_in_thread
 from serving.upstream import VllmUpstream
 
@@ -206,3 +208,54 @@ def test_a_route_that_needs_more_of_the_framework_gets_no_lane() -> None:
             Lane.of(_route(router, path))
         assert why in str(refused.value)
     assert LANES and all(path in create_app(_config(True), VllmUpstream("http://127.0.0.1:1")).lanes for path in LANES)
+
+
+def test_what_a_lane_raises_is_answered_by_the_apps_own_handlers() -> None:
+    """Raised in a lane's dependency or endpoint: an HTTP error, an error with an async handler, one with a sync
+    handler (run in a thread, as Starlette does) answer as through FastAPI's stack; a bad body is handed on."""
+
+    async def teapot(request: Request) -> None:
+        if request.headers.get("x-teapot"):
+            raise HTTPException(418, "a teapot")
+
+    router = APIRouter(dependencies=[Depends(teapot)])
+
+    @router.post("/brew")
+    async def brew(req: _Body, request: Request) -> Response:
+        if req.prompt == "lookup":
+            raise LookupError("no such pot")
+        if req.prompt == "key":
+            raise KeyError("no such kettle")
+        return Response(req.prompt)
+
+    async def missing(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"missing": str(exc)}, 404)
+
+    def absent(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"absent": str(exc)}, 410)
+
+    requests = [({"prompt": "tea"}, {}), ({"prompt": "tea"}, {"x-teapot": "1"}), ({"prompt": "lookup"}, {})]
+    requests += [({"prompt": "key"}, {}), ({"prompt": 5}, {})]
+
+    async def answers(app: GatewayApp) -> list[tuple[int, bytes]]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            got = []
+            for body, headers in requests:
+                response = await client.post("/brew", json=body, headers=headers)
+                got.append((response.status_code, response.content))
+                if len(got) == len(requests) - 1:  # the bad body, last, is the first to enter FastAPI's stack
+                    assert (app.middleware_stack is None) == bool(getattr(app, "lanes", None))
+            return got
+
+    results = {}
+    for on in (True, False):
+        app = GatewayApp()
+        app.include_router(router)
+        app.add_exception_handler(LookupError, missing)
+        app.add_exception_handler(KeyError, absent)  # KeyError is a LookupError: the closer handler answers
+        if on:
+            app.open_lanes(["/brew"], body_limit=1024)
+        results[on] = asyncio.run(answers(app))
+    assert results[True] == results[False]
+    assert [status for status, _ in results[True]] == [200, 418, 404, 410, 422]
