@@ -55,12 +55,8 @@ class RouteTable:
             raise ValueError(f"canary share {share} is not between 0 and 1")
         self.canary_share = share
 
-    def track(self, target: str) -> _Tracked:
-        """Count a request against ``target`` while it runs (``with`` or ``async with``)."""
-        return _Tracked(self, target)
-
     def enter(self, target: str) -> None:
-        """A request for ``target`` starts (:meth:`leave` when it ends)."""
+        """A request for ``target`` starts (:meth:`leave` when it ends; ``Gateway.slot`` does both)."""
         self.in_flight[target] += 1
 
     def leave(self, target: str) -> None:
@@ -76,20 +72,3 @@ class RouteTable:
             "in_flight": dict(self.in_flight),
             "switches": self.switches,
         }
-
-
-class _Tracked:
-    def __init__(self, routes: RouteTable, target: str) -> None:
-        self.routes, self.target = routes, target
-
-    def __enter__(self) -> None:
-        self.routes.enter(self.target)
-
-    def __exit__(self, *exc: object) -> None:
-        self.routes.leave(self.target)
-
-    async def __aenter__(self) -> None:
-        self.__enter__()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.__exit__(*exc)

@@ -21,10 +21,11 @@ def test_switch_returns_previous_and_compare_and_set_refuses_a_stale_expectation
 def test_a_request_keeps_the_target_it_resolved_while_the_alias_moves() -> None:
     routes = RouteTable({"champion": "m-v1"})
     target = routes.resolve("champion")
-    with routes.track(target):
-        routes.switch("champion", "m-v2")
-        assert routes.snapshot()["in_flight"] == {"m-v1": 1}
-        assert routes.resolve("champion") == "m-v2"
+    routes.enter(target)
+    routes.switch("champion", "m-v2")
+    assert routes.snapshot()["in_flight"] == {"m-v1": 1}
+    assert routes.resolve("champion") == "m-v2"
+    routes.leave(target)
     assert routes.snapshot()["in_flight"] == {}
 
 
