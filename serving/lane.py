@@ -161,6 +161,7 @@ class GatewayApp(FastAPI):
     body_limit: int
     _lanes_for: int  # how many middleware the app had when the lanes opened
     _lanes_open: bool | None = None  # decided on the first request, when the app's middleware is final
+    # (dependency overrides, which tests set and clear at any time, are checked on every request)
 
     def open_lanes(self, paths: list[str], body_limit: int) -> None:
         """Serve ``POST`` to each of ``paths`` in a lane (call once the routes and middleware are in place)."""
@@ -170,7 +171,12 @@ class GatewayApp(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope[SERVER_SEND] = send
-        if scope["type"] == "http" and scope["method"] == "POST" and self._lanes_taken():
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and self._lanes_taken()
+            and not self.dependency_overrides
+        ):
             lane = self.lanes.get(scope["path"])
             if lane is not None:
                 handed_on = await lane.serve(self, scope, receive, send, self.body_limit)
@@ -185,7 +191,6 @@ class GatewayApp(FastAPI):
             self._lanes_open = (
                 bool(getattr(self, "lanes", None))
                 and len(self.user_middleware) == self._lanes_for
-                and not self.dependency_overrides
                 and not (telemetry is not None and telemetry.enabled())
             )
         return self._lanes_open
