@@ -80,6 +80,7 @@ def local_vllm(settings: Settings, base_path: Path, *, served_name: str = "base"
         api_key=settings.vllm_key,
         max_loras=settings.vllm_max_loras,
         max_cpu_loras=settings.vllm_max_cpu_loras,
+        keep_alive_s=settings.vllm_keep_alive_s,
     )
     workdir = settings.home / "services"
     with start_vllm(launch, python=settings.vllm_python, workdir=workdir, stop_with_parent=True) as server:
@@ -94,7 +95,7 @@ def upstream(settings: Settings, vllm_url: str) -> VllmUpstream:
             f"TUNESHIP_VLLM_URL={vllm_url!r}: a gateway fronts one vLLM endpoint (a replica, or a Service in front of "
             "them); lists and dns+ names are for the deploy stage"
         )
-    return VllmUpstream(vllm_url, api_key=settings.vllm_key)
+    return VllmUpstream(vllm_url, api_key=settings.vllm_key, keep_alive_s=settings.vllm_keep_alive_s)
 
 
 def request_log(settings: Settings, store: ArtifactStore) -> RequestLog | None:

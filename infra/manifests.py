@@ -59,6 +59,7 @@ class ManifestSpec:
     max_model_len: int = 4096
     fetch_image: str = "amazon/aws-cli:2.31.0"
     vllm_port: int = 8000
+    vllm_keep_alive_s: int = 60  # vLLM keeps the gateway's idle connections this long; the gateway is told
     gateway_port: int = 8080
     modal_gpu: str = "A10G"
 
@@ -170,6 +171,7 @@ class ManifestSpec:
             "TUNESHIP_GATEWAY_ALIASES": json.dumps({"champion": self.adapter_name}),
             "TUNESHIP_GATEWAY_HOST": "0.0.0.0",
             "TUNESHIP_GATEWAY_PORT": str(self.gateway_port),
+            "TUNESHIP_VLLM_KEEP_ALIVE_S": str(self.vllm_keep_alive_s),
         }
 
 

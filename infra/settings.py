@@ -116,6 +116,14 @@ class Settings(BaseSettings):
         description="Adapters the gateway keeps loaded in vLLM, champions (pinned) included; beyond, the least "
         "recently used other one is unloaded. Keep ≤ TUNESHIP_VLLM_MAX_CPU_LORAS.",
     )
+    vllm_keep_alive_s: int = Field(
+        default=60,
+        ge=2,
+        le=3600,
+        description="Seconds vLLM keeps an idle connection open (its VLLM_HTTP_TIMEOUT_KEEP_ALIVE, which a vLLM "
+        "tuneship starts or renders gets); the gateway reuses idle connections to it for a second less. Set it to "
+        "the value of a vLLM you run yourself (vLLM's default: 5).",
+    )
     vllm_max_loras: int = Field(default=4, ge=1, description="vLLM --max-loras: adapters one batch can mix.")
     vllm_max_cpu_loras: int = Field(
         default=8, ge=1, description="vLLM --max-cpu-loras: adapters vLLM keeps in host memory (≥ max_loras)."

@@ -43,6 +43,7 @@ class VllmLaunch:
     cpu_cores: str | None = None  # CPU only: VLLM_CPU_OMP_THREADS_BIND, e.g. "1" or "0-3" (None: vLLM's "auto")
     dtype: str | None = None  # None: float32 on CPU, auto on GPU; a 4-bit (W4A16) base needs bfloat16 on CPU
     gpu_memory_utilization: float = 0.9  # GPU only
+    keep_alive_s: int = 60  # VLLM_HTTP_TIMEOUT_KEEP_ALIVE: idle connections (the gateway's) stay open this long
     extra_args: tuple[str, ...] = ()
     api_key: str | None = field(default=None, repr=False)  # VLLM_API_KEY: /v1/* then needs it
 
@@ -81,13 +82,15 @@ def build_vllm_command(python: Path, launch: VllmLaunch, *, host: str, port: int
 
 
 def build_vllm_env(launch: VllmLaunch) -> dict[str, str]:
-    """Environment for the vLLM process: runtime adapter loading, KV cache size on CPU, no telemetry."""
+    """Environment for the vLLM process: runtime adapter loading, KV cache size on CPU, no telemetry, and how
+    long idle connections stay open."""
     env = {
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(launch.keep_alive_s),
     }
     if launch.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(launch.kv_cache_gib)

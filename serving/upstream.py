@@ -50,18 +50,33 @@ class Upstream(Protocol):
     async def aclose(self) -> None: ...
 
 
+ENGINE_KEEP_ALIVE_S = 5.0  # vLLM's own default (VLLM_HTTP_TIMEOUT_KEEP_ALIVE); a vLLM tuneship starts keeps 60 s
+
+
 class VllmUpstream:
     """vLLM's OpenAI server at ``base_url``; one pooled aiohttp session for every request.
 
     Answers come back as the engine's bytes (a JSON document, or one SSE event's data at a time): the gateway
     relays them without parsing and re-encoding what it only passes on. aiohttp parses HTTP in C; per streamed
     chunk it costs a fraction of a pure-Python HTTP stack (``make bench``: gateway_isolated).
+
+    Idle connections are kept for the next request while the engine keeps them (``keep_alive_s``: vLLM's
+    ``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``), so a burst after a quiet spell does not open a connection per request.
     """
 
     def __init__(
-        self, base_url: str, *, api_key: str | None = None, timeout: float = 300.0, max_connections: int = 256
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 300.0,
+        max_connections: int = 256,
+        keep_alive_s: float = ENGINE_KEEP_ALIVE_S,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        # The engine closes a connection idle for keep_alive_s; the gateway stops reusing it a second before, so
+        # that no request is sent on a connection the engine is closing.
+        self.reuse_s = max(keep_alive_s - 1.0, keep_alive_s / 2)
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=5.0)
         self.max_connections = max_connections
@@ -77,7 +92,9 @@ class VllmUpstream:
     def session(self) -> aiohttp.ClientSession:
         """Made on first use, inside the event loop that serves the app."""
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=self.max_connections)
+            connector = aiohttp.TCPConnector(
+                limit=self.max_connections, limit_per_host=self.max_connections, keepalive_timeout=self.reuse_s
+            )
             self._session = aiohttp.ClientSession(
                 self.base_url, connector=connector, timeout=self.timeout, headers=self.headers
             )
@@ -179,9 +196,9 @@ class VllmUpstream:
         return answer.relayed
 
     def _idle_connection(self) -> _EngineConnection | None:
-        """The most recently used idle connection still open; those idle longer than ``IDLE_S`` are closed."""
+        """The most recently used idle connection still open; those idle longer than ``reuse_s`` are closed."""
         now = time.monotonic()
-        while self._idle and (now - self._idle[0][0] > IDLE_S or self._idle[0][1].closed):
+        while self._idle and (now - self._idle[0][0] > self.reuse_s or self._idle[0][1].closed):
             self._idle.popleft()[1].close()
         while self._idle:
             connection = self._idle.pop()[1]
@@ -246,7 +263,6 @@ class Relayed:
 
 
 _DONE = b"data: [DONE]\n\n"
-IDLE_S = 4.0  # an idle engine connection is not reused after this (uvicorn, vLLM's server, closes them after 5 s)
 
 
 class _Answer:

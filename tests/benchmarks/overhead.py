@@ -37,7 +37,7 @@ GATEWAY_CPUS, OTHER_CPUS = ({_CPUS[-1]}, set(_CPUS[:-1])) if len(_CPUS) > 1 else
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 LAUNCH = """
-import sys, uvicorn
+import inspect, sys, uvicorn
 from pathlib import Path
 from serving.app import create_app, GatewayConfig
 from serving.upstream import VllmUpstream
@@ -49,8 +49,14 @@ if log_dir != "-":  # the request log on (full mode: texts scrubbed), into a loc
     from infra.artifacts import ArtifactStore, LocalBackend
     from serving.request_log import RequestLog, RequestLogConfig
     log = RequestLog(ArtifactStore(LocalBackend(Path(log_dir)), Path(log_dir) / ".cache"), RequestLogConfig())
-uvicorn.run(create_app(config, VllmUpstream(upstream), log), host="127.0.0.1", port=int(port), loop=loop, http=http,
-            log_level="warning", access_log=False)  # as tuneship serve runs it (serving.server)
+# Engine connections are reused as in front of the vLLM tuneship starts (TUNESHIP_VLLM_KEEP_ALIVE_S; the fixed-rate
+# upstream never closes an idle one); a source tree from before that setting reused them for 4 s.
+keep = {}
+if "keep_alive_s" in inspect.signature(VllmUpstream).parameters:
+    from infra.settings import Settings
+    keep["keep_alive_s"] = Settings.model_fields["vllm_keep_alive_s"].default
+uvicorn.run(create_app(config, VllmUpstream(upstream, **keep), log), host="127.0.0.1", port=int(port), loop=loop,
+            http=http, log_level="warning", access_log=False)  # as tuneship serve runs it (serving.server)
 """
 
 

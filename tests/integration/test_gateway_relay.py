@@ -3,6 +3,7 @@ against the general path (Starlette's streaming response), both in front of the 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -180,6 +181,29 @@ def test_a_slow_client_pauses_the_engine_reads_and_gets_its_whole_stream(vllm_se
     for index in range(4):  # and relayed whole: each sequence's events end with its length cap
         mine = [choice for choice in choices if choice["index"] == index]
         assert mine and mine[-1]["finish_reason"] == "length" and sum(c["finish_reason"] is not None for c in mine) == 1
+
+
+def test_an_idle_engine_connection_is_reused_while_vllm_keeps_it(vllm_server) -> None:
+    """vLLM as tuneship starts it keeps an idle connection open 60 s (``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``; vLLM's own
+    default closes it after 5): a stream 6 s after the last goes on the same connection. The gateway stops reusing
+    a connection a second before the engine's keep-alive ends: told 2 s, it opens a new one after 1.5 s idle."""
+    body = {"model": "base", "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+
+    async def local_ports(upstream: VllmUpstream, pauses: list[float]) -> list[int]:
+        ports = []
+        for pause in pauses:
+            await asyncio.sleep(pause)
+            relayed = await upstream.relay("/v1/completions", body, None, lambda events: True, keep=False)
+            assert relayed.events >= 1
+            connection = upstream._idle[-1][1]  # kept for the next request, the answer having ended well
+            ports.append(connection.transport.get_extra_info("sockname")[1])
+        await upstream.aclose()
+        return ports
+
+    kept = asyncio.run(local_ports(VllmUpstream(vllm_server.base_url, keep_alive_s=60), [0, 6.0]))
+    assert kept[0] == kept[1]
+    retired = asyncio.run(local_ports(VllmUpstream(vllm_server.base_url, keep_alive_s=2), [0, 0.2, 1.5]))
+    assert retired[0] == retired[1] != retired[2]
 
 
 def counter(url: str, name: str) -> float:

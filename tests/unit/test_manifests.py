@@ -69,6 +69,9 @@ def test_kubernetes_vllm_pulls_adapter_and_base_from_s3_and_requests_a_gpu(rende
     assert config["data"]["TUNESHIP_VLLM_URL"] == f"http://{vllm_svc['metadata']['name']}:{port}"
     assert vllm_svc["spec"]["ports"][0]["port"] == port
     assert json.loads(config["data"]["TUNESHIP_GATEWAY_ALIASES"]) == {"champion": "retail-sql-v3"}
+    # vLLM keeps the gateway's idle connections as long as the gateway is told it does (not vLLM's own 5 s).
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == config["data"]["TUNESHIP_VLLM_KEEP_ALIVE_S"] == "60"
 
 
 def test_compose_services_images_ports_and_volumes_are_consistent(rendered: dict[str, Path]) -> None:
@@ -81,6 +84,8 @@ def test_compose_services_images_ports_and_volumes_are_consistent(rendered: dict
     port = args[args.index("--port") + 1]
     assert "ports" not in services["vllm"] and services["vllm"]["expose"] == [port]  # not on the host
     assert services["gateway"]["environment"]["TUNESHIP_VLLM_URL"] == f"http://vllm:{port}"
+    keep_alive = services["gateway"]["environment"]["TUNESHIP_VLLM_KEEP_ALIVE_S"]
+    assert services["vllm"]["environment"]["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == keep_alive == "60"
     gateway_port = services["gateway"]["environment"]["TUNESHIP_GATEWAY_PORT"]
     assert f"{gateway_port}:{gateway_port}" in services["gateway"]["ports"]
     # Every named volume a service mounts is declared; the model files vLLM reads are the ones fetch wrote.

@@ -20,6 +20,7 @@ def test_cpu_launch_serves_fp32_eager_with_runtime_lora() -> None:
     env = build_vllm_env(launch)
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == "60"  # idle connections outlive vLLM's own 5 s
 
 
 def test_gpu_launch_lets_vllm_pick_16_bit() -> None:
