@@ -21,6 +21,7 @@ SETTINGS_VARS = [
     "TUNESHIP_VLLM_PYTHON",
     "TUNESHIP_VLLM_DEVICE",
     "TUNESHIP_API_KEYS",
+    "TUNESHIP_VLLM_KEEP_ALIVE_S",
 ]
 
 
@@ -69,3 +70,17 @@ def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, var: str,
         load_settings()
     assert str(info.value).startswith(message)
     assert "\n" not in str(info.value)
+
+
+def test_the_gateway_reuses_engine_connections_a_second_less_than_vllm_keeps_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flows.serve import upstream
+
+    assert upstream(load_settings(), "http://127.0.0.1:8000").reuse_s == 59  # a vLLM tuneship starts keeps 60 s
+    monkeypatch.setenv("TUNESHIP_VLLM_KEEP_ALIVE_S", "5")  # a vLLM run elsewhere, with vLLM's own default
+    assert upstream(load_settings(), "http://127.0.0.1:8000").reuse_s == 4
+    monkeypatch.setenv("TUNESHIP_VLLM_KEEP_ALIVE_S", "1")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert str(info.value).startswith("TUNESHIP_VLLM_KEEP_ALIVE_S")
