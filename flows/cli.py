@@ -431,7 +431,7 @@ def serve(
         app_ = create_app(config, upstream(settings, settings.vllm_url), request_log(settings, store), registry)
         host, port, grace = settings.gateway_host, settings.gateway_port, settings.gateway_shutdown_grace_s
         with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises SIGTERM once it has shut down cleanly
-            serve_forever(app_, host=host, port=port, grace_s=grace)
+            serve_forever(app_, host=host, port=port, grace_s=grace, keep_alive_s=settings.gateway_keep_alive_s)
         return
     with serving_stack(settings, name, say=console.print) as stack:
         console.print(f"gateway: {stack.gateway_url}  (Ctrl-C stops it)")

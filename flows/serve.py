@@ -172,7 +172,10 @@ def serving_stack(
         app = create_app(config, upstream(settings, vllm_url), request_log(settings, store), registry)
         gw_port = port if port is not None else settings.gateway_port
         grace = settings.gateway_shutdown_grace_s
-        with serve_in_thread(app, host=settings.gateway_host, port=gw_port, grace_s=grace) as gateway_url:
+        keep_alive = settings.gateway_keep_alive_s
+        with serve_in_thread(
+            app, host=settings.gateway_host, port=gw_port, grace_s=grace, keep_alive_s=keep_alive
+        ) as gateway_url:
             local_url = gateway_url.replace("0.0.0.0", "127.0.0.1")
             stack = ServingStack(vllm_url=vllm_url, gateway_url=local_url)
             # The gateway reads the registry once before anything is deployed into it (the champion loads).

@@ -147,6 +147,14 @@ class Settings(BaseSettings):
     gateway_shutdown_grace_s: float = Field(
         default=10.0, ge=0, description="On SIGTERM/SIGINT, how long in-flight requests get before they are cut."
     )
+    gateway_keep_alive_s: int = Field(
+        default=75,
+        ge=1,
+        le=3600,
+        description="Seconds the gateway keeps an idle client connection open (uvicorn's own default: 5). Keep it "
+        "above the idle timeout of a load balancer in front (AWS ALB: 60 s), so that the balancer closes idle "
+        "connections first: a request it sends on a connection the gateway is closing fails with a 502.",
+    )
     gateway_url: str | None = Field(
         default=None,
         description="URLs of the running gateway replicas a deploy switches (comma-separated); empty: none.",

@@ -33,7 +33,12 @@ def check_exposure(config: GatewayConfig, host: str) -> None:
         )
 
 
-def _server(app: Any, host: str, port: int, grace_s: float, log_level: str, http: str = "auto") -> Any:
+KEEP_ALIVE_S = 75  # TUNESHIP_GATEWAY_KEEP_ALIVE_S: idle client connections outlive a load balancer's (ALB: 60 s)
+
+
+def _server(
+    app: Any, host: str, port: int, grace_s: float, log_level: str, http: str = "auto", keep_alive_s: int = KEEP_ALIVE_S
+) -> Any:
     import uvicorn
 
     check_exposure(app.state.gateway.config, host)
@@ -41,14 +46,14 @@ def _server(app: Any, host: str, port: int, grace_s: float, log_level: str, http
     access_log = log_level in ("trace", "debug", "info")
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=grace_s,
-        http=http,
+        http=http, timeout_keep_alive=keep_alive_s,
     )  # fmt: skip
     return uvicorn.Server(config)
 
 
-def serve_forever(app: Any, *, host: str, port: int, grace_s: float = 10) -> None:
+def serve_forever(app: Any, *, host: str, port: int, grace_s: float = 10, keep_alive_s: int = KEEP_ALIVE_S) -> None:
     """Serve in the foreground until SIGTERM or SIGINT (uvicorn's handlers), then shut down gracefully."""
-    _server(app, host, port, grace_s, "info").run()
+    _server(app, host, port, grace_s, "info", keep_alive_s=keep_alive_s).run()
 
 
 @contextlib.contextmanager
@@ -61,16 +66,17 @@ def serve_in_thread(
     grace_s: float = 10,
     http: str = "auto",
     sock: socket.socket | None = None,
+    keep_alive_s: int = KEEP_ALIVE_S,
 ) -> Iterator[str]:
     """Serve ``app`` on a background thread; yield its base URL; shut it down gracefully on exit. ``http`` is
     uvicorn's HTTP protocol: ``auto`` is httptools, under which streams take the direct relay (``serving.relay``).
     ``sock``: a bound socket to listen on instead of ``host:port`` (the connections it accepts inherit its
-    options, such as its send buffer's size)."""
+    options, such as its send buffer's size). ``keep_alive_s``: how long an idle client connection stays open."""
     if sock is not None:
         host, port = sock.getsockname()[:2]
     elif not port:
         raise ValueError("serve_in_thread needs a port or a bound socket")
-    server = _server(app, host, port, grace_s, "warning", http)
+    server = _server(app, host, port, grace_s, "warning", http, keep_alive_s)
     run = functools.partial(server.run, sockets=[sock]) if sock is not None else server.run
     thread = threading.Thread(target=run, name=f"gateway-{port}", daemon=True)
     thread.start()
