@@ -24,6 +24,7 @@ import jinja2
 
 from infra.errors import UserError
 from infra.registry import check_model_name
+from infra.settings import VLLM_KEEP_ALIVE_S
 
 TEMPLATES = Path(__file__).parent / "templates"
 FILES = {
@@ -59,7 +60,7 @@ class ManifestSpec:
     max_model_len: int = 4096
     fetch_image: str = "amazon/aws-cli:2.31.0"
     vllm_port: int = 8000
-    vllm_keep_alive_s: int = 60  # vLLM keeps the gateway's idle connections this long; the gateway is told
+    vllm_keep_alive_s: int = VLLM_KEEP_ALIVE_S  # vLLM keeps idle connections this long; the gateway is told
     gateway_port: int = 8080
     modal_gpu: str = "A10G"
 

@@ -19,6 +19,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from infra.errors import UserError
 
+VLLM_KEEP_ALIVE_S = 60  # how long a vLLM tuneship starts or renders keeps an idle connection (vLLM's default: 5)
+GATEWAY_KEEP_ALIVE_S = 75  # how long the gateway keeps an idle client connection: above AWS ALB's 60 s
+
 ENV_PREFIX = "TUNESHIP_"
 
 
@@ -117,7 +120,7 @@ class Settings(BaseSettings):
         "recently used other one is unloaded. Keep ≤ TUNESHIP_VLLM_MAX_CPU_LORAS.",
     )
     vllm_keep_alive_s: int = Field(
-        default=60,
+        default=VLLM_KEEP_ALIVE_S,
         ge=2,
         le=3600,
         description="Seconds vLLM keeps an idle connection open (its VLLM_HTTP_TIMEOUT_KEEP_ALIVE, which a vLLM "
@@ -148,7 +151,7 @@ class Settings(BaseSettings):
         default=10.0, ge=0, description="On SIGTERM/SIGINT, how long in-flight requests get before they are cut."
     )
     gateway_keep_alive_s: int = Field(
-        default=75,
+        default=GATEWAY_KEEP_ALIVE_S,
         ge=1,
         le=3600,
         description="Seconds the gateway keeps an idle client connection open (uvicorn's own default: 5). Keep it "

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from infra.errors import UserError
 from infra.services import ManagedProcess, ServiceError, free_port
+from infra.settings import VLLM_KEEP_ALIVE_S
 
 # Ranks vLLM accepts for --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -43,7 +44,7 @@ class VllmLaunch:
     cpu_cores: str | None = None  # CPU only: VLLM_CPU_OMP_THREADS_BIND, e.g. "1" or "0-3" (None: vLLM's "auto")
     dtype: str | None = None  # None: float32 on CPU, auto on GPU; a 4-bit (W4A16) base needs bfloat16 on CPU
     gpu_memory_utilization: float = 0.9  # GPU only
-    keep_alive_s: int = 60  # VLLM_HTTP_TIMEOUT_KEEP_ALIVE: idle connections (the gateway's) stay open this long
+    keep_alive_s: int = VLLM_KEEP_ALIVE_S  # VLLM_HTTP_TIMEOUT_KEEP_ALIVE: how long idle connections stay open
     extra_args: tuple[str, ...] = ()
     api_key: str | None = field(default=None, repr=False)  # VLLM_API_KEY: /v1/* then needs it
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from infra.errors import UserError
+from infra.settings import GATEWAY_KEEP_ALIVE_S as KEEP_ALIVE_S
 from serving.gateway import GatewayConfig, is_loopback
 
 
@@ -31,9 +32,6 @@ def check_exposure(config: GatewayConfig, host: str) -> None:
             f"the gateway would listen on {host} with no API keys: set TUNESHIP_API_KEYS, "
             "or listen on loopback (TUNESHIP_GATEWAY_HOST=127.0.0.1)"
         )
-
-
-KEEP_ALIVE_S = 75  # TUNESHIP_GATEWAY_KEEP_ALIVE_S: idle client connections outlive a load balancer's (ALB: 60 s)
 
 
 def _server(

@@ -53,8 +53,8 @@ if log_dir != "-":  # the request log on (full mode: texts scrubbed), into a loc
 # upstream never closes an idle one); a source tree from before that setting reused them for 4 s.
 keep = {}
 if "keep_alive_s" in inspect.signature(VllmUpstream).parameters:
-    from infra.settings import Settings
-    keep["keep_alive_s"] = Settings.model_fields["vllm_keep_alive_s"].default
+    from infra.settings import VLLM_KEEP_ALIVE_S
+    keep["keep_alive_s"] = VLLM_KEEP_ALIVE_S
 uvicorn.run(create_app(config, VllmUpstream(upstream, **keep), log), host="127.0.0.1", port=int(port), loop=loop,
             http=http, log_level="warning", access_log=False)  # as tuneship serve runs it (serving.server)
 """
