@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from infra.errors import UserError
-from infra.settings import GATEWAY_KEEP_ALIVE_S as KEEP_ALIVE_S
+from infra.settings import GATEWAY_KEEP_ALIVE_S
 from serving.gateway import GatewayConfig, is_loopback
 
 
@@ -35,7 +35,13 @@ def check_exposure(config: GatewayConfig, host: str) -> None:
 
 
 def _server(
-    app: Any, host: str, port: int, grace_s: float, log_level: str, http: str = "auto", keep_alive_s: int = KEEP_ALIVE_S
+    app: Any,
+    host: str,
+    port: int,
+    grace_s: float,
+    log_level: str,
+    http: str = "auto",
+    keep_alive_s: int = GATEWAY_KEEP_ALIVE_S,
 ) -> Any:
     import uvicorn
 
@@ -49,7 +55,9 @@ def _server(
     return uvicorn.Server(config)
 
 
-def serve_forever(app: Any, *, host: str, port: int, grace_s: float = 10, keep_alive_s: int = KEEP_ALIVE_S) -> None:
+def serve_forever(
+    app: Any, *, host: str, port: int, grace_s: float = 10, keep_alive_s: int = GATEWAY_KEEP_ALIVE_S
+) -> None:
     """Serve in the foreground until SIGTERM or SIGINT (uvicorn's handlers), then shut down gracefully."""
     _server(app, host, port, grace_s, "info", keep_alive_s=keep_alive_s).run()
 
@@ -64,7 +72,7 @@ def serve_in_thread(
     grace_s: float = 10,
     http: str = "auto",
     sock: socket.socket | None = None,
-    keep_alive_s: int = KEEP_ALIVE_S,
+    keep_alive_s: int = GATEWAY_KEEP_ALIVE_S,
 ) -> Iterator[str]:
     """Serve ``app`` on a background thread; yield its base URL; shut it down gracefully on exit. ``http`` is
     uvicorn's HTTP protocol: ``auto`` is httptools, under which streams take the direct relay (``serving.relay``).

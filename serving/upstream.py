@@ -50,7 +50,7 @@ class Upstream(Protocol):
     async def aclose(self) -> None: ...
 
 
-ENGINE_KEEP_ALIVE_S = 5.0  # vLLM's own default (VLLM_HTTP_TIMEOUT_KEEP_ALIVE); a vLLM tuneship starts keeps 60 s
+ENGINE_KEEP_ALIVE_S = 5.0  # vLLM's own default (VLLM_HTTP_TIMEOUT_KEEP_ALIVE); tuneship passes its own setting
 
 
 class VllmUpstream:
