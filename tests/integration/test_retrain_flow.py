@@ -47,6 +47,9 @@ OVERRIDES = [
     "evaluate.parity_sample=8",
     "registry.rules.max_error_rate=0.6",
 ]
+# A second fine-tune (another seed, a checkpoint every 40 steps): the worker-kill test trains it and the approval
+# test's candidate is the same adapter, so there the fine-tune comes from the stage cache.
+SECOND_ADAPTER = ["finetune.train.seed=7", "finetune.train.save_strategy=steps", "finetune.train.save_steps=40"]
 
 
 class RetryBusy(httpx.HTTPTransport):
@@ -354,7 +357,9 @@ def test_an_mlflow_server_killed_mid_register_leaves_one_complete_version(
     os.environ["TUNESHIP_MLFLOW_TRACKING_URI"] = server.tracking_uri
     try:
         watcher.start()
-        state, seconds = run_flow(overrides=[*OVERRIDES, f"registry.model_name={name}"], deploy=False)
+        # Another MLflow server misses every stage cache: a short fine-tune (20 steps) is enough for a version.
+        overrides = [*OVERRIDES, f"registry.model_name={name}", "finetune.train.max_steps=20"]
+        state, seconds = run_flow(overrides=overrides, deploy=False)
         watcher.join(timeout=120)
         assert killed and restarted, "the MLflow server was never killed mid-register"
         assert state.is_completed(), state.message
@@ -683,9 +688,7 @@ def test_a_worker_killed_mid_fine_tune_resumes_from_its_checkpoint_on_retry(firs
     overrides = [
         *OVERRIDES,
         f"registry.model_name={MODEL}-kill",
-        "finetune.train.seed=7",
-        "finetune.train.save_strategy=steps",
-        "finetune.train.save_steps=40",
+        *SECOND_ADAPTER,
     ]
     created = api.post(
         f"/deployments/{retrain_id}/create_flow_run",
@@ -826,7 +829,7 @@ def test_a_refused_approval_leaves_the_champion(first_run, flow_env) -> None:
         *settled,
         "registry.require_approval=true",
         "registry.approval_timeout_s=900",
-        "finetune.train.seed=3",  # another adapter: a candidate the gate can judge against the champion
+        *SECOND_ADAPTER,  # another adapter: a candidate the gate can judge against the champion
         "registry.rules.ci_margin=-1",
         "registry.rules.max_perplexity_increase=10",
     ]
