@@ -264,11 +264,16 @@ def train_cmd(
 def stage_cmd(
     params: Annotated[Path, typer.Argument(help="A stage request (the `stage` flow's parameters) as JSON.")],
 ) -> None:
-    """Run one stage from its request, as a placed stage does (a SageMaker job's `train` command runs this)."""
+    """Run one stage from its request, as a placed stage does (a SageMaker job's `train` command runs this).
+
+    The flow runs against PREFECT_API_URL if set, else a local `prefect server` started for the stage (a job's
+    container has none: Prefect's temporary server would race its 20-s start-up timer on a fresh database)."""
+    from flows.prefect_api import prefect_api
     from flows.retrain import StageParams, stage_flow
 
     request = StageParams.model_validate_json(params.read_text())
-    stage_flow(request)
+    with prefect_api(load_settings(), say=console.print):
+        stage_flow(request)
     console.print(f"stage {request.stage}: result in {request.result_key}/result.json")
 
 

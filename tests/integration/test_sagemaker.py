@@ -85,13 +85,15 @@ def test_a_stage_submitted_to_sagemaker_is_accepted_described_and_runs_from_its_
     assert name in [job["TrainingJobName"] for job in listed["TrainingJobSummaries"]]
 
     # What the container does: SageMaker copies the channel to /opt/ml/input/data/request/, `train` runs the stage.
+    # The container has no Prefect API: the stage starts its own server, never Prefect's temporary one (given 1 s
+    # here, so a fall-back to it fails the test).
     channel_dir = tmp_path / "opt-ml-input-data-request"
     channel_dir.mkdir()
     s3 = boto3.client("s3", endpoint_url=sagemaker_env["endpoint"])
     s3.download_file(sagemaker_env["bucket"], f"tuneship/{key}/request/params.json", str(channel_dir / "params.json"))
     done = subprocess.run(
         [sys.executable, "-m", "flows.cli", "stage", str(channel_dir / "params.json")],
-        env={**os.environ, **sagemaker_env["env"]},
+        env={**os.environ, **sagemaker_env["env"], "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"},
         cwd=REPO,
         capture_output=True,
         text=True,
