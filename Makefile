@@ -29,8 +29,8 @@ PIP_INSTALL = -m pip install --quiet --no-compile
 
 .PHONY: setup test test-quick demo demo-loop ui bench lint clean-venvs
 
-# The venvs install side by side (downloads and unpacking overlap): 1 min 49 s to 2 min 34 s from a fresh clone on a 2-core
-# machine with pip's cache warm (about 8 min before, most of it pip compiling every module's bytecode).
+# The venvs install side by side (downloads and unpacking overlap): 1 min 49 s to 2 min 34 s from a fresh clone
+# on a 2-core machine with pip's cache warm (about 8 min before, most of it pip compiling every module's bytecode).
 setup:
 	@$(MAKE) --no-print-directory -j2 $(VENV)/.installed $(VLLM_VENV)/.installed $(SAGEMAKER_VENV)/.installed
 
