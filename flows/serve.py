@@ -80,6 +80,7 @@ def local_vllm(settings: Settings, base_path: Path, *, served_name: str = "base"
         api_key=settings.vllm_key,
         max_loras=settings.vllm_max_loras,
         max_cpu_loras=settings.vllm_max_cpu_loras,
+        stream_interval=settings.vllm_stream_interval,
         keep_alive_s=settings.vllm_keep_alive_s,
     )
     workdir = settings.home / "services"

@@ -44,6 +44,7 @@ class VllmLaunch:
     cpu_cores: str | None = None  # CPU only: VLLM_CPU_OMP_THREADS_BIND, e.g. "1" or "0-3" (None: vLLM's "auto")
     dtype: str | None = None  # None: float32 on CPU, auto on GPU; a 4-bit (W4A16) base needs bfloat16 on CPU
     gpu_memory_utilization: float = 0.9  # GPU only
+    stream_interval: int = 1  # --stream-interval: tokens per streamed chunk after the first
     keep_alive_s: int = VLLM_KEEP_ALIVE_S  # VLLM_HTTP_TIMEOUT_KEEP_ALIVE: how long idle connections stay open
     extra_args: tuple[str, ...] = ()
     api_key: str | None = field(default=None, repr=False)  # VLLM_API_KEY: /v1/* then needs it
@@ -79,6 +80,8 @@ def build_vllm_command(python: Path, launch: VllmLaunch, *, host: str, port: int
         argv += ["--enable-lora", "--max-lora-rank", str(launch.max_lora_rank), "--max-loras", str(launch.max_loras)]
         if launch.max_cpu_loras is not None:
             argv += ["--max-cpu-loras", str(launch.max_cpu_loras)]
+    if launch.stream_interval != 1:
+        argv += ["--stream-interval", str(launch.stream_interval)]
     return argv + list(launch.extra_args)
 
 

@@ -67,6 +67,13 @@ class _OpenAISampling(_Strict):
     stream_options: StreamOptions | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
     ignore_eos: bool = Field(default=False, description="vLLM extension: always generate max_tokens tokens")
+    stream_interval: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="vLLM extension: tokens per streamed chunk after the first (the engine's --stream-interval, "
+        "TUNESHIP_VLLM_STREAM_INTERVAL, is the least); the first and the last chunk come at once",
+    )
 
 
 class CompletionRequest(_OpenAISampling):

@@ -5,7 +5,9 @@ and tiny cost, so that a gateway in front of it can be measured on its own. Neve
 
 Raw asyncio HTTP/1.1 with keep-alive (no framework): each chunk is pre-built bytes; every request costs the
 same, whatever the gateway does. ``GET /v1/models`` lists ``base``; every completion yields ``max_tokens``
-tokens (64 by default) after ``ttft-ms``, one every ``token-ms``.
+tokens (64 by default) after ``ttft-ms``, one every ``token-ms``, each in a chunk of its own; with a stream
+interval (``--stream-interval``, or the request's ``stream_interval``, the larger), as vLLM does: the first token at
+once, then one chunk every that many tokens, and the last at once.
 
 Each streamed chunk's id carries two clock readings (``time.perf_counter_ns``, one clock for every process on
 the machine): when the request arrived here and when the chunk was written, ``"id":"cmpl-ARRIVED-WRITTEN"``.
@@ -30,7 +32,14 @@ def _chunk(text: str, finish: str | None) -> bytes:
 
 
 # The id is filled in per chunk: "cmpl-%d-%d" % (arrived, written), in nanoseconds.
-TOKEN, LAST = (_chunk(" tok", finish).replace(b"cmpl-bench", b"cmpl-%d-%d") for finish in (None, "length"))
+def _stamped(tokens: int, finish: str | None) -> bytes:
+    return _chunk(" tok" * tokens, finish).replace(b"cmpl-bench", b"cmpl-%d-%d")
+
+
+# A chunk of 1..MAX_INTERVAL tokens, and the last chunk of as many.
+MAX_INTERVAL = 64
+TOKENS = [b""] + [_stamped(n, None) for n in range(1, MAX_INTERVAL + 1)]
+LASTS = [b""] + [_stamped(n, "length") for n in range(1, MAX_INTERVAL + 1)]
 DONE = b"data: [DONE]\n\n"
 MODELS = json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "bench"}]}).encode()
 
@@ -59,7 +68,9 @@ def _frame(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ttft: float, token: float) -> None:
+async def _serve(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ttft: float, token: float, interval: int
+) -> None:
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -81,11 +92,18 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ttf
                     len(answer), answer))  # fmt: skip
                 continue
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            # vLLM's stream interval: the first token at once, then a chunk every `every` tokens, and the last.
+            every = min(max(int(request.get("stream_interval") or 1), interval), MAX_INTERVAL)
             await asyncio.sleep(ttft)
+            unsent = 0
             for i in range(tokens):
                 if i:
                     await asyncio.sleep(token)
-                writer.write(_frame((LAST if i == tokens - 1 else TOKEN) % (arrived, time.perf_counter_ns())))
+                unsent += 1
+                last = i == tokens - 1
+                if i == 0 or last or unsent >= every:
+                    writer.write(_frame((LASTS if last else TOKENS)[unsent] % (arrived, time.perf_counter_ns())))
+                    unsent = 0
             if (request.get("stream_options") or {}).get("include_usage"):
                 writer.write(_frame(_usage(tokens)))
             writer.write(_frame(DONE) + b"0\r\n\r\n")
@@ -96,9 +114,9 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ttf
         writer.close()
 
 
-async def main(port: int, ttft_ms: float, token_ms: float) -> None:
+async def main(port: int, ttft_ms: float, token_ms: float, interval: int) -> None:
     server = await asyncio.start_server(
-        lambda r, w: _serve(r, w, ttft_ms / 1000, token_ms / 1000), "127.0.0.1", port, backlog=1024
+        lambda r, w: _serve(r, w, ttft_ms / 1000, token_ms / 1000, interval), "127.0.0.1", port, backlog=1024
     )
     async with server:
         await server.serve_forever()
@@ -109,7 +127,8 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--ttft-ms", type=float, default=10.0)
     parser.add_argument("--token-ms", type=float, default=5.0)
+    parser.add_argument("--stream-interval", type=int, default=1, help="as vLLM's: tokens per chunk after the first")
     args = parser.parse_args()
     import uvloop
 
-    uvloop.run(main(args.port, args.ttft_ms, args.token_ms))
+    uvloop.run(main(args.port, args.ttft_ms, args.token_ms, args.stream_interval))

@@ -132,8 +132,10 @@ def cpu_seconds(pid: int) -> float:
     return sum(cpu_times(pid))
 
 
-async def _one(session: Any, url: str, model: str, tokens: int, stream: bool) -> dict[str, float]:
+async def _one(session: Any, url: str, model: str, tokens: int, stream: bool, interval: int) -> dict[str, float]:
     body = {"model": model, "prompt": "hello", "max_tokens": tokens, "stream": stream}
+    if interval > 1:  # vLLM's per-request stream interval: tokens per chunk after the first
+        body["stream_interval"] = interval
     started, started_ns = time.perf_counter(), time.perf_counter_ns()
     first, first_way, stamp = None, None, None
     async with session.post(f"{url}/v1/completions", json=body, headers={"Authorization": "Bearer bench"}) as r:
@@ -160,9 +162,10 @@ async def _one(session: Any, url: str, model: str, tokens: int, stream: bool) ->
 
 async def load(
     url: str, model: str, *, requests: int, concurrency: int | None = None, rate: float | None = None,
-    tokens: int = 64, stream: bool = True,
+    tokens: int = 64, stream: bool = True, interval: int = 1,
 ) -> list[dict[str, float]]:  # fmt: skip
-    """``requests`` requests, by ``concurrency`` clients in a closed loop, or started at ``rate`` per second."""
+    """``requests`` requests, by ``concurrency`` clients in a closed loop, or started at ``rate`` per second;
+    ``interval``: each asks for that stream interval."""
     import aiohttp
 
     samples: list[dict[str, float]] = []
@@ -175,14 +178,14 @@ async def load(
                 nonlocal left
                 while left > 0:
                     left -= 1
-                    samples.append(await _one(session, url, model, tokens, stream))
+                    samples.append(await _one(session, url, model, tokens, stream, interval))
 
             await asyncio.gather(*(client() for _ in range(concurrency or 16)))
         else:
             start, tasks = time.perf_counter(), []
             for i in range(requests):
                 await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
-                tasks.append(asyncio.create_task(_one(session, url, model, tokens, stream)))
+                tasks.append(asyncio.create_task(_one(session, url, model, tokens, stream, interval)))
             samples = list(await asyncio.gather(*tasks))
     return samples
 
@@ -210,31 +213,37 @@ def _headers(samples: list[dict[str, float]]) -> list[float]:
 
 def measure(
     upstream: str, gateway: str, gateway_pid: int, *, rounds: int = 3, requests: int = 192, rate: float = 40.0,
-    tokens: int = 64,
+    tokens: int = 64, interval: int = 1,
 ) -> dict[str, Any]:  # fmt: skip
     """Alternate direct and gateway rounds (same load); the percentiles of all rounds' requests each way, and their
-    differences. The load generator (this process) runs on the cores the upstream has, off the gateway's."""
+    differences. The load generator (this process) runs on the cores the upstream has, off the gateway's.
+    ``interval``: the streams' stream interval (tokens per chunk after the first; 1: a chunk per token)."""
     mine = os.sched_getaffinity(0)
     os.sched_setaffinity(0, OTHER_CPUS)
     try:
-        return _measure(upstream, gateway, gateway_pid, rounds=rounds, requests=requests, rate=rate, tokens=tokens)
+        return _measure(
+            upstream, gateway, gateway_pid, rounds=rounds, requests=requests, rate=rate, tokens=tokens,
+            interval=interval,
+        )  # fmt: skip
     finally:
         os.sched_setaffinity(0, mine)
 
 
 def _measure(
-    upstream: str, gateway: str, gateway_pid: int, *, rounds: int, requests: int, rate: float, tokens: int
-) -> dict[str, Any]:
-    asyncio.run(load(gateway, "champion", requests=32, concurrency=16, tokens=tokens))  # warm both paths
-    asyncio.run(load(upstream, "base", requests=32, concurrency=16, tokens=tokens))
+    upstream: str, gateway: str, gateway_pid: int, *, rounds: int, requests: int, rate: float, tokens: int,
+    interval: int,
+) -> dict[str, Any]:  # fmt: skip
+    each = {"tokens": tokens, "interval": interval}
+    asyncio.run(load(gateway, "champion", requests=32, concurrency=16, **each))  # warm both paths
+    asyncio.run(load(upstream, "base", requests=32, concurrency=16, **each))
     modes = {"concurrency_16": {"concurrency": 16}, f"rate_{rate:g}_per_s": {"rate": rate}}
     samples: dict[tuple[str, str], list[dict[str, float]]] = {(m, way): [] for m in modes for way in ("direct", "via")}
     user_s, kernel_s, streamed = 0.0, 0.0, 0
     for _ in range(rounds):
         for mode, kwargs in modes.items():
-            samples[mode, "direct"] += asyncio.run(load(upstream, "base", requests=requests, tokens=tokens, **kwargs))
+            samples[mode, "direct"] += asyncio.run(load(upstream, "base", requests=requests, **each, **kwargs))
             before = cpu_times(gateway_pid)
-            samples[mode, "via"] += asyncio.run(load(gateway, "champion", requests=requests, tokens=tokens, **kwargs))
+            samples[mode, "via"] += asyncio.run(load(gateway, "champion", requests=requests, **each, **kwargs))
             after = cpu_times(gateway_pid)
             user_s, kernel_s = user_s + after[0] - before[0], kernel_s + after[1] - before[1]
             streamed += requests
@@ -256,6 +265,7 @@ def _measure(
         "requests_per_round": requests,
         "rounds": rounds,
         "tokens_per_request": tokens,
+        "stream_interval": interval,
     }
 
 
@@ -300,6 +310,7 @@ if __name__ == "__main__":
     parser.add_argument("--bare", action="store_true", help="the bare relay (bare_relay.py), not the gateway")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=192)
+    parser.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed chunk after the first")
     args = parser.parse_args()
     upstream_proc, upstream_url = start_upstream(ttft_ms=10, token_ms=5)
     try:
@@ -309,6 +320,7 @@ if __name__ == "__main__":
         result = run_variant(
             name, upstream_url, src=args.src, loop=args.loop, http=args.http, rounds=args.rounds,
             requests=args.requests, direct=not args.general, lane=not args.no_lane, bare=args.bare,
+            interval=args.stream_interval,
         )  # fmt: skip
         print(json.dumps(result, indent=2))
     finally:

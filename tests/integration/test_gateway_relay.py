@@ -105,6 +105,21 @@ def test_direct_and_general_relays_answer_alike(gateways, path, body) -> None:
         assert counted.get("general", 0) >= 1 and "direct" not in counted
 
 
+@pytest.mark.parametrize("relay", ["direct", "general"])
+def test_a_stream_interval_sends_the_same_text_in_fewer_chunks(gateways, relay) -> None:
+    """vLLM's stream interval, asked per request: the first token at once, then a chunk every 8 tokens, the last at
+    once; the text is the same as a chunk per token."""
+    body = {"model": "champion", "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    with httpx.Client() as client:
+        each = streamed(client, gateways[relay], "/v1/completions", body)
+        grouped = streamed(client, gateways[relay], "/v1/completions", {**body, "stream_interval": 8})
+        refused = client.post(f"{gateways[relay]}/v1/completions", json={**body, "stream_interval": 0}, headers=KEY)
+    assert text(grouped) == text(each) and each[-1] == grouped[-1] == "[DONE]"
+    assert len(each) - 1 == 24  # one chunk per token (ignore_eos: all 24), then [DONE]
+    assert len(grouped) - 1 == 4  # 1 + 8 + 8 + 7 tokens
+    assert refused.status_code == 422 and refused.json()["error"]["param"] == "stream_interval"
+
+
 def test_direct_relay_keeps_the_connection(gateways) -> None:
     url = gateways["direct"]
     body = {"model": "champion", "prompt": PROMPT, "max_tokens": 24, "temperature": 0}

@@ -42,3 +42,9 @@ def test_a_keyed_launch_passes_the_key_in_the_environment_only() -> None:
     assert "sk-vllm-secret" not in " ".join(build_vllm_command(Path("python"), launch, host="127.0.0.1", port=1))
     assert "sk-vllm-secret" not in repr(launch)  # launches are logged
     assert "VLLM_API_KEY" not in build_vllm_env(VllmLaunch(model=Path("/m")))
+
+
+def test_a_stream_interval_reaches_vllm_only_when_set() -> None:
+    argv = build_vllm_command(Path("python"), VllmLaunch(model=Path("/m"), stream_interval=8), host="h", port=1)
+    assert argv[argv.index("--stream-interval") + 1] == "8"
+    assert "--stream-interval" not in build_vllm_command(Path("python"), VllmLaunch(model=Path("/m")), host="h", port=1)
