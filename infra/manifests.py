@@ -61,6 +61,7 @@ class ManifestSpec:
     fetch_image: str = "amazon/aws-cli:2.31.0"
     vllm_port: int = 8000
     vllm_keep_alive_s: int = VLLM_KEEP_ALIVE_S  # vLLM keeps idle connections this long; the gateway is told
+    stream_interval: int = 1  # vLLM --stream-interval: tokens per streamed chunk after the first
     gateway_port: int = 8080
     modal_gpu: str = "A10G"
 
@@ -152,6 +153,7 @@ class ManifestSpec:
             "--lora-modules",
             f"{self.adapter_name}=/models/{self.adapter_name}",
             *(["--tensor-parallel-size", str(self.tensor_parallel_size)] if self.tensor_parallel_size > 1 else []),
+            *(["--stream-interval", str(self.stream_interval)] if self.stream_interval > 1 else []),
         ]
 
     @property

@@ -262,6 +262,13 @@ class DeployConfig(_Strict):
         description="vLLM --tensor-parallel-size (manifests): the base split across this many of the GPUs. "
         "Default: all of them.",
     )
+    stream_interval: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="vLLM --stream-interval (manifests): tokens per streamed chunk after the first (as "
+        "TUNESHIP_VLLM_STREAM_INTERVAL for a vLLM tuneship starts).",
+    )
 
     @model_validator(mode="after")
     def _parallel_fits(self) -> DeployConfig:

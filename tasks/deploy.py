@@ -318,6 +318,7 @@ def render_manifests(
         gpus=cfg.gpus,
         tensor_parallel_size=cfg.tensor_parallel_size or max(cfg.gpus, 1),
         max_lora_rank=adapter.rank,
+        stream_interval=cfg.stream_interval,
     )
     files = render_all(spec, out_dir or Path(cfg.manifests_dir))
     dep = Deployment(

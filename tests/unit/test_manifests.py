@@ -263,3 +263,13 @@ def test_the_70b_preset_renders_tensor_parallel_vllm_on_4_gpus(tmp_path: Path) -
     assert 'gpu="H100:4"' in files["modal_app.py"].read_text()
     with pytest.raises(ManifestError, match="tensor_parallel_size 8 > gpus 4"):
         spec(gpus=4, tensor_parallel_size=8)
+
+
+def test_a_stream_interval_reaches_every_rendered_vllm(tmp_path: Path) -> None:
+    files = {p.name: p for p in render_all(spec(stream_interval=8), tmp_path)}
+    vllm = list(yaml.safe_load_all(files["kubernetes.yaml"].read_text()))[1]["spec"]["template"]["spec"]
+    assert vllm["containers"][0]["args"][-2:] == ["--stream-interval", "8"]
+    compose = yaml.safe_load(files["docker-compose.yaml"].read_text())["services"]["vllm"]
+    assert compose["command"][-2:] == ["--stream-interval", "8"]
+    assert '"--stream-interval", "8"' in files["modal_app.py"].read_text()
+    assert "--stream-interval" not in spec().vllm_args
