@@ -75,7 +75,8 @@ def doctor() -> None:
     table.add_row("cache", str(settings.cache_dir))
     table.add_row("MLflow tracking URI", settings.mlflow_tracking_uri)
     vllm_python = settings.vllm_python
-    vllm = settings.vllm_url if settings.vllm_url != "local" else f"local ({vllm_python}, {settings.vllm_device})"
+    local = f"local ({vllm_python}, {settings.vllm_device}{', on a Unix socket' if settings.vllm_uds else ''})"
+    vllm = settings.vllm_url if settings.vllm_url != "local" else local
     table.add_row("vLLM", vllm)
     table.add_row("gateway API keys", f"{len(settings.api_keys)} configured" if settings.api_keys else "none (open)")
     console.print(table)

@@ -41,7 +41,7 @@ from infra.costs import TrainingCost, load_prices, training_cost
 from infra.errors import TransientError, UserError
 from infra.settings import Settings, environ, load_settings, wandb_env
 from infra.tracking import MlflowTracker
-from infra.vllm_server import vllm_endpoints
+from infra.vllm_server import answers, vllm_endpoints
 from tasks.base_model import ResolvedModel, resolve_base_model
 from tasks.config import (
     ConfigError,
@@ -242,7 +242,7 @@ class Services:
     def vllm_url(self) -> str:
         """The vLLM server's URL. A server this run started that no longer answers (it crashed, or was killed
         mid-stage) is replaced, so a stage's retry does not reuse a dead URL; a configured server is the user's."""
-        if self._vllm is not None and self.settings.vllm_url == "local" and not _answers(self._vllm):
+        if self._vllm is not None and self.settings.vllm_url == "local" and not answers(self._vllm):
             print(f"vLLM at {self._vllm} stopped answering: starting a new one")
             self._stack.close()  # stops what is left of it (its process group)
             self._stack, self._vllm = contextlib.ExitStack(), None
@@ -253,15 +253,6 @@ class Services:
 
     def close(self) -> None:
         self._stack.close()
-
-
-def _answers(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"{url}/health", timeout=10).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 # Stages. Each takes the shared services (excluded from the cache key by the key functions) and refs.

@@ -84,7 +84,8 @@ def local_vllm(settings: Settings, base_path: Path, *, served_name: str = "base"
         keep_alive_s=settings.vllm_keep_alive_s,
     )
     workdir = settings.home / "services"
-    with start_vllm(launch, python=settings.vllm_python, workdir=workdir, stop_with_parent=True) as server:
+    python, uds = settings.vllm_python, settings.vllm_uds
+    with start_vllm(launch, python=python, workdir=workdir, uds=uds, stop_with_parent=True) as server:
         yield server.base_url
 
 

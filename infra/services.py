@@ -116,15 +116,20 @@ class ManagedProcess:
                     f"{self.name} exited with code {self.proc.returncode} before it was healthy; "
                     f"log {self.log_path}:\n{_tail(self.log_path)}"
                 )
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.health_url, timeout=2.0).status_code == 200:
-                    return
+            if self.healthy():
+                return
             if time.monotonic() > deadline:
                 raise ServiceError(
                     f"{self.name} not healthy at {self.health_url} after {timeout:.0f} s; "
                     f"log {self.log_path}:\n{_tail(self.log_path)}"
                 )
             time.sleep(0.5)
+
+    def healthy(self) -> bool:
+        """Whether ``health_url`` answers 200 now."""
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(self.health_url, timeout=2.0).status_code == 200
+        return False
 
     @property
     def running(self) -> bool:

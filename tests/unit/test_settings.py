@@ -60,7 +60,8 @@ def test_standard_aliases_and_key_list(monkeypatch: pytest.MonkeyPatch) -> None:
         ("TUNESHIP_ARTIFACT_ROOT", "ftp://host/x", "TUNESHIP_ARTIFACT_ROOT: unknown scheme 'ftp'"),
         ("TUNESHIP_ARTIFACT_ROOT", "s3:///prefix", "TUNESHIP_ARTIFACT_ROOT: 's3:///prefix' names no bucket"),
         ("TUNESHIP_S3_ENDPOINT_URL", "localhost:9000", "TUNESHIP_S3_ENDPOINT_URL: 'localhost:9000' is not an http"),
-        ("TUNESHIP_VLLM_URL", "somewhere", "TUNESHIP_VLLM_URL: 'somewhere' is neither 'local' nor"),
+        ("TUNESHIP_VLLM_URL", "somewhere", "TUNESHIP_VLLM_URL: 'somewhere' is neither 'local', an http(s)"),
+        ("TUNESHIP_VLLM_URL", "unix:vllm.sock", "TUNESHIP_VLLM_URL: 'unix:vllm.sock': a Unix socket's URL is unix:"),
         ("TUNESHIP_VLLM_DEVICE", "tpu", "TUNESHIP_VLLM_DEVICE: Input should be 'cpu' or 'gpu'"),
     ],
 )
@@ -70,6 +71,14 @@ def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, var: str,
         load_settings()
     assert str(info.value).startswith(message)
     assert "\n" not in str(info.value)
+
+
+def test_a_vllm_on_a_unix_socket_is_named_by_its_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNESHIP_VLLM_URL", "unix:/run/vllm/vllm.sock")
+    settings = load_settings()
+    assert settings.vllm_url == "unix:/run/vllm/vllm.sock" and not settings.vllm_uds  # a local one: TCP by default
+    monkeypatch.setenv("TUNESHIP_VLLM_UDS", "true")
+    assert load_settings().vllm_uds
 
 
 def test_the_gateway_reuses_engine_connections_a_second_less_than_vllm_keeps_them(

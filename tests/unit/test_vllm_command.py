@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.vllm_server import VllmLaunch, build_vllm_command, build_vllm_env
+from infra.vllm_server import VllmLaunch, build_vllm_command, build_vllm_env, unix_socket
 
 
 def test_cpu_launch_serves_fp32_eager_with_runtime_lora() -> None:
@@ -48,3 +48,10 @@ def test_a_stream_interval_reaches_vllm_only_when_set() -> None:
     argv = build_vllm_command(Path("python"), VllmLaunch(model=Path("/m"), stream_interval=8), host="h", port=1)
     assert argv[argv.index("--stream-interval") + 1] == "8"
     assert "--stream-interval" not in build_vllm_command(Path("python"), VllmLaunch(model=Path("/m")), host="h", port=1)
+
+
+def test_a_unix_socket_replaces_host_and_port() -> None:
+    argv = build_vllm_command(Path("python"), VllmLaunch(model=Path("/m")), host="h", port=1, uds=Path("/s/vllm.sock"))
+    assert argv[argv.index("--uds") + 1] == "/s/vllm.sock"
+    assert "--host" not in argv and "--port" not in argv
+    assert unix_socket("unix:/s/vllm.sock") == "/s/vllm.sock" and unix_socket("http://127.0.0.1:8000") is None
