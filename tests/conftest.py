@@ -179,6 +179,38 @@ def weak_adapter(demo_config, demo_base, demo_store, demo_dataset, mlflow_server
     )
 
 
+def small_evaluation(examples: int) -> tuple[str, ...]:
+    """The overrides of a small evaluation on the demo task (``examples`` questions per split), as the deploy tests
+    register them: the deploy only needs the recorded outputs."""
+    return f"evaluate.max_examples={examples}", "evaluate.parity_sample=4"
+
+
+@pytest.fixture(scope="session")
+def demo_evaluation(demo_config, demo_base, demo_store, demo_dataset, vllm_server, mlflow_server, tmp_path_factory):
+    """``demo_evaluation(adapter, examples)``: the adapter's small evaluation on the demo task, made once per
+    session (its overrides: ``demo_evaluation.overrides(examples)``). A report names no registered model, so modules
+    that register the same adapter under the same evaluation (the deploy and the replicas tests) share it."""
+    from infra.tracking import MlflowTracker
+    from tasks.evaluate import evaluate
+
+    tracker = MlflowTracker(mlflow_server.tracking_uri, system_metrics=False)
+    work = tmp_path_factory.mktemp("evaluations")
+    reports = {}
+
+    def evaluated(adapter, examples: int):
+        key = (adapter.sha256, examples)
+        if key not in reports:
+            cfg = demo_config(*small_evaluation(examples))
+            reports[key] = evaluate(
+                cfg.evaluate, adapter, demo_dataset, base=demo_base, store=demo_store, tracker=tracker, workdir=work,
+                server_url=vllm_server.base_url, served_base="base",
+            )  # fmt: skip
+        return reports[key]
+
+    evaluated.overrides = small_evaluation
+    return evaluated
+
+
 @pytest.fixture(scope="session")
 def clinic_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The second offline task (an outpatient clinic's database), for serving two fine-tunes from one base."""

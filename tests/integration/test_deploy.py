@@ -30,7 +30,6 @@ from serving.server import serve_in_thread
 from serving.upstream import VllmUpstream
 from tasks.config import DeployConfig
 from tasks.deploy import DeployError, deploy, render_manifests
-from tasks.evaluate import evaluate
 from tasks.register import register
 
 pytestmark = pytest.mark.slow
@@ -41,53 +40,25 @@ PROBE = "### Instruction:\nHow many customers are there in each city?\n\n### Res
 
 @pytest.fixture(scope="module")
 def versions(
-    demo_config,
-    demo_base,
-    demo_store,
-    demo_dataset,
-    demo_adapter,
-    weak_adapter,
-    vllm_server,
-    mlflow_server,
-    tmp_path_factory,
+    demo_config, demo_store, demo_dataset, demo_adapter, weak_adapter, demo_evaluation, mlflow_server, tmp_path_factory
 ):
     """v1 = the weak adapter, v2 = the strong one, v3 = the weak adapter whose recorded evaluation outputs were
-    altered (so its smoke test must fail). Small evaluations: the deploy only needs their recorded outputs."""
+    altered (so its smoke test must fail). Small evaluations, shared with the replicas test."""
     name = f"deploy-{uuid.uuid4().hex[:6]}"
-    cfg = demo_config(f"registry.model_name={name}", "evaluate.max_examples=16", "evaluate.parity_sample=4")
+    cfg = demo_config(f"registry.model_name={name}", *demo_evaluation.overrides(16))
     tracker = MlflowTracker(mlflow_server.tracking_uri, system_metrics=False)
     work = tmp_path_factory.mktemp("deploy")
     uri = mlflow_server.tracking_uri
 
     def eval_and_register(adapter):
-        report = evaluate(
-            cfg.evaluate,
-            adapter,
-            demo_dataset,
-            base=demo_base,
-            store=demo_store,
-            tracker=tracker,
-            workdir=work,
-            server_url=vllm_server.base_url,
-            served_base="base",
-        )
+        report = demo_evaluation(adapter, 16)
         return register(cfg, adapter, report, demo_dataset, store=demo_store, tracker=tracker), report
 
     v1, weak_report = eval_and_register(weak_adapter)
     v2, strong_report = eval_and_register(demo_adapter)
     # v3: the weak adapter again, but its recorded evaluation outputs no longer match what it serves.
-    cfg = demo_config(f"registry.model_name={name}", "evaluate.max_examples=12", "evaluate.parity_sample=4")
-    report = evaluate(
-        cfg.evaluate,
-        weak_adapter,
-        demo_dataset,
-        base=demo_base,
-        store=demo_store,
-        tracker=tracker,
-        workdir=work,
-        server_url=vllm_server.base_url,
-        served_base="base",
-    )
+    cfg = demo_config(f"registry.model_name={name}", *demo_evaluation.overrides(12))
+    report = demo_evaluation(weak_adapter, 12)
     tampered = work / "tampered"
     shutil.copytree(demo_store.get_dir(report.artifact), tampered)
     rows = [json.loads(line) for line in (tampered / "examples.jsonl").read_text().splitlines()]

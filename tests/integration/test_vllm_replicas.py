@@ -23,7 +23,6 @@ from serving.server import serve_in_thread
 from serving.upstream import VllmUpstream
 from tasks.config import DeployConfig
 from tasks.deploy import DeployError, deploy
-from tasks.evaluate import evaluate
 from tasks.register import register
 
 pytestmark = pytest.mark.slow
@@ -43,24 +42,18 @@ def second_vllm(services_dir, base_model):
 
 
 @pytest.fixture(scope="module")
-def model(demo_config, demo_base, demo_store, demo_dataset, demo_adapter, weak_adapter, vllm_server, mlflow_server):
-    """v1 = the weak adapter, v2 = the strong one, v3 = the weak adapter again (another, smaller evaluation)."""
+def model(demo_config, demo_store, demo_dataset, demo_adapter, weak_adapter, demo_evaluation, mlflow_server):
+    """v1 = the weak adapter, v2 = the strong one, v3 = the weak adapter again (another, smaller evaluation): the
+    deploy tests' evaluations, from the session's cache."""
     name = f"replicas-{uuid.uuid4().hex[:6]}"
     tracker = MlflowTracker(mlflow_server.tracking_uri, system_metrics=False)
 
-    def add(adapter, examples: int, work: Path):
-        cfg = demo_config(
-            f"registry.model_name={name}", f"evaluate.max_examples={examples}", "evaluate.parity_sample=4"
-        )
-        report = evaluate(
-            cfg.evaluate, adapter, demo_dataset, base=demo_base, store=demo_store, tracker=tracker, workdir=work,
-            server_url=vllm_server.base_url, served_base="base",
-        )  # fmt: skip
+    def add(adapter, examples: int):
+        cfg = demo_config(f"registry.model_name={name}", *demo_evaluation.overrides(examples))
+        report = demo_evaluation(adapter, examples)
         return register(cfg, adapter, report, demo_dataset, store=demo_store, tracker=tracker)
 
-    work = Path(demo_store.cache_dir) / "replicas"
-    work.mkdir(exist_ok=True)
-    versions = [add(weak_adapter, 12, work), add(demo_adapter, 12, work), add(weak_adapter, 8, work)]
+    versions = [add(weak_adapter, 16), add(demo_adapter, 16), add(weak_adapter, 12)]
     return {"name": name, "uri": mlflow_server.tracking_uri, "versions": [v.version for v in versions]}
 
 
