@@ -381,12 +381,25 @@ class Relay:
     be cut (every open connection reset, new ones refused: the endpoint is gone) and restored on the same port."""
 
     def __init__(self, target_url: str | None, bytes_per_s: float | None = 2e6) -> None:
-        self.port, self.rate = free_port(), bytes_per_s
+        self.rate = bytes_per_s
         self.open: set[socket.socket] = set()
         self.listener: socket.socket | None = None
         self.lock = threading.Lock()
+        self.held = self._bound(0)
+        self.port = int(self.held.getsockname()[1])
         if target_url:  # else nothing listens on ``port`` until ``open_to``
             self.open_to(target_url)
+
+    @staticmethod
+    def _bound(port: int) -> socket.socket:
+        """A socket bound to ``port`` and not listening: a connection to it is refused, yet the port stays taken.
+        A port merely left free while the endpoint is down can be handed out as the local end of another
+        connection — or of a client's own retry, which then connects to itself — and could not be bound again."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # held and listening sockets overlap in cut()
+        sock.bind(("127.0.0.1", port))
+        return sock
 
     def open_to(self, target_url: str) -> None:
         self.target = ("127.0.0.1", int(target_url.rsplit(":", 1)[1]))
@@ -418,6 +431,9 @@ class Relay:
     def cut(self) -> None:
         with self.lock:
             if self.listener is not None:
+                self.held = self._bound(self.port)
+                with contextlib.suppress(OSError):  # wakes the accepting thread: a bare close() would leave the
+                    self.listener.shutdown(socket.SHUT_RDWR)  # socket listening until its next connection
                 self.listener.close()
                 self.listener = None
             for sock in self.open:
@@ -427,8 +443,16 @@ class Relay:
             self.open.clear()
 
     def restore(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", self.port))
+        with self.lock:
+            self.listener, self.held = self.held, None
+            self.listener.listen()
         threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def close(self) -> None:
+        self.cut()
+        with self.lock:
+            if self.held is not None:
+                self.held.close()
 
 
 def run_on_store(endpoint_url: str, bucket: str, name: str, demo_task: Path):
@@ -485,7 +509,7 @@ def test_an_s3_endpoint_gone_mid_upload_hides_the_partial_adapter_and_the_run_co
         state, seconds = run_on_store(relay.url, bucket, "cut", demo_task)
     finally:
         watcher.join(timeout=10)
-        relay.cut()
+        relay.close()
     assert seen_partial, "the endpoint was never cut while an adapter was half uploaded"
     assert state.is_completed(), state.message
     print(f"\nS3 cut mid-upload ({len(seen_partial[0])} adapter files, no manifest): run completed in {seconds:.0f} s")
@@ -527,7 +551,7 @@ def test_a_transient_s3_outage_is_retried_and_the_flow_completes(
         state, seconds = run_on_store(relay.url, bucket, "late", demo_task)
     finally:
         late.join()
-        relay.cut()
+        relay.close()
         for server in servers:
             server.stop()
     assert state.is_completed(), state.message
