@@ -46,41 +46,36 @@ RETAIL_TABLES = {"customers", "products", "stores", "employees", "orders", "orde
 @pytest.fixture(scope="module")
 def models(
     demo_config, clinic_config, demo_base, demo_store, demo_dataset, demo_adapter, weak_adapter, clinic_adapter,
-    vllm_server, mlflow_server, tmp_path_factory,
+    demo_evaluation, vllm_server, mlflow_server, tmp_path_factory,
 ):  # fmt: skip
     """Two registered models on the demo base: retail (v1 weak, v2 strong = champion, v3 weak again =
-    challenger) and clinic (v1 = champion), each with a small evaluation on its own test split."""
+    challenger) and clinic (v1 = champion), each with a small evaluation on its own test split (retail's are the
+    session's shared ones, as the deploy tests register them)."""
     suffix = uuid.uuid4().hex[:6]
     retail, clinic = f"retail-{suffix}", f"clinic-{suffix}"
     tracker = MlflowTracker(mlflow_server.tracking_uri, system_metrics=False)
-    work = tmp_path_factory.mktemp("multi")
     reports = {}
 
-    def add(cfg, adapter, dataset):
-        report = evaluate(
-            cfg.evaluate, adapter, dataset, base=demo_base, store=demo_store, tracker=tracker, workdir=work,
-            server_url=vllm_server.base_url, served_base="base",
-        )  # fmt: skip
+    def add(cfg, adapter, dataset, report):
         version = register(cfg, adapter, report, dataset, store=demo_store, tracker=tracker)
         reports[(cfg.model_name, version.version)] = report
         return version.version
 
-    small = ("evaluate.max_examples=48", "evaluate.parity_sample=4")
-    retail_cfg = demo_config(f"registry.model_name={retail}", *small)
-    clinic_cfg = clinic_config(f"registry.model_name={clinic}", *small)
+    def add_retail(adapter, examples: int):
+        cfg = demo_config(f"registry.model_name={retail}", *demo_evaluation.overrides(examples))
+        return add(cfg, adapter, demo_dataset, demo_evaluation(adapter, examples))
+
+    clinic_cfg = clinic_config(f"registry.model_name={clinic}", "evaluate.max_examples=48", "evaluate.parity_sample=4")
     clinic_ad, clinic_data = clinic_adapter
+    clinic_report = evaluate(
+        clinic_cfg.evaluate, clinic_ad, clinic_data, base=demo_base, store=demo_store, tracker=tracker,
+        workdir=tmp_path_factory.mktemp("multi"), server_url=vllm_server.base_url, served_base="base",
+    )  # fmt: skip
     versions = {
-        retail: [add(retail_cfg, weak_adapter, demo_dataset), add(retail_cfg, demo_adapter, demo_dataset)],
-        clinic: [add(clinic_cfg, clinic_ad, clinic_data)],
+        # v3: the weak adapter again, with an evaluation of its own (the same report would give back v1).
+        retail: [add_retail(weak_adapter, 16), add_retail(demo_adapter, 16), add_retail(weak_adapter, 12)],
+        clinic: [add(clinic_cfg, clinic_ad, clinic_data, clinic_report)],
     }
-    # v3: the weak adapter again, with an evaluation of its own (the same report would give back v1).
-    versions[retail].append(
-        add(
-            demo_config(f"registry.model_name={retail}", "evaluate.max_examples=40", "evaluate.parity_sample=4"),
-            weak_adapter,
-            demo_dataset,
-        )
-    )
     mlflow_client = client(mlflow_server.tracking_uri)
     make_champion(mlflow_client, retail, versions[retail][1], expect=None)
     make_champion(mlflow_client, clinic, versions[clinic][0], expect=None)
