@@ -468,32 +468,39 @@ def test_a_gateway_killed_after_the_switch_still_counts_as_deployed(versions, vl
         body = {"model": key, "prompt": "SELECT", "max_tokens": 480, "n": 4, "ignore_eos": True, "stream": True}
 
         ended: list[str] = []  # how each stream ended, for the failure message
+        stop = threading.Event()
 
-        def hold_old_adapter() -> None:  # a long stream on the old adapter: the deploy must wait for it
-            lines, status = 0, None
-            try:
-                with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
-                    status = r.status_code
-                    for _ in r.iter_lines():
-                        lines += 1
-                ended.append(f"HTTP {status} after {lines} lines")
-            except httpx.HTTPError as e:
-                ended.append(f"HTTP {status} after {lines} lines: {e!r}")
+        def hold_old_adapter() -> None:  # long streams, one after another: the deploy must wait for the old adapter's
+            while not stop.is_set():
+                lines, status = 0, None
+                try:
+                    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+                        status = r.status_code
+                        for _ in r.iter_lines():
+                            lines += 1
+                    ended.append(f"HTTP {status} after {lines} lines")
+                except httpx.HTTPError as e:
+                    ended.append(f"HTTP {status} after {lines} lines: {e!r}")
+                    return
 
-        # 8 streams × 4 sequences × 480 tokens: the smoke test's greedy answers run in the same vLLM batches and need
-        # far fewer steps, so these are still running when the alias switches.
+        # 8 clients, each streaming 4 sequences × 480 tokens and starting another stream when one ends: however
+        # fast the engine runs them, streams on the old adapter are running when the alias switches.
         with ThreadPoolExecutor(9) as pool:
             for _ in range(8):
                 pool.submit(hold_old_adapter)
-            deadline = time.monotonic() + 300
-            while httpx.get(f"{url}/admin/routes", headers=admin).json()["in_flight"].get(old, 0) < 8:
-                assert not ended and time.monotonic() < deadline, f"streams ended before all 8 were in flight: {ended}"
-                time.sleep(0.05)
-            deploying = pool.submit(ship, versions, vllm_server, url, v2.version, drain_timeout_s=120)
-            while (routes := httpx.get(f"{url}/admin/routes", headers=admin).json())["aliases"].get(key) != new:
-                assert not deploying.done(), deploying.result()
-                time.sleep(0.05)
-            server.proc.kill()  # SIGKILL: mid-drain, after the switch
+            try:
+                deadline = time.monotonic() + 300
+                while httpx.get(f"{url}/admin/routes", headers=admin).json()["in_flight"].get(old, 0) < 4:
+                    failed = [e for e in ended if not e.startswith("HTTP 200 ")]
+                    assert not failed and time.monotonic() < deadline, f"streams: {ended}"
+                    time.sleep(0.05)
+                deploying = pool.submit(ship, versions, vllm_server, url, v2.version, drain_timeout_s=120)
+                while (routes := httpx.get(f"{url}/admin/routes", headers=admin).json())["aliases"].get(key) != new:
+                    assert not deploying.done(), deploying.result()
+                    time.sleep(0.05)
+                server.proc.kill()  # SIGKILL: mid-drain, after the switch
+            finally:
+                stop.set()
             assert routes["in_flight"].get(old), "the old adapter's streams ended before the switch: nothing to drain"
             dep = deploying.result(timeout=120)
     assert (dep.version, dep.adapter_name, dep.previous) == (v2.version, new, old)
