@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -150,6 +151,88 @@ def test_a_chunked_request_body_gets_its_whole_stream(gateways, relay) -> None:
     assert response.status_code == 200 and lines[-1] == "[DONE]"
     events = [json.loads(line) for line in lines[:-1]]
     assert text(events) == text(whole) and len(events) == len(whole) - 1
+
+
+def vllm_gauge(vllm_url: str, name: str) -> float:
+    text = httpx.get(f"{vllm_url}/metrics", timeout=10).text
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+@pytest.mark.parametrize("relay, http", [("direct", "httptools"), ("general", "h11")])
+def test_a_client_that_leaves_mid_stream_frees_its_slot_and_stops_generation_upstream(
+    vllm_server, relay: str, http: str
+) -> None:
+    """32 sequences × 480 tokens (≈10 s of work for this server) streamed through the gateway, on either relay; the
+    client leaves after five events. The gateway cancels the stream at once: its slot is freed (the in-flight
+    gauge back to 0) and its connection to vLLM closed, which aborts the request there. The small model generates
+    faster than one stream is read, so the request must be big enough to still be running when the client goes."""
+    url = vllm_server.base_url
+    config = GatewayConfig(aliases={"champion": "base"}, api_keys=["relay-key"], max_n=32, max_tokens_cap=480)
+    app = create_app(config, VllmUpstream(url))
+    body = {"model": "champion", "prompt": "SELECT", "max_tokens": 480, "n": 32, "temperature": 0.8}
+    body |= {"ignore_eos": True, "stream": True}
+    with serve_in_thread(app, port=free_port(), http=http) as gateway:
+        tokens_before, relayed_before = vllm_gauge(url, "vllm:generation_tokens_total"), streams(gateway)
+        with httpx.stream("POST", f"{gateway}/v1/completions", json=body, headers=KEY, timeout=60) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()  # kept alive: leaving a for-loop over it would close the stream already
+            events = 0
+            while events < 5:
+                events += next(lines).startswith("data: ")
+            # vLLM pushes a step's outputs to the streams before it records that step's metrics: poll briefly
+            running_by = time.monotonic() + 3.0
+            while vllm_gauge(url, "vllm:num_requests_running") < 1:
+                assert time.monotonic() < running_by, "the request must still be running upstream"
+                time.sleep(0.05)
+            assert counter(gateway, "tuneship_requests_in_flight") == 1
+        dropped = time.monotonic()  # leaving the block closed the connection mid-stream
+        while counter(gateway, "tuneship_requests_in_flight") > 0:
+            assert time.monotonic() - dropped < 2.0, (
+                "the gateway still holds the stream's slot 2 s after the client left"
+            )
+            time.sleep(0.05)
+        freed = time.monotonic() - dropped
+        while vllm_gauge(url, "vllm:num_requests_running") > 0:
+            assert time.monotonic() - dropped < 2.0, "vLLM still generating 2 s after the client went away"
+            time.sleep(0.05)
+        stopped = time.monotonic() - dropped
+        time.sleep(0.5)
+        generated = vllm_gauge(url, "vllm:generation_tokens_total") - tokens_before
+        relayed = streams(gateway)
+    print(
+        f"\n{relay}: slot freed {freed:.2f} s, vLLM idle {stopped:.2f} s after the client left; {generated:.0f} tokens"
+    )
+    assert relayed[relay] == relayed_before.get(relay, 0) + 1  # the stream took the relay under test
+    assert generated < 15360  # aborted: it was still running at the disconnect and never finished
+
+
+@pytest.mark.parametrize("relay, http", [("direct", "httptools"), ("general", "h11")])
+def test_a_client_that_leaves_while_queued_gives_up_its_place(vllm_server, relay: str, http: str) -> None:
+    """One slot upstream: a long stream holds it, a second stream waits for it (its answer's head already sent).
+    The second client leaves while waiting, with no event from vLLM to notice it by: its place in the queue is
+    given up at once, not when the first stream ends (it would then run upstream for nobody)."""
+    config = GatewayConfig(aliases={"champion": "base"}, api_keys=["relay-key"], max_n=32, max_in_flight=1)
+    app = create_app(config, VllmUpstream(vllm_server.base_url))
+    long = {"model": "champion", "prompt": "SELECT", "max_tokens": 480, "n": 32, "temperature": 0.8}
+    long |= {"ignore_eos": True, "stream": True}
+    short = {"model": "champion", "prompt": PROMPT, "max_tokens": 8, "stream": True}
+    with serve_in_thread(app, port=free_port(), http=http) as gateway, httpx.Client(headers=KEY, timeout=60) as client:
+        before = streams(gateway)
+        with client.stream("POST", f"{gateway}/v1/completions", json=long) as first:
+            lines = first.iter_lines()  # kept alive: a dropped line iterator closes the stream
+            assert first.status_code == 200 and next(lines).startswith("data: ")
+            with client.stream("POST", f"{gateway}/v1/completions", json=short) as second:
+                assert second.status_code == 200
+                assert counter(gateway, "tuneship_queue_depth") == 1
+            left = time.monotonic()
+            while counter(gateway, "tuneship_queue_depth") > 0:
+                assert time.monotonic() - left < 2.0, "the stream still queued 2 s after its client left"
+                time.sleep(0.05)
+            waited = time.monotonic() - left
+            assert counter(gateway, "tuneship_requests_in_flight") == 1  # the first stream still running
+        after = streams(gateway)
+    print(f"\n{relay}: the queued stream gave up its place {waited:.2f} s after its client left")
+    assert after[relay] == before.get(relay, 0) + 2  # both streams took the relay under test
 
 
 def test_a_slow_client_pauses_the_engine_reads_and_gets_its_whole_stream(vllm_server) -> None:
