@@ -137,13 +137,10 @@ class RelayedStream(Response):
         unwatch = socket.watch(cancel)
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            last = b""  # the last piece ([DONE]) goes out with the answer's end: one write, not two
             async with contextlib.aclosing(self.events(socket.writer(self.on_wait))) as events:
                 async for piece in events:
-                    if last:
-                        await send({"type": "http.response.body", "body": last, "more_body": True})
-                    last = piece
-            await send({"type": "http.response.body", "body": last, "more_body": False})
+                    await send({"type": "http.response.body", "body": piece, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not gone:  # the server's own cancellation (shutdown past its grace period): not ours to swallow
                 raise
