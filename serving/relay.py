@@ -123,9 +123,9 @@ class RelayedStream(Response):
             await general(scope, receive, send)
             return
         # A client that leaves cancels the stream, as under StreamingResponse (which uses an anyio task group and
-        # a task waiting on ``receive``: a callback from the server's protocol is about 0.08 CPU-ms cheaper per
-        # request than even a plain watcher task, `make bench`). The cancellation frees the slot and closes the
-        # connection to vLLM, which aborts the request there.
+        # a task waiting on ``receive``: a callback from the server's protocol costs 0.05-0.07 CPU-ms less per
+        # request than even a plain watcher task, docs/benchmarks.md). The cancellation frees the slot and closes
+        # the connection to vLLM, which aborts the request there.
         task, gone = asyncio.current_task(), False
         assert task is not None
 
