@@ -153,6 +153,20 @@ def test_a_chunked_request_body_gets_its_whole_stream(gateways, relay) -> None:
     assert text(events) == text(whole) and len(events) == len(whole) - 1
 
 
+# 32 sequences × 480 tokens: about 10 s of work for this server, still running when a client leaves early
+LONG = {"model": "champion", "prompt": "SELECT", "max_tokens": 480, "n": 32, "temperature": 0.8, "ignore_eos": True}
+LONG["stream"] = True
+
+
+@contextlib.contextmanager
+def one_gateway(vllm_server, http: str, **config: object) -> Iterator[str]:
+    """A gateway of its own (its slots and metrics untouched by other tests) that takes ``LONG``, under uvicorn's
+    ``http`` protocol: httptools, the direct relay; h11, the general path."""
+    settings = GatewayConfig(aliases={"champion": "base"}, api_keys=["relay-key"], max_n=32, **config)
+    with serve_in_thread(create_app(settings, VllmUpstream(vllm_server.base_url)), port=free_port(), http=http) as url:
+        yield url
+
+
 def vllm_gauge(vllm_url: str, name: str) -> float:
     text = httpx.get(f"{vllm_url}/metrics", timeout=10).text
     return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
@@ -167,13 +181,9 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot_and_stops_generation_ups
     gauge back to 0) and its connection to vLLM closed, which aborts the request there. The small model generates
     faster than one stream is read, so the request must be big enough to still be running when the client goes."""
     url = vllm_server.base_url
-    config = GatewayConfig(aliases={"champion": "base"}, api_keys=["relay-key"], max_n=32, max_tokens_cap=480)
-    app = create_app(config, VllmUpstream(url))
-    body = {"model": "champion", "prompt": "SELECT", "max_tokens": 480, "n": 32, "temperature": 0.8}
-    body |= {"ignore_eos": True, "stream": True}
-    with serve_in_thread(app, port=free_port(), http=http) as gateway:
+    with one_gateway(vllm_server, http) as gateway:
         tokens_before, relayed_before = vllm_gauge(url, "vllm:generation_tokens_total"), streams(gateway)
-        with httpx.stream("POST", f"{gateway}/v1/completions", json=body, headers=KEY, timeout=60) as response:
+        with httpx.stream("POST", f"{gateway}/v1/completions", json=LONG, headers=KEY, timeout=60) as response:
             assert response.status_code == 200
             lines = response.iter_lines()  # kept alive: leaving a for-loop over it would close the stream already
             events = 0
@@ -211,14 +221,10 @@ def test_a_client_that_leaves_while_queued_gives_up_its_place(vllm_server, relay
     """One slot upstream: a long stream holds it, a second stream waits for it (its answer's head already sent).
     The second client leaves while waiting, with no event from vLLM to notice it by: its place in the queue is
     given up at once, not when the first stream ends (it would then run upstream for nobody)."""
-    config = GatewayConfig(aliases={"champion": "base"}, api_keys=["relay-key"], max_n=32, max_in_flight=1)
-    app = create_app(config, VllmUpstream(vllm_server.base_url))
-    long = {"model": "champion", "prompt": "SELECT", "max_tokens": 480, "n": 32, "temperature": 0.8}
-    long |= {"ignore_eos": True, "stream": True}
     short = {"model": "champion", "prompt": PROMPT, "max_tokens": 8, "stream": True}
-    with serve_in_thread(app, port=free_port(), http=http) as gateway, httpx.Client(headers=KEY, timeout=60) as client:
+    with one_gateway(vllm_server, http, max_in_flight=1) as gateway, httpx.Client(headers=KEY, timeout=60) as client:
         before = streams(gateway)
-        with client.stream("POST", f"{gateway}/v1/completions", json=long) as first:
+        with client.stream("POST", f"{gateway}/v1/completions", json=LONG) as first:
             lines = first.iter_lines()  # kept alive: a dropped line iterator closes the stream
             assert first.status_code == 200 and next(lines).startswith("data: ")
             with client.stream("POST", f"{gateway}/v1/completions", json=short) as second:
