@@ -9,6 +9,7 @@ import json
 import re
 import socket
 import time
+from collections import deque
 from collections.abc import Iterator
 
 import httpx
@@ -153,7 +154,8 @@ def test_a_chunked_request_body_gets_its_whole_stream(gateways, relay) -> None:
     assert text(events) == text(whole) and len(events) == len(whole) - 1
 
 
-# 32 sequences × 480 tokens: about 10 s of work for this server, still running when a client leaves early
+# 32 sequences × 480 tokens: 10.6-11.0 s of work for this server (read straight from it), still running when a
+# client leaves early
 LONG = {"model": "champion", "prompt": "SELECT", "max_tokens": 480, "n": 32, "temperature": 0.8, "ignore_eos": True}
 LONG["stream"] = True
 
@@ -197,13 +199,13 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot_and_stops_generation_ups
             assert counter(gateway, "tuneship_requests_in_flight") == 1
         dropped = time.monotonic()  # leaving the block closed the connection mid-stream
         while counter(gateway, "tuneship_requests_in_flight") > 0:
-            assert time.monotonic() - dropped < 2.0, (
-                "the gateway still holds the stream's slot 2 s after the client left"
+            assert time.monotonic() - dropped < 5.0, (
+                "the gateway still holds the stream's slot 5 s after the client left"
             )
             time.sleep(0.05)
         freed = time.monotonic() - dropped
         while vllm_gauge(url, "vllm:num_requests_running") > 0:
-            assert time.monotonic() - dropped < 2.0, "vLLM still generating 2 s after the client went away"
+            assert time.monotonic() - dropped < 5.0, "vLLM still generating 5 s after the client went away"
             time.sleep(0.05)
         stopped = time.monotonic() - dropped
         time.sleep(0.5)
@@ -226,13 +228,18 @@ def test_a_client_that_leaves_while_queued_gives_up_its_place(vllm_server, relay
         before = streams(gateway)
         with client.stream("POST", f"{gateway}/v1/completions", json=LONG) as first:
             lines = first.iter_lines()  # kept alive: a dropped line iterator closes the stream
-            assert first.status_code == 200 and next(lines).startswith("data: ")
+            head = next(lines)
+            assert first.status_code == 200 and head.startswith("data: {") and '"error"' not in head, head
             with client.stream("POST", f"{gateway}/v1/completions", json=short) as second:
                 assert second.status_code == 200
-                assert counter(gateway, "tuneship_queue_depth") == 1
+                depth = counter(gateway, "tuneship_queue_depth")
+                if depth != 1:  # the first stream no longer holds the slot: say how it ended
+                    in_flight = counter(gateway, "tuneship_requests_in_flight")
+                    ending = deque(filter(None, lines), maxlen=2)
+                    pytest.fail(f"not queued: depth {depth}, in flight {in_flight}; the first stream ended {ending}")
             left = time.monotonic()
             while counter(gateway, "tuneship_queue_depth") > 0:
-                assert time.monotonic() - left < 2.0, "the stream still queued 2 s after its client left"
+                assert time.monotonic() - left < 5.0, "the stream still queued 5 s after its client left"
                 time.sleep(0.05)
             waited = time.monotonic() - left
             assert counter(gateway, "tuneship_requests_in_flight") == 1  # the first stream still running
