@@ -53,16 +53,16 @@ class _Tripwire(asyncio.Event):
 class ClientSocket:
     """The client's end of one HTTP/1.1 exchange whose answer is chunked: frames are written to it directly."""
 
-    transport: asyncio.Transport
-    flow: Any  # uvicorn's FlowControl: write_paused while the client is slow to read, drain() waits for it
-    cycle: Any  # uvicorn's RequestResponseCycle
+    # uvicorn's RequestResponseCycle: its transport, its flow control (write_paused while the client is slow to
+    # read, drain() waits for it) and the event its protocol sets when the client disconnects
+    cycle: Any
 
     def watch(self, on_gone: Callable[[], None]) -> Callable[[], None]:
         """Call ``on_gone`` when the client disconnects; returns what stops watching. No task waits for it:
         uvicorn's protocol sets the cycle's event when the connection is lost, and the event calls back. Reading
         from the client resumes (as the server's ``receive`` does), so that its leaving is seen."""
         tripwire = self.cycle.message_event = _Tripwire(self.cycle, on_gone)
-        self.flow.resume_reading()
+        self.cycle.flow.resume_reading()
 
         def stop() -> None:
             tripwire.on_gone = None
@@ -73,7 +73,7 @@ class ClientSocket:
         """Write SSE events as one chunk frame: False when the client has gone, an awaitable to wait on before
         reading more from the engine when the client is slow (its buffer over the transport's high-water mark;
         ``on_wait`` is told each time)."""
-        transport, flow = self.transport, self.flow
+        transport, flow = self.cycle.transport, self.cycle.flow
 
         def write(events: bytes) -> bool | Awaitable[None]:
             if transport.is_closing():
@@ -96,7 +96,7 @@ def client_socket(scope: Scope) -> ClientSocket | None:
     cycle: Any = getattr(scope.get(SERVER_SEND), "__self__", None)
     if not isinstance(cycle, RequestResponseCycle) or cycle.disconnected:
         return None
-    return ClientSocket(cycle.transport, cycle.flow, cycle)
+    return ClientSocket(cycle)
 
 
 class RelayedStream(Response):

@@ -178,10 +178,10 @@ def vllm_gauge(vllm_url: str, name: str) -> float:
 def test_a_client_that_leaves_mid_stream_frees_its_slot_and_stops_generation_upstream(
     vllm_server, relay: str, http: str
 ) -> None:
-    """32 sequences × 480 tokens (≈10 s of work for this server) streamed through the gateway, on either relay; the
-    client leaves after five events. The gateway cancels the stream at once: its slot is freed (the in-flight
-    gauge back to 0) and its connection to vLLM closed, which aborts the request there. The small model generates
-    faster than one stream is read, so the request must be big enough to still be running when the client goes."""
+    """``LONG`` streamed through the gateway, on either relay; the client leaves after five events. The gateway
+    cancels the stream at once: its slot is freed (the in-flight gauge back to 0) and its connection to vLLM
+    closed, which aborts the request there. The small model generates faster than one stream is read, so the
+    request must be big enough to still be running when the client goes."""
     url = vllm_server.base_url
     with one_gateway(vllm_server, http) as gateway:
         tokens_before, relayed_before = vllm_gauge(url, "vllm:generation_tokens_total"), streams(gateway)
